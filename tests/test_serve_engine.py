@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gpt2lab import GPT, GPTConfig, UserError
-from gpt2lab.model import SlotKVCache
+from gpt2lab.kv_cache import KVCache
 from gpt2lab.serve.engine import Engine, SamplingParams
 from gpt2lab.tokenizer import GPT2Tokenizer
 
@@ -37,7 +37,7 @@ def prompts_of(lengths, seed=0, vocab=50257):
 
 
 def slot_greedy(model, cache, slots, prompts, steps):
-    """Greedy decoding of several prompts at once through a SlotKVCache: each prompt read alone
+    """Greedy decoding of several prompts at once through a KVCache: each prompt read alone
     into its slot, then one (B, 1) forward per step with every row at its own position."""
     tokens = [list(p) for p in prompts]
     with torch.no_grad():
@@ -57,7 +57,7 @@ def slot_greedy(model, cache, slots, prompts, steps):
 def test_rows_at_different_positions_decode_as_if_alone(slots, attention):
     model = peaked_model(attention=attention)
     prompts = prompts_of((3, 17, 8, 1))
-    cache = SlotKVCache(model.config, 6, model.config.block_size, device="cpu", dtype=torch.float32)
+    cache = KVCache(model.config, 6, model.config.block_size, device="cpu", dtype=torch.float32)
     batched = slot_greedy(model, cache, slots, prompts, 30)
     for prompt, row in zip(prompts, batched):
         assert row == model.generate([prompt], 30, temperature=0)[0]
@@ -67,8 +67,8 @@ def test_rows_at_different_positions_decode_as_if_alone(slots, attention):
 def test_a_prompt_read_in_chunks_at_different_starts_equals_one_read(model):
     """T > 1 with rows at different starts: the per-row causal mask."""
     a, b = prompts_of((12, 20), seed=1)
-    whole = SlotKVCache(model.config, 2, 96, device="cpu", dtype=torch.float32)
-    chunked = SlotKVCache(model.config, 2, 96, device="cpu", dtype=torch.float32)
+    whole = KVCache(model.config, 2, 96, device="cpu", dtype=torch.float32)
+    chunked = KVCache(model.config, 2, 96, device="cpu", dtype=torch.float32)
     with torch.no_grad():
         full = [model.hidden_states(torch.tensor([p]), kv_cache=whole.rows([s], [0]))[0, -4:] for s, p in enumerate((a, b))]
         model.hidden_states(torch.tensor([a[:8]]), kv_cache=chunked.rows([0], [0]))
@@ -80,7 +80,7 @@ def test_a_prompt_read_in_chunks_at_different_starts_equals_one_read(model):
 
 def test_moving_a_slot_keeps_its_sequence(model):
     prompt = prompts_of((9,), seed=2)[0]
-    cache = SlotKVCache(model.config, 4, 96, device="cpu", dtype=torch.float32)
+    cache = KVCache(model.config, 4, 96, device="cpu", dtype=torch.float32)
     first = slot_greedy(model, cache, [3], [prompt], 10)[0]
     cache.move(3, 0)
     with torch.no_grad():
@@ -90,7 +90,7 @@ def test_moving_a_slot_keeps_its_sequence(model):
 
 
 def test_slot_rows_refuse_to_pass_the_block_size(model):
-    cache = SlotKVCache(model.config, 2, 96, device="cpu", dtype=torch.float32)
+    cache = KVCache(model.config, 2, 96, device="cpu", dtype=torch.float32)
     with pytest.raises(ValueError, match="block size"):
         model.hidden_states(torch.tensor([[1], [2]]), kv_cache=cache.rows([0, 1], [3, 96]))
     with pytest.raises(ValueError, match="one start per slot"):

@@ -76,33 +76,18 @@ def _read_prompt(args) -> str:
     return args.prompt
 
 
-def _prompt_tokens(tokenizer, prompt: str) -> list[int]:
-    if prompt:
-        return tokenizer.encode(prompt)
-    if tokenizer.eot_token is not None:
-        return [tokenizer.eot_token]
-    # Character models have no end-of-text: start from a newline, as nanoGPT does.
-    try:
-        return tokenizer.encode("\n")
-    except UserError:
-        raise UserError("the prompt is empty and this model has no end-of-text token; give --prompt") from None
-
-
 def cmd_sample(args) -> int:
     import torch
 
+    from .generate import generate_stream
     from .pretrained import load_for_inference
+    from .prompts import checked_prompt, empty_prompt_start
     from .tokenizer import StreamDecoder, load_tokenizer
 
     prompt = _read_prompt(args)
     folder, model, device, precision = load_for_inference(args.model, args.device, args.dtype)
     tokenizer = load_tokenizer(folder)
-    prompt_ids = _prompt_tokens(tokenizer, prompt)
-    if max(prompt_ids) >= model.config.vocab_size:
-        raise UserError(
-            f"the prompt has token id {max(prompt_ids)}, beyond this model's vocabulary of "
-            f"{model.config.vocab_size}; the model was not trained with this tokenizer"
-        )
+    prompt_ids = checked_prompt(tokenizer.encode(prompt), model.config.vocab_size, empty_prompt_start(tokenizer))
     generator = torch.Generator(device=device)
     if args.seed is not None:
         generator.manual_seed(args.seed)
@@ -117,7 +102,8 @@ def cmd_sample(args) -> int:
         out.write(prompt)
         out.flush()
         decoder = StreamDecoder(tokenizer)
-        for token in model.generate_stream(
+        for token in generate_stream(
+            model,
             [prompt_ids],
             args.max_new_tokens,
             temperature=args.temperature,

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
+from .kv_cache import KVCache
+from .prompts import checked_prompt
 
 if TYPE_CHECKING:
     from .model import GPT
@@ -80,28 +82,13 @@ def _prompt_rows(prompts: PromptBatch, vocab_size: int, eos_token_id: int | None
             prompts = prompts.unsqueeze(0)
         if prompts.dim() != 2:
             raise UserError(f"prompt ids must have shape (batch, time), got {tuple(prompts.shape)}")
-        rows = prompts.tolist()
-    else:
-        if len(prompts) and isinstance(prompts[0], int):
-            raise UserError("prompts must be a list of token-id lists (one per row), not one flat list")
-        rows = [list(row) for row in prompts]
-    if not rows:
+        prompts = prompts.tolist()
+    elif len(prompts) and isinstance(prompts[0], int):
+        raise UserError("prompts must be a list of token-id lists (one per row), not one flat list")
+    if not len(prompts):
         raise UserError("no prompts given: pass at least one (possibly empty) prompt")
-    for index, row in enumerate(rows):
-        if not row:
-            if eos_token_id is None:
-                raise UserError(
-                    f"prompt {index} is empty and no end-of-text id is known to start from; "
-                    "give a prompt or pass eos_token_id"
-                )
-            row.append(eos_token_id)
-        bad = [t for t in row if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size]
-        if bad:
-            raise UserError(
-                f"prompt {index} has token id {bad[0]!r} outside the vocabulary [0, {vocab_size}); "
-                "encode the prompt with the model's own tokenizer"
-            )
-    return rows
+    start = None if eos_token_id is None else [eos_token_id]
+    return [checked_prompt(row, vocab_size, start, name=f"prompt {index}") for index, row in enumerate(prompts)]
 
 
 class _Decoder:
@@ -122,13 +109,11 @@ class _Decoder:
         self.length = width
         self.cache = None
         if use_cache:
-            from .model import KVCache
-
             cache_len = min(self.block_size, width + max_new_tokens)
             self.cache = KVCache(model.config, len(rows), cache_len, device=device, dtype=param.dtype)
 
-    def _logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(hidden_last).float()
+    def _cache_rows(self, start: int):
+        return None if self.cache is None else self.cache.all_rows(start)
 
     def prefill(self) -> torch.Tensor:
         """Logits after reading the last `block_size` tokens from scratch."""
@@ -149,9 +134,9 @@ class _Decoder:
             attn_mask = attn_mask[:, None]
         with torch.no_grad():
             hidden = self.model.hidden_states(
-                window, position_ids=position_ids, attn_mask=attn_mask, kv_cache=self.cache
+                window, position_ids=position_ids, attn_mask=attn_mask, kv_cache=self._cache_rows(0)
             )
-            return self._logits(hidden[:, -1])
+            return self.model.logits(hidden[:, -1])
 
     def step(self) -> torch.Tensor:
         """Logits after the newest token, reading earlier ones from the cache."""
@@ -169,10 +154,9 @@ class _Decoder:
                 idx,
                 position_ids=position_ids,
                 attn_mask=attn_mask,
-                kv_cache=self.cache,
-                cache_start=position,
+                kv_cache=self._cache_rows(position),
             )
-            return self._logits(hidden[:, -1])
+            return self.model.logits(hidden[:, -1])
 
     def append(self, next_tokens: torch.Tensor) -> None:
         self.tokens[:, self.length] = next_tokens
@@ -215,7 +199,7 @@ def generate_stream(
         logits = decoder.prefill()
         for step in range(max_new_tokens):
             next_tokens = sample_next_token(
-                logits[:, : config.vocab_size],
+                logits,
                 temperature=temperature,
                 top_k=top_k,
                 top_p=top_p,

@@ -1,9 +1,10 @@
-"""Weights in the transformers GPT-2 format: OpenAI's from the hub, local folders, our checkpoints.
+"""Model folders: finding them (hub names, folders, checkpoints, run folders), loading and writing them.
 
-A model folder holds `config.json` + `model.safetensors` (or a sharded index) as transformers
-writes them: Conv1D matrices stored (in, out), keys with or without the `transformer.` prefix.
-gpt2lab adds `gpt2lab.json` with the native config (padded vocabulary, no-bias models, the
-tokenizer), which transformers ignores.
+A folder gpt2lab writes holds `gpt2lab.json` (the native config, the tokenizer, and which layout
+`model.safetensors` is in) and the weights: in transformers' GPT-2 layout wherever the model has
+that shape, so the folder is also a transformers model (`config.json`), else in gpt2lab's own
+layout. A folder with `config.json` and no `gpt2lab.json` (the hub's, transformers') is GPT-2's
+layout; so is one whose `gpt2lab.json` names no layout (written before layouts were recorded).
 """
 
 from __future__ import annotations
@@ -11,26 +12,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .config import GPTConfig
 from .errors import UserError
 from .files import write_atomic
+from .formats import native, transformers_gpt2
 from .model import GPT
+from .quantize import quantize_int8
+from .runtime import resolve_device, resolve_dtype
 
 HUB_MODELS = {
     name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 }
 HUB_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
-CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-# Causal-mask buffers the original GPT-2 files carry; they hold no learned values.
-BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 NATIVE_RECORD = "gpt2lab.json"
 CHECKPOINT_NAME = re.compile(r"^step_(\d{8})$")
 
@@ -118,63 +118,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     return value
 
 
-def config_from_hf(hf: dict[str, Any], *, source: str = "config.json") -> GPTConfig:
-    """GPTConfig from a transformers GPT2Config dict, refusing options this model lacks."""
-    model_type = hf.get("model_type", "gpt2")
-    if model_type != "gpt2":
-        raise UserError(f"{source} describes a {model_type!r} model; gpt2lab loads GPT-2 models only")
-    activation = hf.get("activation_function", "gelu_new")
-    if activation not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise UserError(f"{source}: activation {activation!r} is not GPT-2's tanh GELU")
-    n_embd = hf.get("n_embd")
-    if hf.get("n_inner") not in (None, 4 * (n_embd or 0)):
-        raise UserError(f"{source}: n_inner={hf['n_inner']} is not 4*n_embd, which gpt2lab requires")
-    if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("scale_attn_weights", True) is False:
-        raise UserError(f"{source}: attention scaling options other than GPT-2's are not supported")
-    missing = [k for k in ("n_layer", "n_head", "n_embd", "vocab_size") if k not in hf]
-    if missing:
-        raise UserError(f"{source} lacks {', '.join(missing)}; the folder is incomplete")
-    return GPTConfig(
-        n_layer=hf["n_layer"],
-        n_head=hf["n_head"],
-        n_embd=hf["n_embd"],
-        block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
-        vocab_size=hf["vocab_size"],
-        bias=True,
-        dropout=0.0,
-        tie_embeddings=hf.get("tie_word_embeddings", True),
-        layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
-    )
-
-
-def config_to_hf(config: GPTConfig, rows: int, *, dtype: torch.dtype, gpt2_tokens: bool) -> dict[str, Any]:
-    hf = {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "activation_function": "gelu_new",
-        "n_layer": config.n_layer,
-        "n_head": config.n_head,
-        "n_embd": config.n_embd,
-        "n_positions": config.block_size,
-        "n_ctx": config.block_size,
-        "n_inner": None,
-        "vocab_size": rows,
-        "layer_norm_epsilon": config.layer_norm_epsilon,
-        "initializer_range": 0.02,
-        "resid_pdrop": config.dropout,
-        "embd_pdrop": config.dropout,
-        "attn_pdrop": config.dropout,
-        "scale_attn_weights": True,
-        "scale_attn_by_inverse_layer_idx": False,
-        "reorder_and_upcast_attn": False,
-        "tie_word_embeddings": config.tie_embeddings,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-    }
-    if gpt2_tokens:
-        hf.update(bos_token_id=50256, eos_token_id=50256)
-    return hf
-
-
 def read_config(folder: Path) -> GPTConfig:
     native = folder / NATIVE_RECORD
     if native.is_file():
@@ -185,7 +128,7 @@ def read_config(folder: Path) -> GPTConfig:
     hf_config = folder / "config.json"
     if not hf_config.is_file():
         raise UserError(f"{folder} has no config.json; the folder is incomplete")
-    return config_from_hf(_read_json(hf_config), source=str(hf_config))
+    return transformers_gpt2.config_from_hf(_read_json(hf_config), source=str(hf_config))
 
 
 # ---- weights ---------------------------------------------------------------------------------
@@ -217,31 +160,34 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     )
 
 
-def native_state_dict(hf_tensors: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
-    """Rename and transpose transformers GPT-2 tensors into this package's layout."""
-    state = {}
-    for key, tensor in hf_tensors.items():
-        if key.endswith(BUFFER_SUFFIXES):
-            continue
-        name = key.removeprefix("transformer.")
-        if name == "lm_head.weight":
-            if config.tie_embeddings:
-                continue
-        else:
-            name = "transformer." + name
-        if name.endswith(CONV1D_SUFFIXES):
-            # Contiguous, because a broadcast to other ranks sends the storage as it lies in memory.
-            tensor = tensor.t().contiguous()
-        if not config.bias and name.endswith(".bias"):
-            continue
-        state[name] = tensor
-    return state
+def weights_layout(folder: Path) -> str:
+    """The layout of the folder's model.safetensors, as its gpt2lab.json records it."""
+    record = folder / NATIVE_RECORD
+    if not record.is_file():
+        return transformers_gpt2.LAYOUT
+    layout = _read_json(record).get("weights", transformers_gpt2.LAYOUT)
+    if layout not in (native.LAYOUT, transformers_gpt2.LAYOUT):
+        raise UserError(
+            f"{record} says the weights are in layout {layout!r}, which this gpt2lab does not know; "
+            "update gpt2lab or re-export the model"
+        )
+    return layout
 
 
-def checked_state_dict(hf_tensors: dict[str, torch.Tensor], config: GPTConfig, *, source: str) -> dict[str, torch.Tensor]:
-    """Every parameter of GPT(config) (tied matrices once), from transformers-layout tensors,
-    with a UserError for anything missing, extra or of the wrong shape."""
-    state = native_state_dict(hf_tensors, config)
+def read_state_dict(folder: Path, config: GPTConfig) -> dict[str, torch.Tensor]:
+    """Every parameter of GPT(config) (tied matrices once) from the folder's weights, whatever
+    their layout, with a UserError for anything missing, extra or of the wrong shape."""
+    tensors = read_weights(folder)
+    if weights_layout(folder) == native.LAYOUT:
+        state = native.from_file_tensors(tensors, tie_embeddings=config.tie_embeddings)
+    else:
+        state = transformers_gpt2.to_native(tensors, config)
+    return checked_state_dict(state, config, source=str(folder))
+
+
+def checked_state_dict(state: dict[str, torch.Tensor], config: GPTConfig, *, source: str) -> dict[str, torch.Tensor]:
+    """`state` checked against the parameters of GPT(config): a UserError for anything missing,
+    extra or of the wrong shape; an unpadded vocabulary padded with zero rows."""
     with torch.device("meta"):
         expected = {name: p.shape for name, p in GPT(config).named_parameters()}
     missing = [k for k in expected if k not in state]
@@ -274,62 +220,38 @@ def checked_state_dict(hf_tensors: dict[str, torch.Tensor], config: GPTConfig, *
     return state
 
 
-def load_weights_into(model: GPT, hf_tensors: dict[str, torch.Tensor], *, source: str) -> None:
-    state = checked_state_dict(hf_tensors, model.config, source=source)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.copy_(state[name])
-
-
-def from_pretrained(
-    name_or_path: str | Path,
+def load_model(
+    spec: str | Path,
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    model_class: type[GPT] = GPT,
     **config_overrides: Any,
 ) -> GPT:
-    """Build a GPT from a hub name, model folder, checkpoint folder or run folder.
+    """The one resolver every command uses: a `model_class` built from a hub name, a transformers
+    folder, a checkpoint folder or a run folder (its newest checkpoint).
 
     config_overrides change options that don't alter the weights' shapes (dropout, attention,
     padded_vocab_size).
     """
-    folder = resolve_model_path(name_or_path)
+    folder = resolve_model_path(spec)
     config = read_config(folder)
     if config_overrides:
         try:
             config = dataclasses.replace(config, **config_overrides)
         except TypeError as error:
             raise UserError(f"unknown model option: {error}") from None
-    tensors = read_weights(folder)
-    model = GPT(config)
-    load_weights_into(model, tensors, source=str(folder))
+    state = read_state_dict(folder, config)
+    model = model_class(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(state[name])
     if dtype is not None or device is not None:
         model.to(device=device, dtype=dtype)
     return model
 
 
 # ---- saving ----------------------------------------------------------------------------------
-
-
-def hf_state_dict(model_state: dict[str, torch.Tensor], config: GPTConfig, rows: int) -> dict[str, torch.Tensor]:
-    """Tensors named and shaped as transformers' GPT2LMHeadModel stores them."""
-    state = {}
-    for name, tensor in model_state.items():
-        name = name.replace("_orig_mod.", "")
-        if name == "lm_head.weight" and config.tie_embeddings:
-            continue
-        if name.endswith(CONV1D_SUFFIXES):
-            tensor = tensor.t()
-        if name in ("transformer.wte.weight", "lm_head.weight"):
-            tensor = tensor[:rows]
-        state[name] = tensor.detach().to("cpu").contiguous().clone()
-    if not config.bias:
-        # transformers' GPT-2 always has biases: a model without them is one with zero biases.
-        for name, tensor in list(state.items()):
-            if name.endswith(".weight") and "wte" not in name and "wpe" not in name and name != "lm_head.weight":
-                out_features = tensor.shape[-1] if name.endswith(CONV1D_SUFFIXES) else tensor.shape[0]
-                state[name.removesuffix("weight") + "bias"] = torch.zeros(out_features, dtype=tensor.dtype)
-    return state
 
 
 def save_pretrained(
@@ -340,8 +262,8 @@ def save_pretrained(
     tokenizer_spec: Any = None,
     extra_record: dict[str, Any] | None = None,
 ) -> Path:
-    """Write config.json + model.safetensors that transformers loads (plus gpt2lab.json); see
-    `write_model_folder`."""
+    """Write `model` as a model folder (config.json + model.safetensors that transformers loads,
+    plus gpt2lab.json); see `write_model_folder`."""
     return write_model_folder(
         model.state_dict(), model.config, directory, keep_padded_vocab=keep_padded_vocab,
         tokenizer_spec=tokenizer_spec, extra_record=extra_record,
@@ -356,12 +278,13 @@ def write_model_folder(
     keep_padded_vocab: bool = False,
     tokenizer_spec: Any = None,
     extra_record: dict[str, Any] | None = None,
+    layout: str | None = None,
 ) -> Path:
-    """Write a model's state dict (as GPT.state_dict() names it) as a transformers GPT-2 folder.
+    """Write a model's state dict (as GPT.state_dict() names it) as a model folder.
 
     The padded rows of the vocabulary are cut unless `keep_padded_vocab` (checkpoints keep them so
-    that training resumes exactly). With GPT-2's tokenizer, its vocab.json and merges.txt are
-    written too, so that transformers' AutoTokenizer and lm-eval find it in the folder.
+    that training resumes exactly). The weights' `layout` (recorded in gpt2lab.json) is by default
+    transformers' GPT-2 wherever the model has GPT-2's shape, else gpt2lab's own.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -369,53 +292,25 @@ def write_model_folder(
     stored_config = dataclasses.replace(
         config, padded_vocab_size=config.padded_vocab_size if keep_padded_vocab else None
     )
-    dtype = model_state["transformer.wte.weight"].dtype
     gpt2_tokens = tokenizer_spec == "gpt2" or (tokenizer_spec is None and config.vocab_size == 50257)
-    hf_config = config_to_hf(config, rows, dtype=dtype, gpt2_tokens=gpt2_tokens)
-    record = {"format": 1, "model": stored_config.to_dict(), **(extra_record or {})}
+    if layout is None:
+        layout = transformers_gpt2.LAYOUT if transformers_gpt2.supports(config) else native.LAYOUT
+    if layout == transformers_gpt2.LAYOUT:
+        transformers_gpt2.write(model_state, config, directory, rows=rows, gpt2_tokens=gpt2_tokens)
+    elif layout == native.LAYOUT:
+        native.write(model_state, stored_config, directory)
+    else:
+        raise ValueError(f"unknown weights layout {layout!r}")
+    record = {"format": 1, "model": stored_config.to_dict(), "weights": layout, **(extra_record or {})}
     if tokenizer_spec is not None or gpt2_tokens:
         record["tokenizer"] = tokenizer_spec if tokenizer_spec is not None else "gpt2"
-
-    tensors = hf_state_dict(model_state, config, rows)
-    write_atomic(directory / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    write_atomic(directory / "config.json", lambda p: p.write_text(json.dumps(hf_config, indent=2) + "\n"))
     write_atomic(directory / NATIVE_RECORD, lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
-    if gpt2_tokens:
-        _write_gpt2_tokenizer_files(directory, config.block_size)
     return directory
-
-
-def _write_gpt2_tokenizer_files(directory: Path, block_size: int) -> None:
-    from .tokenizer import _packaged_vocabulary
-
-    encoder_json, vocab_bpe = _packaged_vocabulary()
-    write_atomic(directory / "vocab.json", lambda p: shutil.copyfile(encoder_json, p))
-    write_atomic(directory / "merges.txt", lambda p: shutil.copyfile(vocab_bpe, p))
-    tokenizer_config = {
-        "tokenizer_class": "GPT2Tokenizer",
-        "model_max_length": block_size,
-        "bos_token": "<|endoftext|>",
-        "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>",
-        "add_prefix_space": False,
-    }
-    write_atomic(
-        directory / "tokenizer_config.json", lambda p: p.write_text(json.dumps(tokenizer_config, indent=2) + "\n")
-    )
-
-
-def load_model(
-    spec: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None, **overrides
-) -> GPT:
-    """The one resolver every command uses: hub name, transformers folder, checkpoint or run folder."""
-    return from_pretrained(spec, device=device, dtype=dtype, **overrides)
 
 
 def load_for_inference(spec: str | Path, device_name: str = "auto", dtype_name: str = "auto"):
     """(folder, model, device, precision name) for the commands that run a model: `--dtype int8`
     loads float32 weights and quantizes the linear layers (CPU only)."""
-    from .runtime import resolve_device, resolve_dtype
-
     device = resolve_device(device_name)
     quantize = dtype_name == "int8"
     if quantize and device.type != "cpu":
@@ -424,7 +319,5 @@ def load_for_inference(spec: str | Path, device_name: str = "auto", dtype_name: 
     folder = resolve_model_path(spec)
     model = load_model(folder, device=device, dtype=dtype)
     if quantize:
-        from .quantize import quantize_int8
-
         model = quantize_int8(model)
     return folder, model, device, "int8" if quantize else str(dtype).removeprefix("torch.")

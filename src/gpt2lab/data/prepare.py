@@ -25,6 +25,7 @@ import numpy as np
 from ..errors import UserError
 from ..files import write_atomic
 from ..tokenizer import CharTokenizer, GPT2Tokenizer, Tokenizer
+from ..version import __version__
 from . import sources
 from .dataset import DATASET_FILE, FORMAT_NAME, FORMAT_VERSION, read_dataset_json
 from .shards import shard_length, write_shard
@@ -45,8 +46,6 @@ def _timestamp() -> str:
 
 
 def _new_meta(source: str, recipe: dict, tokenizer: Tokenizer, command: str) -> dict[str, Any]:
-    from .. import __version__
-
     return {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,

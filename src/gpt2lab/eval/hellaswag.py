@@ -350,9 +350,9 @@ def ending_loglikelihoods(
         scores = []
         for chunk in range(0, len(where), HEAD_CHUNK):
             with autocast(device, dtype):
-                logits = model.lm_head(picked[chunk : chunk + HEAD_CHUNK])
+                logits = model.logits(picked[chunk : chunk + HEAD_CHUNK])
             # Padded vocabulary rows are never produced: the distribution is over real tokens.
-            logprobs = torch.log_softmax(logits[:, : config.vocab_size].float(), dim=-1)
+            logprobs = torch.log_softmax(logits, dim=-1)
             scores.append(logprobs.gather(1, targets[chunk : chunk + HEAD_CHUNK, None]).squeeze(1))
         values = torch.cat(scores).double().cpu().numpy()
         owner = where_t[:, 3].numpy(), where_t[:, 4].numpy()

@@ -3,7 +3,7 @@
 Each loop of the thread (1) drops sequences whose client went away, (2) admits queued sequences
 into free cache slots up to `max_concurrency`, reading each prompt in a forward of its own, and
 (3) runs one decode step for all admitted sequences at once: a (B, 1) forward over a
-`SlotKVCache` where each row sits at its own position. Finished sequences leave between steps and
+`KVCache` where each row sits at its own position. Finished sequences leave between steps and
 the last slot moves into the hole, so that the live rows are always slots 0..B-1 (read as a view).
 
 Sampling draws from the distribution of `gpt2lab.generate.sample_next_token`; a seeded sequence
@@ -30,7 +30,9 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..generate import check_sampling_options, filter_logits, sample_next_token
-from ..model import GPT, SlotKVCache
+from ..kv_cache import KVCache
+from ..model import GPT
+from ..prompts import checked_prompt
 from ..tokenizer import StreamDecoder, Tokenizer
 
 log = logging.getLogger("gpt2lab.serve")
@@ -96,7 +98,7 @@ class Engine:
         param = next(model.parameters())
         self.device = param.device
         self._dtype = param.dtype
-        self._cache: SlotKVCache | None = None
+        self._cache: KVCache | None = None
         # Unseeded sequences draw from this one, leaving the caller's global torch RNG alone.
         self._rng = torch.Generator(device=self.device)
         self._rng.seed()
@@ -137,11 +139,7 @@ class Engine:
         """Queue a prompt; its updates come through `publish`. The generator of a seeded sequence
         is seeded with `params.seed + seed_offset` (the choice number, for several per prompt)."""
         check_sampling_options(params.max_tokens, params.temperature, params.top_k, params.top_p)
-        if not prompt:
-            raise UserError("the prompt is empty; start it from the end-of-text token")
-        bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size]
-        if bad:
-            raise UserError(f"token id {bad[0]!r} is outside the model's vocabulary [0, {self.vocab_size})")
+        prompt = checked_prompt(prompt, self.vocab_size)
         if len(prompt) + params.max_tokens > self.block_size:
             raise UserError(
                 f"{len(prompt)} prompt tokens + {params.max_tokens} new tokens exceed the model's "
@@ -236,7 +234,7 @@ class Engine:
         slot = len(self._active)
         capacity = 0 if self._cache is None else self._cache.num_slots
         if slot == capacity:
-            grown = SlotKVCache(
+            grown = KVCache(
                 self.model.config,
                 min(self.max_concurrency, max(INITIAL_SLOTS, 2 * capacity)),
                 self.block_size,
@@ -258,7 +256,7 @@ class Engine:
         prompt = torch.tensor([sequence.prompt], dtype=torch.long, device=self.device)
         hidden = self.model.hidden_states(prompt, kv_cache=self._cache.rows([sequence.slot], [0]))
         sequence.cached = len(sequence.prompt)
-        logits = self.model.lm_head(hidden[:, -1]).float()
+        logits = self.model.logits(hidden[:, -1])
         self._accept(sequence, self._sample([sequence], logits)[0], updates)
 
     def _decode_step(self, updates: list[Update]) -> None:
@@ -268,7 +266,7 @@ class Engine:
         hidden = self.model.hidden_states(idx, kv_cache=self._cache.rows(list(range(len(running))), starts))
         for s in running:
             s.cached += 1
-        logits = self.model.lm_head(hidden[:, -1]).float()
+        logits = self.model.logits(hidden[:, -1])
         self.decode_steps += 1
         for sequence, token in zip(running, self._sample(running, logits)):
             self._accept(sequence, token, updates)
@@ -280,7 +278,6 @@ class Engine:
         exactly as `sample_next_token` does with its generator (so it repeats `gpt2lab sample`);
         unseeded rows, which promise no particular tokens, draw together from the CDF.
         """
-        logits = logits[:, : self.vocab_size]
         tokens: list[torch.Tensor | None] = [None] * len(sequences)
         groups: dict[tuple, list[int]] = {}
         for i, s in enumerate(sequences):

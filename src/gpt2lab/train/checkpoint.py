@@ -1,8 +1,9 @@
 """Checkpoint folders: complete only under their final name, so a kill never leaves one half-trusted.
 
     checkpoints/step_00000250/
-        config.json, model.safetensors   the model, transformers' layout, padded vocabulary kept
-        gpt2lab.json                     native model config, tokenizer, the training config
+        model.safetensors                the model, padded vocabulary kept: transformers' layout
+        config.json                      where the model has GPT-2's shape, else gpt2lab's own
+        gpt2lab.json                     native model config, weights layout, tokenizer, training config
         optimizer.pt                     optimizer (and grad scaler) state, read with weights_only=True
         state.json                       step, tokens, loader position, RNG states, validation loss
 """
@@ -29,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ..errors import UserError
 from ..model import GPT
-from ..pretrained import CHECKPOINT_NAME, checked_state_dict, newest_checkpoint, read_weights, write_model_folder
+from ..pretrained import CHECKPOINT_NAME, newest_checkpoint, read_state_dict, write_model_folder
 
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -172,7 +173,7 @@ def load_checkpoint(
     optimizer_state: dict[str, Any] = {}
     saved: dict[str, Any] = {}
     if not distributed or dist.get_rank() == 0:
-        model_state = checked_state_dict(read_weights(checkpoint), model.config, source=str(checkpoint))
+        model_state = read_state_dict(checkpoint, model.config)
         if model.config.tie_embeddings:
             model_state["lm_head.weight"] = model_state["transformer.wte.weight"]
         try:

@@ -19,7 +19,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import UserError
 from ..files import write_atomic
+from ..generate import generate
 from ..model import GPT
+from ..prompts import checked_prompt, empty_prompt_start
 from ..tokenizer import tokenizer_from_spec
 from .checkpoint import (
     find_resume_checkpoint,
@@ -220,9 +222,9 @@ class Trainer:
     def sample_text(self) -> str:
         settings = self.config.eval
         prompt = self.tokenizer.encode(settings.sample_prompt) if settings.sample_prompt else []
-        if not prompt and self.tokenizer.eot_token is None:
-            prompt = self.tokenizer.encode("\n")
-        out = self.raw_model.generate(
+        prompt = checked_prompt(prompt, self.raw_model.config.vocab_size, empty_prompt_start(self.tokenizer))
+        out = generate(
+            self.raw_model,
             [prompt], settings.sample_tokens, temperature=0.8, top_k=200,
             seed=self.config.system.seed + self.step, eos_token_id=self.tokenizer.eot_token,
         )[0]

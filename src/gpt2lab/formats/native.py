@@ -1,0 +1,44 @@
+"""gpt2lab's own weight layout: `model.safetensors` holding `GPT.state_dict()` as it is
+(nn.Linear matrices stored (out, in), tied matrices once, padded vocabulary rows kept).
+
+Checkpoint folders of models that transformers cannot load are written this way; `gpt2lab.json`
+names the layout (`"weights": "gpt2lab"`) so that a reader never has to guess.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..config import GPTConfig
+from ..files import write_atomic
+
+LAYOUT = "gpt2lab"
+
+
+def to_file_tensors(model_state: dict[str, torch.Tensor], *, tie_embeddings: bool) -> dict[str, torch.Tensor]:
+    """CPU copies of a state dict's tensors, torch.compile's prefix removed, the tied head once."""
+    tensors = {}
+    for name, tensor in model_state.items():
+        name = name.replace("_orig_mod.", "")
+        if name == "lm_head.weight" and tie_embeddings:
+            continue
+        tensors[name] = tensor.detach().to("cpu").contiguous().clone()
+    return tensors
+
+
+def from_file_tensors(tensors: dict[str, torch.Tensor], *, tie_embeddings: bool) -> dict[str, torch.Tensor]:
+    """The parameters as GPT.named_parameters() names them (the tied head counted once)."""
+    return {name: t for name, t in tensors.items() if not (tie_embeddings and name == "lm_head.weight")}
+
+
+def write(model_state: dict[str, torch.Tensor], config: GPTConfig, directory: Path) -> None:
+    """model.safetensors in this layout, the vocabulary cut to the config's embedding rows."""
+    tensors = to_file_tensors(model_state, tie_embeddings=config.tie_embeddings)
+    for name in ("transformer.wte.weight", "lm_head.weight"):
+        if name in tensors:
+            tensors[name] = tensors[name][: config.embedding_rows].contiguous()
+    metadata = {"format": "pt", "layout": LAYOUT}
+    write_atomic(directory / "model.safetensors", lambda p: save_file(tensors, str(p), metadata=metadata))

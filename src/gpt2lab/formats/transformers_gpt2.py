@@ -1,0 +1,163 @@
+"""The transformers GPT-2 layout (`GPT2LMHeadModel`): OpenAI's weights on the hub, what `convert`
+exports, and the weights of checkpoints of GPT-2-shaped models.
+
+`config.json` + `model.safetensors` as transformers writes them: Conv1D matrices stored (in, out),
+keys with or without the `transformer.` prefix, causal-mask buffers in the original files.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from ..config import GPTConfig
+from ..errors import UserError
+from ..files import write_atomic
+from ..tokenizer import packaged_vocabulary
+
+LAYOUT = "transformers-gpt2"
+CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Causal-mask buffers the original GPT-2 files carry; they hold no learned values.
+BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+
+
+def supports(config: GPTConfig) -> bool:
+    """Whether transformers' GPT2LMHeadModel computes what GPT(config) computes. Every option
+    GPTConfig has today keeps a GPT-2 shape (a model without biases is one with zero biases);
+    options GPT-2 lacks (other positions, norms, activations) will answer False here."""
+    return True
+
+
+def config_from_hf(hf: dict[str, Any], *, source: str = "config.json") -> GPTConfig:
+    """GPTConfig from a transformers GPT2Config dict, refusing options this model lacks."""
+    model_type = hf.get("model_type", "gpt2")
+    if model_type != "gpt2":
+        raise UserError(f"{source} describes a {model_type!r} model; gpt2lab loads GPT-2 models only")
+    activation = hf.get("activation_function", "gelu_new")
+    if activation not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise UserError(f"{source}: activation {activation!r} is not GPT-2's tanh GELU")
+    n_embd = hf.get("n_embd")
+    if hf.get("n_inner") not in (None, 4 * (n_embd or 0)):
+        raise UserError(f"{source}: n_inner={hf['n_inner']} is not 4*n_embd, which gpt2lab requires")
+    if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("scale_attn_weights", True) is False:
+        raise UserError(f"{source}: attention scaling options other than GPT-2's are not supported")
+    missing = [k for k in ("n_layer", "n_head", "n_embd", "vocab_size") if k not in hf]
+    if missing:
+        raise UserError(f"{source} lacks {', '.join(missing)}; the folder is incomplete")
+    return GPTConfig(
+        n_layer=hf["n_layer"],
+        n_head=hf["n_head"],
+        n_embd=hf["n_embd"],
+        block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
+        vocab_size=hf["vocab_size"],
+        bias=True,
+        dropout=0.0,
+        tie_embeddings=hf.get("tie_word_embeddings", True),
+        layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+    )
+
+
+def config_to_hf(config: GPTConfig, rows: int, *, dtype: torch.dtype, gpt2_tokens: bool) -> dict[str, Any]:
+    hf = {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "activation_function": "gelu_new",
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_embd": config.n_embd,
+        "n_positions": config.block_size,
+        "n_ctx": config.block_size,
+        "n_inner": None,
+        "vocab_size": rows,
+        "layer_norm_epsilon": config.layer_norm_epsilon,
+        "initializer_range": 0.02,
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": config.tie_embeddings,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+    if gpt2_tokens:
+        hf.update(bos_token_id=50256, eos_token_id=50256)
+    return hf
+
+
+def to_native(hf_tensors: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    """Rename and transpose transformers GPT-2 tensors into GPT.named_parameters()' layout."""
+    state = {}
+    for key, tensor in hf_tensors.items():
+        if key.endswith(BUFFER_SUFFIXES):
+            continue
+        name = key.removeprefix("transformer.")
+        if name == "lm_head.weight":
+            if config.tie_embeddings:
+                continue
+        else:
+            name = "transformer." + name
+        if name.endswith(CONV1D_SUFFIXES):
+            # Contiguous, because a broadcast to other ranks sends the storage as it lies in memory.
+            tensor = tensor.t().contiguous()
+        if not config.bias and name.endswith(".bias"):
+            continue
+        state[name] = tensor
+    return state
+
+
+def from_native(model_state: dict[str, torch.Tensor], config: GPTConfig, rows: int) -> dict[str, torch.Tensor]:
+    """Tensors named and shaped as transformers' GPT2LMHeadModel stores them, `rows` vocabulary rows."""
+    state = {}
+    for name, tensor in model_state.items():
+        name = name.replace("_orig_mod.", "")
+        if name == "lm_head.weight" and config.tie_embeddings:
+            continue
+        if name.endswith(CONV1D_SUFFIXES):
+            tensor = tensor.t()
+        if name in ("transformer.wte.weight", "lm_head.weight"):
+            tensor = tensor[:rows]
+        state[name] = tensor.detach().to("cpu").contiguous().clone()
+    if not config.bias:
+        # transformers' GPT-2 always has biases: a model without them is one with zero biases.
+        for name, tensor in list(state.items()):
+            if name.endswith(".weight") and "wte" not in name and "wpe" not in name and name != "lm_head.weight":
+                out_features = tensor.shape[-1] if name.endswith(CONV1D_SUFFIXES) else tensor.shape[0]
+                state[name.removesuffix("weight") + "bias"] = torch.zeros(out_features, dtype=tensor.dtype)
+    return state
+
+
+def write(
+    model_state: dict[str, torch.Tensor], config: GPTConfig, directory: Path, *, rows: int, gpt2_tokens: bool
+) -> None:
+    """`model.safetensors` + `config.json` that transformers loads as GPT2LMHeadModel; with GPT-2's
+    tokenizer also its vocab.json / merges.txt, so that AutoTokenizer and lm-eval find it."""
+    dtype = model_state["transformer.wte.weight"].dtype
+    hf_config = config_to_hf(config, rows, dtype=dtype, gpt2_tokens=gpt2_tokens)
+    tensors = from_native(model_state, config, rows)
+    write_atomic(directory / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    write_atomic(directory / "config.json", lambda p: p.write_text(json.dumps(hf_config, indent=2) + "\n"))
+    if gpt2_tokens:
+        _write_gpt2_tokenizer_files(directory, config.block_size)
+
+
+def _write_gpt2_tokenizer_files(directory: Path, block_size: int) -> None:
+    encoder_json, vocab_bpe = packaged_vocabulary()
+    write_atomic(directory / "vocab.json", lambda p: shutil.copyfile(encoder_json, p))
+    write_atomic(directory / "merges.txt", lambda p: shutil.copyfile(vocab_bpe, p))
+    tokenizer_config = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "model_max_length": block_size,
+        "bos_token": "<|endoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "add_prefix_space": False,
+    }
+    write_atomic(
+        directory / "tokenizer_config.json", lambda p: p.write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    )

@@ -1,0 +1,103 @@
+"""The KV cache: keys and values of every layer, one slot per sequence, each at its own length.
+
+One class serves both users. `generate` gives every row of its batch a slot and moves them
+together (`cache.rows(range(B), [start] * B)`); the server's engine gives each request a slot
+and decodes requests of different lengths in one forward. The model sees only `CacheRows`:
+attention calls `update`, and `positions` / `key_mask` give the defaults for the new tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .config import GPTConfig
+
+
+class KVCache:
+    """Keys and values of up to `num_slots` sequences of up to `max_len` tokens.
+
+    The cache does not track lengths: each forward names its rows with `rows(slots, starts)`.
+    """
+
+    def __init__(self, config: GPTConfig, num_slots: int, max_len: int, *, device, dtype):
+        shape = (config.n_layer, num_slots, config.n_head, max_len, config.head_dim)
+        # Zeros, not empty: a row shorter than the longest still multiplies the masked keys and
+        # values past its end, and a NaN in uninitialised memory would survive the mask (0 * NaN).
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.num_slots = num_slots
+        self.max_len = max_len
+
+    def rows(self, slots: Sequence[int], starts: Sequence[int]) -> CacheRows:
+        """The view a forward of a (len(slots), T) batch writes to: row b's T new keys go to slot
+        `slots[b]` at positions `starts[b]`.. and its queries see that slot's keys up to there."""
+        return CacheRows(self, list(slots), list(starts))
+
+    def all_rows(self, start: int) -> CacheRows:
+        """Every slot, all at `start`: the batch of one `generate` call."""
+        return CacheRows(self, list(range(self.num_slots)), [start] * self.num_slots)
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy slot `src` into slot `dst` (to keep the live sequences in the first slots)."""
+        self.keys[:, dst] = self.keys[:, src]
+        self.values[:, dst] = self.values[:, src]
+
+
+class CacheRows:
+    """Rows of a KVCache taking part in one forward; see `KVCache.rows`."""
+
+    def __init__(self, cache: KVCache, slots: list[int], starts: list[int]):
+        if len(slots) != len(starts) or not slots:
+            raise ValueError(f"need one start per slot, got {len(slots)} slots and {len(starts)} starts")
+        self.cache = cache
+        self.slots = slots
+        self.starts = starts
+        self.uniform_start = min(starts) == max(starts)
+        first = slots[0]
+        # Live sequences kept in consecutive slots are read as a view instead of gathered.
+        self.slot_range = slice(first, first + len(slots)) if slots == list(range(first, first + len(slots))) else None
+        self._slot_index: torch.Tensor | None = None
+        self._positions: torch.Tensor | None = None
+
+    def end(self, T: int) -> int:
+        """Keys in the longest row once T new tokens are in."""
+        return max(self.starts) + T
+
+    def positions(self, T: int, device) -> torch.Tensor:
+        """(B, T) position of each new token."""
+        if self._positions is None or self._positions.size(1) != T:
+            starts = torch.tensor(self.starts, device=device)
+            self._positions = starts[:, None] + torch.arange(T, device=device)
+        return self._positions
+
+    def key_mask(self, T: int, device) -> torch.Tensor | None:
+        """(B, 1, T, keys) True where a query may attend; None where causal attention over the
+        last T keys is exact (every row at the same start, and one query or nothing cached)."""
+        if self.uniform_start and (T == 1 or self.starts[0] == 0):
+            return None
+        limit = self.positions(T, device)[:, :, None]  # (B, T, 1): a query sees keys up to itself
+        return (torch.arange(self.end(T), device=device) <= limit)[:, None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this layer's new keys/values (B, H, T, D); return each row's keys/values so far,
+        (B, H, keys, D), padded to the longest row."""
+        T = k.size(2)
+        end = self.end(T)
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        if self.uniform_start and self.slot_range is not None:
+            start = self.starts[0]
+            keys[self.slot_range, :, start : start + T] = k
+            values[self.slot_range, :, start : start + T] = v
+            return keys[self.slot_range, :, :end], values[self.slot_range, :, :end]
+        if self._slot_index is None:
+            self._slot_index = torch.tensor(self.slots, device=k.device)
+        rows = self._slot_index[:, None]
+        positions = self.positions(T, k.device)
+        # Advanced indices on dims 0 and 2 put the (B, T) index dims first: values are (B, T, H, D).
+        keys[rows, :, positions] = k.transpose(1, 2)
+        values[rows, :, positions] = v.transpose(1, 2)
+        if self.slot_range is not None:
+            return keys[self.slot_range, :, :end], values[self.slot_range, :, :end]
+        return keys[self._slot_index, :, :end], values[self._slot_index, :, :end]
