@@ -7,60 +7,15 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import UserError
-
-MODEL_HELP = (
-    "a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, or owner/name), a folder in the "
-    "transformers GPT-2 format, a checkpoint folder, or a run folder (its newest checkpoint)"
+from .cli_options import (
+    MODEL_HELP,
+    add_device_options,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+    probability,
 )
-
-
-def _add_device_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: auto)"
-    )
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16", "int8"],
-        help="weights' precision for inference; auto is bfloat16 on a GPU that has it, float32 elsewhere; "
-        "int8 (CPU only) quantizes the linear layers with PyTorch's dynamic quantization",
-    )
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = _non_negative_int(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("0 is not allowed; give 1 or more")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0")
-    return value
-
-
-def _probability(text: str) -> float:
-    value = _non_negative_float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{text} must be in (0, 1]")
-    return value
-
+from .errors import UserError
 
 # ---- sample ----------------------------------------------------------------------------------
 
@@ -193,16 +148,16 @@ A prompt longer than the model's context keeps its last block-size tokens.""",
     source = sample.add_mutually_exclusive_group()
     source.add_argument("--prompt", default="", help="text to continue (default: start from end-of-text)")
     source.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
-    sample.add_argument("--num-samples", type=_positive_int, default=1, help="how many samples (default 1)")
+    sample.add_argument("--num-samples", type=positive_int, default=1, help="how many samples (default 1)")
     sample.add_argument(
-        "--max-new-tokens", type=_non_negative_int, default=200, help="tokens to generate per sample (default 200)"
+        "--max-new-tokens", type=non_negative_int, default=200, help="tokens to generate per sample (default 200)"
     )
     sample.add_argument(
-        "--temperature", type=_non_negative_float, default=0.8, help="0 is greedy; higher is more random (default 0.8)"
+        "--temperature", type=non_negative_float, default=0.8, help="0 is greedy; higher is more random (default 0.8)"
     )
-    sample.add_argument("--top-k", type=_positive_int, default=200, help="keep the k most likely tokens (default 200)")
+    sample.add_argument("--top-k", type=positive_int, default=200, help="keep the k most likely tokens (default 200)")
     sample.add_argument(
-        "--top-p", type=_probability, default=None, help="keep the smallest set of tokens holding this probability"
+        "--top-p", type=probability, default=None, help="keep the smallest set of tokens holding this probability"
     )
     sample.add_argument("--seed", type=int, default=1337, help="random seed, for repeatable samples (default 1337)")
     sample.add_argument(
@@ -210,7 +165,7 @@ A prompt longer than the model's context keeps its last block-size tokens.""",
     )
     sample.add_argument("--no-cache", action="store_true", help="recompute every step without the KV cache (slow)")
     sample.add_argument("-v", "--verbose", action="store_true", help="print tokens/s to stderr at the end")
-    _add_device_options(sample)
+    add_device_options(sample)
     sample.set_defaults(handler=cmd_sample)
 
     convert = verbs.add_parser(

@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..tokenizer import Tokenizer
 from .engine import Engine, SamplingParams, Sequence, Update
+from .sockets import listen
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_COMPLETIONS_PER_REQUEST = 128  # prompts x n
@@ -376,9 +377,7 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0, *, log
     once the server answers, and stops it on exit. Port 0 picks a free port."""
     import uvicorn
 
-    from .cli import _listen
-
-    sock = _listen(host, port)
+    sock = listen(host, port)
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="gpt2lab-serve", daemon=True)
     thread.start()
