@@ -186,7 +186,7 @@ A prompt longer than the model's context keeps its last block-size tokens.""",
     )
     convert.set_defaults(handler=cmd_convert)
 
-    from .data.prepare import add_prepare_parser
+    from .data.cli import add_prepare_parser
     from .eval.cli import add_eval_parser
     from .report import add_report_parser
     from .train.bench import add_bench_parser
