@@ -89,46 +89,9 @@ _OPTIONS = (
 )
 
 
-def _command_line(args: argparse.Namespace, defaults: dict[str, Any]) -> str:
-    words = ["gpt2lab", "prepare", args.source, *args.inputs, "--out", args.out]
-    for flag, dest in _OPTIONS:
-        value = getattr(args, dest)
-        if value == defaults[dest]:
-            continue
-        if value is True:
-            words.append(flag)
-        elif isinstance(value, list):
-            words += [flag, *value]
-        else:
-            words += [flag, str(value)]
-    return shlex.join(words)
-
-
-def cmd_prepare(args: argparse.Namespace) -> int:
-    prepare(
-        args.source,
-        args.out,
-        inputs=args.inputs,
-        input_file=args.input_file,
-        sample=args.sample,
-        data_files=args.data_files,
-        split=args.split,
-        config=args.config,
-        field=args.field,
-        column=args.column,
-        streaming=not args.download,
-        shard_tokens=args.shard_tokens,
-        val_tokens=args.val_tokens,
-        max_tokens=args.max_tokens,
-        workers=args.workers,
-        command=_command_line(args, args.option_defaults),
-        progress=not args.quiet,
-        log=(lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr)),
-    )
-    return 0
-
-
-def add_prepare_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+def add_prepare_parser(
+    verbs: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
     """The `prepare` verb, added to the CLI's subparsers."""
     parser = verbs.add_parser(
         "prepare",
@@ -181,3 +144,42 @@ def add_prepare_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
     parser.set_defaults(handler=cmd_prepare, option_defaults={dest: parser.get_default(dest) for _, dest in _OPTIONS})
     return parser
+
+
+def _command_line(args: argparse.Namespace, defaults: dict[str, Any]) -> str:
+    words = ["gpt2lab", "prepare", args.source, *args.inputs, "--out", args.out]
+    for flag, dest in _OPTIONS:
+        value = getattr(args, dest)
+        if value == defaults[dest]:
+            continue
+        if value is True:
+            words.append(flag)
+        elif isinstance(value, list):
+            words += [flag, *value]
+        else:
+            words += [flag, str(value)]
+    return shlex.join(words)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    prepare(
+        args.source,
+        args.out,
+        inputs=args.inputs,
+        input_file=args.input_file,
+        sample=args.sample,
+        data_files=args.data_files,
+        split=args.split,
+        config=args.config,
+        field=args.field,
+        column=args.column,
+        streaming=not args.download,
+        shard_tokens=args.shard_tokens,
+        val_tokens=args.val_tokens,
+        max_tokens=args.max_tokens,
+        workers=args.workers,
+        command=_command_line(args, args.option_defaults),
+        progress=not args.quiet,
+        log=(lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr)),
+    )
+    return 0

@@ -51,7 +51,7 @@ LOSS_EPILOG = """examples:
   gpt2lab eval loss --model runs/gpt2-124m --data data/fineweb-edu --seq-len 1024 --json"""
 
 
-def add_eval_parser(verbs) -> None:
+def add_eval_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """The `eval` verb and its tasks, added to the CLI's subparsers."""
     evaluate = verbs.add_parser(
         "eval",
@@ -129,7 +129,7 @@ def _load(args):
     return load_for_inference(args.model, args.device, args.dtype)
 
 
-def cmd_hellaswag(args) -> int:
+def cmd_hellaswag(args: argparse.Namespace) -> int:
     from ..tokenizer import load_tokenizer
     from .hellaswag import HellaSwag, load_examples
 
@@ -153,7 +153,7 @@ def cmd_hellaswag(args) -> int:
     return 0
 
 
-def cmd_loss(args) -> int:
+def cmd_loss(args: argparse.Namespace) -> int:
     from ..data.dataset import open_dataset
     from ..tokenizer import load_tokenizer
     from .loss import evaluate_loss

@@ -9,7 +9,7 @@ from ..cli_options import MODEL_HELP, add_device_options, positive_int
 from .sockets import listen
 
 
-def add_serve_parser(verbs) -> None:
+def add_serve_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = verbs.add_parser(
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API, with a web playground",
@@ -67,7 +67,7 @@ alone; in a batch, last-bit rounding may differ). The server listens on 127.0.0.
     serve.set_defaults(handler=cmd_serve)
 
 
-def cmd_serve(args) -> int:
+def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..pretrained import load_for_inference
