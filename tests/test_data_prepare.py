@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from gpt2lab import UserError, load_tokenizer
 from gpt2lab.cli import main
 from gpt2lab.data import open_dataset, prepare_dataset, read_shard
+from gpt2lab.data import cli as prepare_cli
 from gpt2lab.data import prepare as prepare_module
 from gpt2lab.data import shards as shards_module
 from gpt2lab.data import sources
@@ -336,7 +337,7 @@ def test_help_is_a_manual():
 
 @pytest.mark.parametrize("text, value", [("100M", 100_000_000), ("10k", 10_000), ("1e8", 100_000_000), ("250_000", 250_000)])
 def test_token_counts_take_suffixes(text, value):
-    assert prepare_module._token_count(text) == value
+    assert prepare_cli._token_count(text) == value
 
 
 @pytest.mark.parametrize("text", ["0", "-5", "1.5", "lots", "1.5k5"])
@@ -344,7 +345,7 @@ def test_bad_token_counts_are_refused(text):
     import argparse
 
     with pytest.raises(argparse.ArgumentTypeError):
-        prepare_module._token_count(text)
+        prepare_cli._token_count(text)
 
 
 # ---- cutting long documents --------------------------------------------------------------------

@@ -1,154 +1,37 @@
-"""The `gpt2lab` command: one verb per job, each a thin layer over the Python API."""
+"""The `gpt2lab` command: one verb per job, each a thin layer over the Python API.
+
+This module only assembles the verbs and runs the one asked for. Each verb is an
+`add_<verb>_parser(verbs)` and its runner in the CLI module of its stage: data/cli.py (prepare),
+train/cli.py (train, bench), eval/cli.py (eval), serve/cli.py (serve), and commands/ for the
+verbs over top-level modules (sample, convert, report). Options they share are in cli_options.py.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
-from pathlib import Path
 
+from . import __version__
+from .commands.convert import add_convert_parser
+from .commands.report import add_report_parser
+from .commands.sample import add_sample_parser
+from .data.cli import add_prepare_parser
 from .errors import UserError
+from .eval.cli import add_eval_parser
+from .serve.cli import add_serve_parser
+from .train.cli import add_bench_parser, add_train_parser
 
-MODEL_HELP = (
-    "a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, or owner/name), a folder in the "
-    "transformers GPT-2 format, a checkpoint folder, or a run folder (its newest checkpoint)"
+# In the order `gpt2lab --help` lists them.
+VERB_PARSERS = (
+    add_sample_parser,
+    add_convert_parser,
+    add_prepare_parser,
+    add_train_parser,
+    add_bench_parser,
+    add_eval_parser,
+    add_report_parser,
+    add_serve_parser,
 )
-
-
-def _add_device_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: auto)"
-    )
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16", "int8"],
-        help="weights' precision for inference; auto is bfloat16 on a GPU that has it, float32 elsewhere; "
-        "int8 (CPU only) quantizes the linear layers with PyTorch's dynamic quantization",
-    )
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = _non_negative_int(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("0 is not allowed; give 1 or more")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0")
-    return value
-
-
-def _probability(text: str) -> float:
-    value = _non_negative_float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{text} must be in (0, 1]")
-    return value
-
-
-# ---- sample ----------------------------------------------------------------------------------
-
-
-def _read_prompt(args) -> str:
-    if args.prompt_file is not None:
-        try:
-            return Path(args.prompt_file).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise UserError(f"prompt file {args.prompt_file} does not exist") from None
-        except UnicodeDecodeError:
-            raise UserError(f"prompt file {args.prompt_file} is not UTF-8 text") from None
-    return args.prompt
-
-
-def cmd_sample(args) -> int:
-    import torch
-
-    from .generate import generate_stream
-    from .pretrained import load_for_inference
-    from .prompts import checked_prompt, empty_prompt_start
-    from .tokenizer import StreamDecoder, load_tokenizer
-
-    prompt = _read_prompt(args)
-    folder, model, device, precision = load_for_inference(args.model, args.device, args.dtype)
-    tokenizer = load_tokenizer(folder)
-    prompt_ids = checked_prompt(tokenizer.encode(prompt), model.config.vocab_size, empty_prompt_start(tokenizer))
-    generator = torch.Generator(device=device)
-    if args.seed is not None:
-        generator.manual_seed(args.seed)
-    else:
-        generator.seed()
-    out = sys.stdout
-    total_tokens = 0
-    started = time.perf_counter()
-    for index in range(args.num_samples):
-        if index:
-            out.write("\n---------------\n")
-        out.write(prompt)
-        out.flush()
-        decoder = StreamDecoder(tokenizer)
-        for token in generate_stream(
-            model,
-            [prompt_ids],
-            args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            eos_token_id=tokenizer.eot_token if args.stop_at_eot else None,
-            generator=generator,
-            use_cache=not args.no_cache,
-        ):
-            token_id = int(token[0])
-            total_tokens += 1
-            if args.stop_at_eot and token_id == tokenizer.eot_token:
-                break
-            out.write(decoder.push(token_id))
-            out.flush()
-        out.write(decoder.flush() + "\n")
-        out.flush()
-    elapsed = time.perf_counter() - started
-    if args.verbose:
-        print(
-            f"[{total_tokens} tokens in {elapsed:.2f} s, {total_tokens / max(elapsed, 1e-9):.1f} tokens/s, "
-            f"{device.type}, {precision}]",
-            file=sys.stderr,
-        )
-    return 0
-
-
-# ---- convert ---------------------------------------------------------------------------------
-
-
-def cmd_convert(args) -> int:
-    from .pretrained import load_model, resolve_model_path, save_pretrained
-    from .runtime import DTYPES
-    from .tokenizer import load_tokenizer
-
-    folder = resolve_model_path(args.model)
-    dtype = None if args.dtype == "keep" else DTYPES[args.dtype]
-    model = load_model(folder, dtype=dtype)
-    spec = load_tokenizer(folder).spec()
-    save_pretrained(model, args.out, tokenizer_spec=spec)
-    print(f"wrote {args.out} (config.json, model.safetensors{', tokenizer files' if spec == 'gpt2' else ''})")
-    return 0
-
-
-# ---- parser ----------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,86 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="GPT-2 from scratch: prepare data, train, sample, convert, benchmark. "
         "Run `gpt2lab VERB --help` for the manual of each verb.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB")
-
-    sample = verbs.add_parser(
-        "sample",
-        help="generate text from a model, streaming it to the terminal",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Generate text from a model, streaming it to the terminal as it is produced.",
-        epilog="""examples:
-  gpt2lab sample --model gpt2 --prompt "Hello, I'm a language model,"
-  gpt2lab sample --model ./gpt2-weights --num-samples 3 --top-p 0.9 --seed 1
-  gpt2lab sample --model runs/shakespeare-char --prompt "ROMEO:" --temperature 0.8
-
-Samples are separated by a line of dashes. Generation stops a sample at end-of-text
-(unless --no-stop-at-eot). Offline, a hub name fails with a message: download the
-weights elsewhere and pass their folder (config.json + model.safetensors) as --model.
-A prompt longer than the model's context keeps its last block-size tokens.""",
-    )
-    sample.add_argument("--model", required=True, help=MODEL_HELP)
-    source = sample.add_mutually_exclusive_group()
-    source.add_argument("--prompt", default="", help="text to continue (default: start from end-of-text)")
-    source.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
-    sample.add_argument("--num-samples", type=_positive_int, default=1, help="how many samples (default 1)")
-    sample.add_argument(
-        "--max-new-tokens", type=_non_negative_int, default=200, help="tokens to generate per sample (default 200)"
-    )
-    sample.add_argument(
-        "--temperature", type=_non_negative_float, default=0.8, help="0 is greedy; higher is more random (default 0.8)"
-    )
-    sample.add_argument("--top-k", type=_positive_int, default=200, help="keep the k most likely tokens (default 200)")
-    sample.add_argument(
-        "--top-p", type=_probability, default=None, help="keep the smallest set of tokens holding this probability"
-    )
-    sample.add_argument("--seed", type=int, default=1337, help="random seed, for repeatable samples (default 1337)")
-    sample.add_argument(
-        "--no-stop-at-eot", dest="stop_at_eot", action="store_false", help="keep generating past end-of-text"
-    )
-    sample.add_argument("--no-cache", action="store_true", help="recompute every step without the KV cache (slow)")
-    sample.add_argument("-v", "--verbose", action="store_true", help="print tokens/s to stderr at the end")
-    _add_device_options(sample)
-    sample.set_defaults(handler=cmd_sample)
-
-    convert = verbs.add_parser(
-        "convert",
-        help="export a model or checkpoint to the transformers GPT-2 format",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Write a model as config.json + model.safetensors that transformers' "
-        "GPT2LMHeadModel, vLLM and lm-eval load; a padded vocabulary is cut back to its real size, "
-        "and GPT-2 tokenizer files are written beside it.",
-        epilog="""examples:
-  gpt2lab convert runs/gpt2-124m --out exported/gpt2-124m
-  gpt2lab convert runs/gpt2-124m/checkpoints/step_00019073 --out exported --dtype bfloat16""",
-    )
-    convert.add_argument("model", help=MODEL_HELP)
-    convert.add_argument("--out", required=True, help="folder to write (created if needed)")
-    convert.add_argument(
-        "--dtype", default="keep", choices=["keep", "float32", "bfloat16", "float16"], help="precision of the saved weights"
-    )
-    convert.set_defaults(handler=cmd_convert)
-
-    from .data.prepare import add_prepare_parser
-    from .eval.cli import add_eval_parser
-    from .report import add_report_parser
-    from .train.bench import add_bench_parser
-    from .train.cli import add_train_parser
-    from .serve.cli import add_serve_parser
-
-    add_prepare_parser(verbs)
-    add_train_parser(verbs)
-    add_bench_parser(verbs)
-    add_eval_parser(verbs)
-    add_report_parser(verbs)
-    add_serve_parser(verbs)
+    for add_parser in VERB_PARSERS:
+        add_parser(verbs)
     return parser
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -270,6 +270,19 @@ def save_pretrained(
     )
 
 
+def export_for_transformers(model: GPT, directory: str | Path, *, tokenizer_spec: Any = None) -> Path:
+    """What `gpt2lab convert` writes: the transformers model of `model`'s architecture, padded
+    vocabulary rows cut, or a UserError naming what transformers has no equivalent for."""
+    if not transformers_gpt2.supports(model.config):
+        raise UserError(
+            "this model's options have no transformers equivalent (GPT2LMHeadModel); "
+            "load its folder with gpt2lab instead of exporting it"
+        )
+    return write_model_folder(
+        model.state_dict(), model.config, directory, tokenizer_spec=tokenizer_spec, layout=transformers_gpt2.LAYOUT
+    )
+
+
 def write_model_folder(
     model_state: dict[str, torch.Tensor],
     config: GPTConfig,

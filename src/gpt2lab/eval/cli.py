@@ -6,7 +6,7 @@ import argparse
 import json
 import time
 
-from ..cli import MODEL_HELP, _add_device_options, _positive_int
+from ..cli_options import MODEL_HELP, add_device_options, positive_int
 from ..errors import UserError
 from .hellaswag import SPLITS, URL
 
@@ -51,7 +51,7 @@ LOSS_EPILOG = """examples:
   gpt2lab eval loss --model runs/gpt2-124m --data data/fineweb-edu --seq-len 1024 --json"""
 
 
-def add_eval_parser(verbs) -> None:
+def add_eval_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """The `eval` verb and its tasks, added to the CLI's subparsers."""
     evaluate = verbs.add_parser(
         "eval",
@@ -81,16 +81,16 @@ examples:
         "--split", default="val", choices=SPLITS,
         help="which file to download (default val; the test split has no labels)",
     )
-    hellaswag.add_argument("--limit", type=_positive_int, metavar="N", help="score only the first N examples")
+    hellaswag.add_argument("--limit", type=positive_int, metavar="N", help="score only the first N examples")
     hellaswag.add_argument(
         "--data-file", metavar="FILE", help="a local HellaSwag .jsonl file instead of the downloaded one"
     )
     hellaswag.add_argument(
-        "--batch-size", type=_positive_int, default=32, metavar="ROWS",
+        "--batch-size", type=positive_int, default=32, metavar="ROWS",
         help="rows per forward pass; an example takes one row per scoring (default 32)",
     )
     hellaswag.add_argument("--json", action="store_true", help="print the results as one JSON object")
-    _add_device_options(hellaswag)
+    add_device_options(hellaswag)
     hellaswag.set_defaults(handler=cmd_hellaswag)
 
     loss = tasks.add_parser(
@@ -104,16 +104,16 @@ examples:
     loss.add_argument("--data", required=True, metavar="DIR", help="a dataset folder made by `gpt2lab prepare`")
     loss.add_argument("--split", default="val", help="the split to read (default val)")
     loss.add_argument(
-        "--batches", type=_positive_int, metavar="N", help="read only the first N batches (default: the whole split)"
+        "--batches", type=positive_int, metavar="N", help="read only the first N batches (default: the whole split)"
     )
     loss.add_argument(
-        "--batch-size", type=_positive_int, default=8, metavar="N", help="windows per forward pass (default 8)"
+        "--batch-size", type=positive_int, default=8, metavar="N", help="windows per forward pass (default 8)"
     )
     loss.add_argument(
-        "--seq-len", type=_positive_int, metavar="T", help="tokens per window (default: the model's block size)"
+        "--seq-len", type=positive_int, metavar="T", help="tokens per window (default: the model's block size)"
     )
     loss.add_argument("--json", action="store_true", help="print the results as one JSON object")
-    _add_device_options(loss)
+    add_device_options(loss)
     loss.set_defaults(handler=cmd_loss)
 
 
@@ -129,7 +129,7 @@ def _load(args):
     return load_for_inference(args.model, args.device, args.dtype)
 
 
-def cmd_hellaswag(args) -> int:
+def cmd_hellaswag(args: argparse.Namespace) -> int:
     from ..tokenizer import load_tokenizer
     from .hellaswag import HellaSwag, load_examples
 
@@ -153,7 +153,7 @@ def cmd_hellaswag(args) -> int:
     return 0
 
 
-def cmd_loss(args) -> int:
+def cmd_loss(args: argparse.Namespace) -> int:
     from ..data.dataset import open_dataset
     from ..tokenizer import load_tokenizer
     from .loss import evaluate_loss

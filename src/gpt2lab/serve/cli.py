@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
 
-from ..errors import UserError
+from ..cli_options import MODEL_HELP, add_device_options, positive_int
+from .sockets import listen
 
 
-def add_serve_parser(verbs) -> None:
-    from ..cli import MODEL_HELP, _add_device_options, _positive_int
-
+def add_serve_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = verbs.add_parser(
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API, with a web playground",
@@ -52,42 +50,24 @@ alone; in a batch, last-bit rounding may differ). The server listens on 127.0.0.
     serve.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default 8000)")
     serve.add_argument(
         "--max-concurrency",
-        type=_positive_int,
+        type=positive_int,
         default=64,
         help="sequences decoded together (n > 1 counts each choice); more wait in a queue (default 64)",
     )
     serve.add_argument(
         "--max-new-tokens-limit",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="the largest max_tokens a request may ask for (default: the model's context length)",
     )
     serve.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="server log detail (default info)"
     )
-    _add_device_options(serve)
+    add_device_options(serve)
     serve.set_defaults(handler=cmd_serve)
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """A bound socket, so that a taken port or unknown host is a clear error before loading anything."""
-    if not 0 <= port <= 65535:
-        raise UserError(f"--port {port} is not a port number; give 0 to 65535")
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    except socket.gaierror as error:
-        raise UserError(f"cannot listen on host {host!r} ({error.strerror}); give an address such as 127.0.0.1") from None
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(address)
-    except OSError as error:
-        sock.close()
-        raise UserError(f"cannot listen on {host}:{port} ({error.strerror}); pick another --port") from None
-    return sock
-
-
-def cmd_serve(args) -> int:
+def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..pretrained import load_for_inference
@@ -95,7 +75,7 @@ def cmd_serve(args) -> int:
     from .api import create_app
     from .engine import Engine
 
-    sock = _listen(args.host, args.port)
+    sock = listen(args.host, args.port)
     folder, model, _, _ = load_for_inference(args.model, args.device, args.dtype)
     tokenizer = load_tokenizer(folder)
     name = args.served_model_name or args.model

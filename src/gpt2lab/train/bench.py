@@ -3,7 +3,6 @@ ones before it, measured through the real training loop on synthetic tokens."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import statistics
@@ -13,7 +12,6 @@ from pathlib import Path
 import numpy as np
 
 from ..config import GPT2_PADDED_VOCAB_SIZE, GPT2_VOCAB_SIZE, apply_overrides
-from ..errors import UserError
 from .config import PRESETS, BatchSettings, CheckpointSettings, EvalSettings, LogSettings, TrainConfig
 
 # (name, what the rung changes); each rung keeps every change above it.
@@ -91,45 +89,3 @@ def format_row(row: dict) -> str:
     return (f"| {row['rung']:<26} | {row['step_ms']:>10.1f} | {row['tokens_per_s']:>12,.0f} | {mfu:>6} | "
             f"{row['first_loss']:.3f} -> {row['last_loss']:.3f} |")
 
-
-def add_bench_parser(verbs) -> None:
-    bench = verbs.add_parser(
-        "bench",
-        help="run the GPT-2 reproduction's speed ladder on this device",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train a GPT-2 (124M)-shaped model on synthetic tokens through the real training loop, "
-        "one rung of the reproduction's speed ladder at a time, each rung keeping the speed-ups before "
-        "it: fp32, TF32, bf16 autocast, SDPA flash attention, padded vocabulary, fused AdamW, "
-        "torch.compile. Prints ms/step (median after warm-up), tokens/s and MFU as one Markdown table.",
-        epilog="""examples:
-  gpt2lab bench                                   # 124M, B=4, T=256: sized for a CPU
-  gpt2lab bench --device cuda --micro-batch 16 --seq-len 1024 --steps 20
-  gpt2lab bench --set model.n_layer=2 --rungs 1 3 7
-  gpt2lab bench --set system.peak_flops=2e12      # MFU against a peak you know
-
-On a CPU, TF32 changes nothing (it is a GPU setting), and compile takes a minute or more
-the first time. MFU appears where the peak is known (a GPU by name, or system.peak_flops).""",
-    )
-    bench.add_argument("--micro-batch", type=int, default=4, help="sequences per step (default 4)")
-    bench.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
-    bench.add_argument("--steps", type=int, default=5, help="timed steps per rung (default 5)")
-    bench.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
-    bench.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default auto)")
-    bench.add_argument("--rungs", type=int, nargs="+", help="run only these rungs (1-7)")
-    bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="a training setting for every rung, e.g. model.n_layer=4")
-    bench.add_argument("--json", help="also write the table as JSON here")
-    bench.set_defaults(handler=cmd_bench)
-
-
-def cmd_bench(args) -> int:
-    if args.steps < 1 or args.warmup < 0 or args.micro_batch < 1 or args.seq_len < 2:
-        raise UserError("--steps, --micro-batch must be >= 1, --warmup >= 0, --seq-len >= 2")
-    if args.rungs and not all(1 <= r <= len(LADDER) for r in args.rungs):
-        raise UserError(f"--rungs take numbers 1 to {len(LADDER)}")
-    print(f"| {'rung':<26} | {'ms/step':>10} | {'tokens/s':>12} | {'MFU':>6} | loss first -> last |")
-    print(f"|{'-' * 28}|{'-' * 12}:|{'-' * 14}:|{'-' * 7}:|--------------------|")
-    results = run_ladder(args)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    return 0

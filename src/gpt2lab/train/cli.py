@@ -1,11 +1,13 @@
-"""The `train` verb."""
+"""The `train` and `bench` verbs."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from ..errors import UserError
+from .bench import LADDER, run_ladder
 from .config import PRESETS, resolve_config
 
 TRAIN_EPILOG = """presets:
@@ -49,7 +51,10 @@ examples:
 Distributed runs (torchrun, DDP, FSDP2, several machines, SLURM): docs/distributed.md."""
 
 
-def add_train_parser(verbs) -> None:
+# ---- train ---------------------------------------------------------------------------------
+
+
+def add_train_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     train = verbs.add_parser(
         "train",
         help="train a model from a preset, a TOML file and overrides",
@@ -77,7 +82,7 @@ def add_train_parser(verbs) -> None:
     train.set_defaults(handler=cmd_train)
 
 
-def cmd_train(args) -> int:
+def cmd_train(args: argparse.Namespace) -> int:
     if args.preset is None and args.config is None:
         raise UserError("give --preset NAME or --config FILE.toml (see gpt2lab train --help)")
     config = resolve_config(args.preset, args.config, args.overrides)
@@ -129,3 +134,49 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "gpt2lab", *worker_args]
     return subprocess.call(command)
+
+
+# ---- bench ---------------------------------------------------------------------------------
+
+
+def add_bench_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    bench = verbs.add_parser(
+        "bench",
+        help="run the GPT-2 reproduction's speed ladder on this device",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a GPT-2 (124M)-shaped model on synthetic tokens through the real training loop, "
+        "one rung of the reproduction's speed ladder at a time, each rung keeping the speed-ups before "
+        "it: fp32, TF32, bf16 autocast, SDPA flash attention, padded vocabulary, fused AdamW, "
+        "torch.compile. Prints ms/step (median after warm-up), tokens/s and MFU as one Markdown table.",
+        epilog="""examples:
+  gpt2lab bench                                   # 124M, B=4, T=256: sized for a CPU
+  gpt2lab bench --device cuda --micro-batch 16 --seq-len 1024 --steps 20
+  gpt2lab bench --set model.n_layer=2 --rungs 1 3 7
+  gpt2lab bench --set system.peak_flops=2e12      # MFU against a peak you know
+
+On a CPU, TF32 changes nothing (it is a GPU setting), and compile takes a minute or more
+the first time. MFU appears where the peak is known (a GPU by name, or system.peak_flops).""",
+    )
+    bench.add_argument("--micro-batch", type=int, default=4, help="sequences per step (default 4)")
+    bench.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    bench.add_argument("--steps", type=int, default=5, help="timed steps per rung (default 5)")
+    bench.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    bench.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default auto)")
+    bench.add_argument("--rungs", type=int, nargs="+", help="run only these rungs (1-7)")
+    bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="a training setting for every rung, e.g. model.n_layer=4")
+    bench.add_argument("--json", help="also write the table as JSON here")
+    bench.set_defaults(handler=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.steps < 1 or args.warmup < 0 or args.micro_batch < 1 or args.seq_len < 2:
+        raise UserError("--steps, --micro-batch must be >= 1, --warmup >= 0, --seq-len >= 2")
+    if args.rungs and not all(1 <= r <= len(LADDER) for r in args.rungs):
+        raise UserError(f"--rungs take numbers 1 to {len(LADDER)}")
+    print(f"| {'rung':<26} | {'ms/step':>10} | {'tokens/s':>12} | {'MFU':>6} | loss first -> last |")
+    print(f"|{'-' * 28}|{'-' * 12}:|{'-' * 14}:|{'-' * 7}:|--------------------|")
+    results = run_ladder(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0

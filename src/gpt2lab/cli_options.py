@@ -1,0 +1,58 @@
+"""Options and argument types that several verbs share. Verb modules import them from here, and
+this module imports no verb, so that `gpt2lab.cli` can import every verb without a cycle."""
+
+from __future__ import annotations
+
+import argparse
+
+MODEL_HELP = (
+    "a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, or owner/name), a folder in the "
+    "transformers GPT-2 format, a checkpoint folder, or a run folder (its newest checkpoint)"
+)
+
+
+def add_device_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: auto)"
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16", "int8"],
+        help="weights' precision for inference; auto is bfloat16 on a GPU that has it, float32 elsewhere; "
+        "int8 (CPU only) quantizes the linear layers with PyTorch's dynamic quantization",
+    )
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("0 is not allowed; give 1 or more")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0")
+    return value
+
+
+def probability(text: str) -> float:
+    value = non_negative_float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} must be in (0, 1]")
+    return value

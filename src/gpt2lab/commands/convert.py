@@ -1,0 +1,41 @@
+"""The `convert` verb: export a model or checkpoint to the transformers GPT-2 format."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..cli_options import MODEL_HELP
+
+
+def add_convert_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    convert = verbs.add_parser(
+        "convert",
+        help="export a model or checkpoint to the transformers GPT-2 format",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Write a model as config.json + model.safetensors that transformers' "
+        "GPT2LMHeadModel, vLLM and lm-eval load; a padded vocabulary is cut back to its real size, "
+        "and GPT-2 tokenizer files are written beside it.",
+        epilog="""examples:
+  gpt2lab convert runs/gpt2-124m --out exported/gpt2-124m
+  gpt2lab convert runs/gpt2-124m/checkpoints/step_00019073 --out exported --dtype bfloat16""",
+    )
+    convert.add_argument("model", help=MODEL_HELP)
+    convert.add_argument("--out", required=True, help="folder to write (created if needed)")
+    convert.add_argument(
+        "--dtype", default="keep", choices=["keep", "float32", "bfloat16", "float16"], help="precision of the saved weights"
+    )
+    convert.set_defaults(handler=cmd_convert)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from ..pretrained import export_for_transformers, load_model, resolve_model_path
+    from ..runtime import DTYPES
+    from ..tokenizer import load_tokenizer
+
+    folder = resolve_model_path(args.model)
+    dtype = None if args.dtype == "keep" else DTYPES[args.dtype]
+    model = load_model(folder, dtype=dtype)
+    spec = load_tokenizer(folder).spec()
+    export_for_transformers(model, args.out, tokenizer_spec=spec)
+    print(f"wrote {args.out} (config.json, model.safetensors{', tokenizer files' if spec == 'gpt2' else ''})")
+    return 0

@@ -1,0 +1,125 @@
+"""The `sample` verb: generate text from a model, streaming it to the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from ..cli_options import (
+    MODEL_HELP,
+    add_device_options,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+    probability,
+)
+from ..errors import UserError
+
+
+def add_sample_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sample = verbs.add_parser(
+        "sample",
+        help="generate text from a model, streaming it to the terminal",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Generate text from a model, streaming it to the terminal as it is produced.",
+        epilog="""examples:
+  gpt2lab sample --model gpt2 --prompt "Hello, I'm a language model,"
+  gpt2lab sample --model ./gpt2-weights --num-samples 3 --top-p 0.9 --seed 1
+  gpt2lab sample --model runs/shakespeare-char --prompt "ROMEO:" --temperature 0.8
+
+Samples are separated by a line of dashes. Generation stops a sample at end-of-text
+(unless --no-stop-at-eot). Offline, a hub name fails with a message: download the
+weights elsewhere and pass their folder (config.json + model.safetensors) as --model.
+A prompt longer than the model's context keeps its last block-size tokens.""",
+    )
+    sample.add_argument("--model", required=True, help=MODEL_HELP)
+    source = sample.add_mutually_exclusive_group()
+    source.add_argument("--prompt", default="", help="text to continue (default: start from end-of-text)")
+    source.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
+    sample.add_argument("--num-samples", type=positive_int, default=1, help="how many samples (default 1)")
+    sample.add_argument(
+        "--max-new-tokens", type=non_negative_int, default=200, help="tokens to generate per sample (default 200)"
+    )
+    sample.add_argument(
+        "--temperature", type=non_negative_float, default=0.8, help="0 is greedy; higher is more random (default 0.8)"
+    )
+    sample.add_argument("--top-k", type=positive_int, default=200, help="keep the k most likely tokens (default 200)")
+    sample.add_argument(
+        "--top-p", type=probability, default=None, help="keep the smallest set of tokens holding this probability"
+    )
+    sample.add_argument("--seed", type=int, default=1337, help="random seed, for repeatable samples (default 1337)")
+    sample.add_argument(
+        "--no-stop-at-eot", dest="stop_at_eot", action="store_false", help="keep generating past end-of-text"
+    )
+    sample.add_argument("--no-cache", action="store_true", help="recompute every step without the KV cache (slow)")
+    sample.add_argument("-v", "--verbose", action="store_true", help="print tokens/s to stderr at the end")
+    add_device_options(sample)
+    sample.set_defaults(handler=cmd_sample)
+
+
+def _read_prompt(args) -> str:
+    if args.prompt_file is not None:
+        try:
+            return Path(args.prompt_file).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UserError(f"prompt file {args.prompt_file} does not exist") from None
+        except UnicodeDecodeError:
+            raise UserError(f"prompt file {args.prompt_file} is not UTF-8 text") from None
+    return args.prompt
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..generate import generate_stream
+    from ..pretrained import load_for_inference
+    from ..prompts import checked_prompt, empty_prompt_start
+    from ..tokenizer import StreamDecoder, load_tokenizer
+
+    prompt = _read_prompt(args)
+    folder, model, device, precision = load_for_inference(args.model, args.device, args.dtype)
+    tokenizer = load_tokenizer(folder)
+    prompt_ids = checked_prompt(tokenizer.encode(prompt), model.config.vocab_size, empty_prompt_start(tokenizer))
+    generator = torch.Generator(device=device)
+    if args.seed is not None:
+        generator.manual_seed(args.seed)
+    else:
+        generator.seed()
+    out = sys.stdout
+    total_tokens = 0
+    started = time.perf_counter()
+    for index in range(args.num_samples):
+        if index:
+            out.write("\n---------------\n")
+        out.write(prompt)
+        out.flush()
+        decoder = StreamDecoder(tokenizer)
+        for token in generate_stream(
+            model,
+            [prompt_ids],
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            eos_token_id=tokenizer.eot_token if args.stop_at_eot else None,
+            generator=generator,
+            use_cache=not args.no_cache,
+        ):
+            token_id = int(token[0])
+            total_tokens += 1
+            if args.stop_at_eot and token_id == tokenizer.eot_token:
+                break
+            out.write(decoder.push(token_id))
+            out.flush()
+        out.write(decoder.flush() + "\n")
+        out.flush()
+    elapsed = time.perf_counter() - started
+    if args.verbose:
+        print(
+            f"[{total_tokens} tokens in {elapsed:.2f} s, {total_tokens / max(elapsed, 1e-9):.1f} tokens/s, "
+            f"{device.type}, {precision}]",
+            file=sys.stderr,
+        )
+    return 0

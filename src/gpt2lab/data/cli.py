@@ -1,0 +1,185 @@
+"""The `prepare` verb: its parser and the runner that calls `prepare`."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from typing import Any
+
+from . import sources
+from .prepare import DEFAULT_SHARD_TOKENS, SOURCES, prepare
+
+PREPARE_DESCRIPTION = """Tokenize a corpus into a dataset folder: shards named {split}_{index:06d}.bin in
+llm.c's format (a 256 x int32 header: magic 20240520, version 1, token count; then uint16
+tokens), which llm.c and modded-nanogpt read as they are, and dataset.json with the
+tokenizer, vocabulary size, token counts, each shard's size and sha256, and this command.
+
+sources:
+  shakespeare-char  Tiny Shakespeare, one token per character (a 65-character vocabulary),
+                    first 90% of the text train, the rest validation (nanoGPT's split)
+  shakespeare       Tiny Shakespeare in GPT-2 tokens, the same 90/10 split
+  fineweb-edu       FineWeb-EDU sample-10BT (--sample for the larger ones) from the Hugging
+                    Face hub, or local parquet files of its schema (--data-files)
+  text              your own files (.txt: one document per file; .jsonl: one per line, text
+                    in --field; .parquet: text in --column), globs of them, or one dataset
+                    name on the hub (with --config, --split, --column)
+
+Tiny Shakespeare is downloaded once into the gpt2lab cache ($GPT2LAB_CACHE, else the user
+cache folder) and checked against its sha256.
+
+For fineweb-edu and text, every document becomes an end-of-text token followed by its GPT-2
+tokens, tokenized on all cores; empty documents are skipped. The first --val-tokens tokens
+of this stream are the validation split, the rest the training split, each cut into shards
+of --shard-tokens. dataset.json records progress after each shard, so running the same
+command again after an interruption continues after the last complete shard, and on a
+finished folder does nothing. Shards are written under a temporary name and renamed when
+complete."""
+
+PREPARE_EPILOG = """examples:
+  gpt2lab prepare shakespeare-char --out data/shakespeare-char
+  gpt2lab prepare shakespeare --out data/shakespeare --input ./tinyshakespeare.txt
+  gpt2lab prepare fineweb-edu --out data/edu-fineweb-10B
+  gpt2lab prepare fineweb-edu --out data/edu-sample --max-tokens 50M --shard-tokens 10M
+  gpt2lab prepare fineweb-edu --out data/edu-local --data-files 'fineweb/*.parquet'
+  gpt2lab prepare text 'books/*.txt' notes.jsonl --out data/mine --field body
+  gpt2lab prepare text lucadiliello/bookcorpusopen --split train --column text --out data/books
+
+Token counts accept suffixes: 100M, 10k, 1B. The folder works as the data of training and as
+a tokenizer name (its dataset.json records the tokenizer)."""
+
+
+def _token_count(text: str) -> int:
+    """A positive token count; accepts 100M, 10k, 1e8 and 100_000_000."""
+    cleaned = text.strip().replace("_", "").replace(",", "")
+    scale = {"k": 10**3, "m": 10**6, "b": 10**9}.get(cleaned[-1:].lower(), 1)
+    number = cleaned[:-1] if scale > 1 else cleaned
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a token count (e.g. 100M, 250000)") from None
+    if not value >= 1 or value != int(value) or value > 2**62:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number of tokens, 1 or more")
+    return int(value)
+
+
+def _workers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("give 1 or more processes")
+    return value
+
+
+# (flag, argparse destination) of each option, in the order the recorded command lists them.
+_OPTIONS = (
+    ("--input", "input_file"),
+    ("--sample", "sample"),
+    ("--data-files", "data_files"),
+    ("--config", "config"),
+    ("--split", "split"),
+    ("--field", "field"),
+    ("--column", "column"),
+    ("--download", "download"),
+    ("--shard-tokens", "shard_tokens"),
+    ("--val-tokens", "val_tokens"),
+    ("--max-tokens", "max_tokens"),
+)
+
+
+def add_prepare_parser(
+    verbs: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
+    """The `prepare` verb, added to the CLI's subparsers."""
+    parser = verbs.add_parser(
+        "prepare",
+        help="turn a corpus into token shards for training",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=PREPARE_DESCRIPTION,
+        epilog=PREPARE_EPILOG,
+    )
+    parser.add_argument("source", choices=SOURCES, help="what to prepare (see above)")
+    parser.add_argument(
+        "inputs", nargs="*", metavar="INPUT", help="text source: files or globs (.txt, .jsonl, .parquet), or one hub dataset name"
+    )
+    parser.add_argument("--out", required=True, help="dataset folder to write (created if needed)")
+    parser.add_argument(
+        "--input", dest="input_file", metavar="FILE", help="shakespeare sources: a local copy of Tiny Shakespeare instead of downloading it"
+    )
+    parser.add_argument(
+        "--sample", default="10BT", choices=list(sources.FINEWEB_EDU_SAMPLES), help="fineweb-edu: which sample (default 10BT)"
+    )
+    parser.add_argument(
+        "--data-files", nargs="+", metavar="FILE", help="fineweb-edu: local parquet files or globs with a 'text' column, instead of the hub"
+    )
+    parser.add_argument("--config", help="text source, hub dataset: its configuration name")
+    parser.add_argument("--split", default="train", help="text source, hub dataset: the split to read (default train)")
+    parser.add_argument("--field", default="text", help=".jsonl files: the field that holds the text (default text)")
+    parser.add_argument(
+        "--column", default="text", help=".parquet files and hub datasets: the column that holds the text (default text)"
+    )
+    parser.add_argument(
+        "--download",
+        action="store_true",
+        help="hub datasets: download the whole dataset into the Hugging Face cache first, instead of streaming it",
+    )
+    parser.add_argument(
+        "--shard-tokens", type=_token_count, default=DEFAULT_SHARD_TOKENS, metavar="N", help="tokens per shard (default 100M)"
+    )
+    parser.add_argument(
+        "--val-tokens",
+        type=_token_count,
+        metavar="N",
+        help="tokens of the validation split, taken from the start of the stream (default: fineweb-edu one shard, "
+        "or a tenth of --max-tokens if less; text a tenth of the tokens, at most 10M)",
+    )
+    parser.add_argument(
+        "--max-tokens", type=_token_count, metavar="N", help="stop after this many tokens in all (a sample of a large corpus)"
+    )
+    parser.add_argument(
+        "--workers", type=_workers, metavar="N", help="tokenizing processes (default: one per available core)"
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+    parser.set_defaults(handler=cmd_prepare, option_defaults={dest: parser.get_default(dest) for _, dest in _OPTIONS})
+    return parser
+
+
+def _command_line(args: argparse.Namespace, defaults: dict[str, Any]) -> str:
+    words = ["gpt2lab", "prepare", args.source, *args.inputs, "--out", args.out]
+    for flag, dest in _OPTIONS:
+        value = getattr(args, dest)
+        if value == defaults[dest]:
+            continue
+        if value is True:
+            words.append(flag)
+        elif isinstance(value, list):
+            words += [flag, *value]
+        else:
+            words += [flag, str(value)]
+    return shlex.join(words)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    prepare(
+        args.source,
+        args.out,
+        inputs=args.inputs,
+        input_file=args.input_file,
+        sample=args.sample,
+        data_files=args.data_files,
+        split=args.split,
+        config=args.config,
+        field=args.field,
+        column=args.column,
+        streaming=not args.download,
+        shard_tokens=args.shard_tokens,
+        val_tokens=args.val_tokens,
+        max_tokens=args.max_tokens,
+        workers=args.workers,
+        command=_command_line(args, args.option_defaults),
+        progress=not args.quiet,
+        log=(lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr)),
+    )
+    return 0
