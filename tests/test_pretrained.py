@@ -547,3 +547,69 @@ def test_load_model_options(tmp_path):
     shutil.rmtree(tmp_path)
     with pytest.raises(UserError):
         load_model(tmp_path)
+
+
+# ---- weight layouts ----------------------------------------------------------------------------
+
+
+def test_gpt2_shaped_folders_record_the_transformers_layout(tmp_path):
+    small_gpt().save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "gpt2lab.json").read_text())["weights"] == "transformers-gpt2"
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_native_layout_round_trips_exactly(tmp_path, tie):
+    from gpt2lab.pretrained import write_model_folder
+
+    model = small_gpt(vocab_size=100, padded_vocab_size=128, tie_embeddings=tie)
+    write_model_folder(model.state_dict(), model.config, tmp_path, keep_padded_vocab=True, layout="gpt2lab")
+    assert not (tmp_path / "config.json").exists()  # transformers cannot load this layout
+    assert json.loads((tmp_path / "gpt2lab.json").read_text())["weights"] == "gpt2lab"
+    tensors = load_file(tmp_path / "model.safetensors")
+    assert tensors["transformer.h.0.attn.c_attn.weight"].shape == (96, 32)  # nn.Linear's (out, in)
+    assert ("lm_head.weight" in tensors) is not tie
+    loaded = load_model(tmp_path)
+    assert loaded.config == model.config
+    for (name, ours), (_, theirs) in zip(model.named_parameters(), loaded.named_parameters()):
+        assert torch.equal(ours, theirs), name
+    ids = random_ids(100, 16)
+    assert torch.equal(our_logits(model, ids), our_logits(loaded, ids))
+
+
+def test_folder_of_an_older_gpt2lab_without_a_recorded_layout_loads(tmp_path):
+    model = small_gpt()
+    model.save_pretrained(tmp_path)
+    record = json.loads((tmp_path / "gpt2lab.json").read_text())
+    del record["weights"]
+    (tmp_path / "gpt2lab.json").write_text(json.dumps(record))
+    ids = random_ids(100, 16)
+    assert max_diff(our_logits(model, ids), our_logits(load_model(tmp_path), ids)) == 0
+
+
+def test_unknown_layout_is_refused(tmp_path):
+    small_gpt().save_pretrained(tmp_path)
+    record = json.loads((tmp_path / "gpt2lab.json").read_text())
+    (tmp_path / "gpt2lab.json").write_text(json.dumps({**record, "weights": "gguf"}))
+    with pytest.raises(UserError, match="layout 'gguf'.*update gpt2lab"):
+        load_model(tmp_path)
+
+
+def test_convert_refuses_a_model_transformers_has_no_class_for(tmp_path, monkeypatch, capsys):
+    from gpt2lab.cli import main
+    from gpt2lab.formats import transformers_gpt2
+
+    small_gpt().save_pretrained(tmp_path / "model")
+    monkeypatch.setattr(transformers_gpt2, "supports", lambda config: False)
+    assert main(["convert", str(tmp_path / "model"), "--out", str(tmp_path / "out")]) == 2
+    assert "no transformers equivalent" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpt_from_pretrained_and_load_model_give_the_package_class(tmp_path):
+    import gpt2lab.model
+    from gpt2lab.pretrained import load_model as load_transformer
+
+    small_gpt().save_pretrained(tmp_path)
+    assert type(GPT.from_pretrained(tmp_path)) is GPT and type(load_model(tmp_path)) is GPT
+    assert type(load_transformer(tmp_path)) is gpt2lab.model.GPT
