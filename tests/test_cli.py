@@ -8,27 +8,21 @@ import torch
 
 from gpt2lab import GPT, GPTConfig
 from gpt2lab.cli import main
-from gpt2lab.pretrained import save_pretrained
 from gpt2lab.tokenizer import CharTokenizer, load_tokenizer
 
 
 @pytest.fixture(scope="module")
-def bpe_model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("bpe-model")
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32))
-    model.save_pretrained(folder)
-    return folder
+def bpe_model_dir(make_model_folder):
+    return make_model_folder("bpe-model")
 
 
 @pytest.fixture(scope="module")
-def char_model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("char-model")
+def char_model_dir(make_model_folder):
     tokenizer = CharTokenizer.from_text("abcdefgh \n")
-    model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=16, block_size=16, vocab_size=tokenizer.vocab_size))
-    save_pretrained(model, folder, tokenizer_spec=tokenizer.spec())
-    return folder
+    return make_model_folder(
+        "char-model", tokenizer_spec=tokenizer.spec(), n_layer=1, n_head=1, n_embd=16, block_size=16,
+        vocab_size=tokenizer.vocab_size,
+    )
 
 
 def run_cli(capsys, *args):

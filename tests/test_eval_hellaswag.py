@@ -85,9 +85,8 @@ def data_file(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=BLOCK)).eval()
+def model(make_model):
+    return make_model(block_size=BLOCK)
 
 
 @pytest.fixture(autouse=True)

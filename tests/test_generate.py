@@ -2,22 +2,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt2lab import GPT, GPTConfig, UserError
+from gpt2lab import UserError
 from gpt2lab.generate import filter_logits
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    config = GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=97, padded_vocab_size=128)
-    m = GPT(config).eval()
-    # Larger weights than GPT-2's init give peaked, input-dependent predictions, so that greedy
-    # decoding does not settle into a constant token and the comparisons below mean something.
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.3)
-    return m
+def model(make_model):
+    return make_model(n_head=4, n_embd=64, block_size=64, vocab_size=97, padded_vocab_size=128, peaked=True)
 
 
 def reference_greedy(model, prompt, steps):

@@ -7,12 +7,11 @@ import threading
 import time
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
-from gpt2lab import GPT, GPTConfig, load_model, load_tokenizer  # noqa: E402
+from gpt2lab import load_model, load_tokenizer  # noqa: E402
 from gpt2lab.cli import main  # noqa: E402
 from gpt2lab.serve import Engine, create_app  # noqa: E402
 from gpt2lab.serve.api import serve_in_thread  # noqa: E402
@@ -24,15 +23,10 @@ PROMPT = "The meaning of life is"
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """A tiny random GPT-2 with the BPE vocabulary and a 1024-token context, saved to disk."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=BLOCK, vocab_size=50257))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.3)  # peaked predictions: greedy text depends on the prompt
-    return model.save_pretrained(tmp_path_factory.mktemp("serve") / "tiny")
+def folder(make_model_folder):
+    """A tiny random GPT-2 with the BPE vocabulary and a 1024-token context, saved to disk;
+    peaked predictions, so that greedy text depends on the prompt."""
+    return make_model_folder("serve", block_size=BLOCK, vocab_size=50257, peaked=True)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-import torch
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
@@ -13,7 +12,7 @@ if not CHROMIUM.exists():
     )
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
 
-from gpt2lab import GPT, GPTConfig, load_model, load_tokenizer  # noqa: E402
+from gpt2lab import load_model, load_tokenizer  # noqa: E402
 from gpt2lab.serve import Engine, create_app  # noqa: E402
 from gpt2lab.serve.api import serve_in_thread  # noqa: E402
 
@@ -30,14 +29,8 @@ CHROMIUM_ARGS = [
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=1024, vocab_size=50257))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.3)
-    folder = model.save_pretrained(tmp_path_factory.mktemp("browser") / "tiny")
+def served(make_model_folder):
+    folder = make_model_folder("browser", block_size=1024, vocab_size=50257, peaked=True)
     model, tokenizer = load_model(folder), load_tokenizer(folder)
     engine = Engine(model, tokenizer)
     with serve_in_thread(create_app(engine, tokenizer, model_name="tiny")) as url:

@@ -10,19 +10,15 @@ import time
 import urllib.request
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 
-from gpt2lab import GPT, GPTConfig  # noqa: E402
 from gpt2lab.cli import main  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=64, vocab_size=50257))
-    return model.save_pretrained(tmp_path_factory.mktemp("cli") / "tiny")
+def folder(make_model_folder):
+    return make_model_folder("cli", n_layer=1, n_embd=16, block_size=64, vocab_size=50257)
 
 
 def test_help_is_a_complete_manual(capsys):

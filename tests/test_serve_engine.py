@@ -6,28 +6,19 @@ import time
 import pytest
 import torch
 
-from gpt2lab import GPT, GPTConfig, UserError
+from gpt2lab import UserError
 from gpt2lab.kv_cache import KVCache
 from gpt2lab.serve.engine import Engine, SamplingParams
 from gpt2lab.tokenizer import GPT2Tokenizer
 
 
-def peaked_model(**overrides):
-    """Random weights larger than GPT-2's init, so that greedy decoding is input-dependent and
-    does not settle into one repeated token."""
-    torch.manual_seed(0)
-    values = dict(n_layer=2, n_head=2, n_embd=32, block_size=96, vocab_size=50257)
-    values.update(overrides)
-    model = GPT(GPTConfig(**values)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.3)
-    return model
+@pytest.fixture(scope="module")
+def peaked_model(make_model):
+    return lambda **overrides: make_model(peaked=True, **{"block_size": 96, "vocab_size": 50257, **overrides})
 
 
 @pytest.fixture(scope="module")
-def model():
+def model(peaked_model):
     return peaked_model()
 
 
@@ -54,7 +45,7 @@ def slot_greedy(model, cache, slots, prompts, steps):
 
 @pytest.mark.parametrize("slots", [[0, 1, 2, 3], [5, 1, 3, 0]], ids=["consecutive", "scattered"])
 @pytest.mark.parametrize("attention", ["sdpa", "plain"])
-def test_rows_at_different_positions_decode_as_if_alone(slots, attention):
+def test_rows_at_different_positions_decode_as_if_alone(slots, attention, peaked_model):
     model = peaked_model(attention=attention)
     prompts = prompts_of((3, 17, 8, 1))
     cache = KVCache(model.config, 6, model.config.block_size, device="cpu", dtype=torch.float32)
@@ -228,7 +219,7 @@ def test_end_of_text_stops_and_is_not_in_the_text(model, run_engine):
     assert sequence.tokens == free[: end + 1]
 
 
-def test_cancel_frees_the_slot_at_the_next_step(run_engine):
+def test_cancel_frees_the_slot_at_the_next_step(run_engine, peaked_model):
     long_model = peaked_model(block_size=1024)
     engine, collector = run_engine(engine_model=long_model)
     sequence = engine.submit([1, 2, 3], SamplingParams(max_tokens=1000, temperature=0))
