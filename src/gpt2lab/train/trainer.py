@@ -29,7 +29,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig
-from .distributed import all_reduce_max, all_reduce_sum, init_distributed, shard_model
+from .distributed import all_reduce_max, all_reduce_sum, finish_together, init_distributed, shard_model
 from .metrics import MetricsLog, peak_flops_for
 from .optim import build_optimizer, learning_rate
 
@@ -398,6 +398,7 @@ class Trainer:
                 summary["val_loss_full"] = val_loss
             if self.stop_signal is not None:
                 write(f"stopped at step {self.step}; continue with --resume auto")
+            finish_together(self.device)
             return summary
         finally:
             if bar is not None:
