@@ -96,15 +96,6 @@ def finish_together(device: torch.device) -> None:
     _final_barrier.wait()
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum plain numbers over all ranks (unchanged when running alone)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor.tolist()
-
-
 def all_reduce_max(value: float, device: torch.device) -> float:
     if not (dist.is_available() and dist.is_initialized()):
         return value

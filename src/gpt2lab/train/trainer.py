@@ -18,6 +18,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import UserError
+from ..eval.loss import LossResult, loss_over_batches
 from ..files import write_atomic
 from ..model import GPT
 from ..tokenizer import tokenizer_from_spec
@@ -29,7 +30,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig
-from .distributed import all_reduce_max, all_reduce_sum, finish_together, init_distributed, shard_model
+from .distributed import all_reduce_max, finish_together, init_distributed, shard_model
 from .metrics import MetricsLog, peak_flops_for
 from .optim import build_optimizer, learning_rate
 
@@ -179,28 +180,12 @@ class Trainer:
             torch.manual_seed(hash((self.config.system.seed, self.step, self.rank)) % 2**63)
         self.echo(f"resumed from {checkpoint} at step {self.step}")
 
-    def evaluate(self, max_batches: int | None) -> tuple[float, int]:
-        """Mean validation loss per token over the first `max_batches` batches (None: every window)."""
+    def evaluate(self, max_batches: int | None) -> LossResult:
+        """Validation loss over the first `max_batches` batches (None: every window)."""
         assert self.val_loader is not None
-        model = self.raw_model
-        model.eval()
-        total, tokens = 0.0, 0
-        batches = list(self.val_loader.iter_batches(max_batches))
-        if self.fsdp:
-            # Every rank must run the same number of forward passes: sharded weights are gathered
-            # collectively. A rank with fewer batches repeats one without counting it.
-            most = int(all_reduce_max(len(batches), self.device))
-            batches += [None] * (most - len(batches))
-        with torch.no_grad(), self.autocast():
-            for batch in batches:
-                x, y = self._to_device(*(batch or self.val_loader.iter_batches(1).__next__()))
-                _, loss = model(x, y)
-                if batch is not None:
-                    total += loss.item() * y.numel()
-                    tokens += y.numel()
-        model.train()
-        total, tokens = all_reduce_sum([total, tokens], self.device)
-        return total / max(tokens, 1), int(tokens)
+        return loss_over_batches(
+            self.raw_model, self.val_loader, batches=max_batches, autocast_dtype=self.autocast_dtype
+        )
 
     def evaluate_hellaswag(self, metrics: MetricsLog, write: Callable[[str], None]) -> None:
         assert self.hellaswag is not None
@@ -327,7 +312,7 @@ class Trainer:
         last_saved = self.step if self.step else None
         try:
             if self.step == 0 and config.eval.at_start and self.val_loader is not None:
-                val_loss, _ = self.evaluate(config.eval.batches or None)
+                val_loss = self.evaluate(config.eval.batches or None).loss
                 self.last_val_loss = val_loss
                 metrics.log(0, 0, 0.0, val_loss=val_loss)
                 write(
@@ -367,7 +352,7 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
                 if self.val_loader is not None and self._due(config.eval.interval):
-                    val_loss, _ = self.evaluate(config.eval.batches or None)
+                    val_loss = self.evaluate(config.eval.batches or None).loss
                     self.last_val_loss = val_loss
                     self.best_val_loss = val_loss if self.best_val_loss is None else min(self.best_val_loss, val_loss)
                     metrics.log(self.step, self.step * self.tokens_per_step, self.elapsed_s, val_loss=val_loss)
@@ -390,7 +375,8 @@ class Trainer:
                 write(f"saved {path}")
             summary = {"step": self.step, "elapsed_s": self.elapsed_s, "interrupted": self.stop_signal is not None}
             if self.stop_signal is None and config.eval.final_full and self.val_loader is not None:
-                val_loss, tokens = self.evaluate(None)
+                full = self.evaluate(None)
+                val_loss, tokens = full.loss, full.tokens
                 metrics.log(self.step, self.step * self.tokens_per_step, self.elapsed_s, val_loss=val_loss,
                             val_tokens=tokens)
                 write(f"step {self.step}: val loss over the whole {config.data.val_split} split "
