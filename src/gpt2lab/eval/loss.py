@@ -54,8 +54,10 @@ def evaluate_loss(
     seq_len = seq_len or config.block_size
     if seq_len > config.block_size:
         raise UserError(f"sequence length {seq_len} exceeds the model's block size {config.block_size}; lower it")
+    device = next(model.parameters()).device
     loader = TokenLoader(
-        dataset, split=split, batch_size=batch_size, seq_len=seq_len, rank=rank, world_size=world_size, shuffle=False
+        dataset, split=split, batch_size=batch_size, seq_len=seq_len, rank=rank, world_size=world_size,
+        shuffle=False, pin_memory=device.type == "cuda",
     )
     return loss_over_batches(model, loader, batches=batches, autocast_dtype=autocast_dtype, progress=progress)
 

@@ -76,6 +76,7 @@ class Trainer:
             seed=config.system.seed,
             shuffle=config.data.shuffle,
             random_offset=config.data.random_offset,
+            pin_memory=self.device.type == "cuda",
         )
         if self.train_loader.windows_per_epoch < batch.micro_batch:
             raise UserError(
@@ -88,6 +89,7 @@ class Trainer:
                 self.val_loader = TokenLoader(
                     self.dataset, split=config.data.val_split, batch_size=batch.micro_batch,
                     seq_len=batch.seq_len, rank=self.rank, world_size=self.world_size, shuffle=False,
+                    pin_memory=self.device.type == "cuda",
                 )
         self.grad_accum = config.grad_accum_steps(self.world_size)
         self.tokens_per_step = config.tokens_per_step(self.world_size)
@@ -160,10 +162,10 @@ class Trainer:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
-    def _to_device(self, x: torch.Tensor, y: torch.Tensor):
-        if self.device.type == "cuda":
-            return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        return x.to(self.device), y.to(self.device)
+    def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Only a copy from pinned memory is asynchronous: it overlaps the work already queued.
+        non_blocking = self.train_loader.pin_memory
+        return x.to(self.device, non_blocking=non_blocking), y.to(self.device, non_blocking=non_blocking)
 
     def _resume(self, checkpoint: Path) -> None:
         state = load_checkpoint(checkpoint, model=self.raw_model, optimizer=self.optimizer, scaler=self.scaler)
