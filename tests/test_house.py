@@ -18,7 +18,7 @@ STAGES = [
     ("data", ["data", "data.dataset", "data.loader", "data.prepare", "data.shards", "data.sources"]),
     ("model", ["model", "formats", "formats.native", "formats.transformers_gpt2", "quantize", "pretrained"]),
     ("model libraries", ["generate", "eval", "eval.loss", "eval.hellaswag"]),
-    ("train", ["train", "train.config", "train.optim", "train.distributed", "train.metrics", "train.checkpoint",
+    ("train", ["train", "train.config", "train.muon", "train.optim", "train.distributed", "train.metrics", "train.checkpoint",
                "train.trainer"]),
     ("api", ["api", ""]),
 ]

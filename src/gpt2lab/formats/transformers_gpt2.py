@@ -27,10 +27,9 @@ BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
 
 def supports(config: GPTConfig) -> bool:
-    """Whether transformers' GPT2LMHeadModel computes what GPT(config) computes. Every option
-    GPTConfig has today keeps a GPT-2 shape (a model without biases is one with zero biases);
-    options GPT-2 lacks (other positions, norms, activations) will answer False here."""
-    return True
+    """Whether transformers' GPT2LMHeadModel computes what GPT(config) computes: every option
+    GPT-2's (a model without biases is one with zero biases; initialisation does not matter)."""
+    return config.is_gpt2
 
 
 def config_from_hf(hf: dict[str, Any], *, source: str = "config.json") -> GPTConfig:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -31,8 +32,8 @@ class BatchSettings:
 
 @dataclass
 class OptimSettings:
-    name: Literal["adamw", "sgd"] = "adamw"
-    lr: float = 6e-4
+    name: Literal["adamw", "sgd", "muon"] = "adamw"  # muon: Muon on the hidden matrices, AdamW on the rest
+    lr: float = 6e-4  # with muon: the rate of the AdamW groups (embeddings, head, gains, biases)
     min_lr: float = 6e-5
     weight_decay: float = 0.1  # on matrices and embeddings only (tensors of 2+ dimensions)
     beta1: float = 0.9
@@ -41,14 +42,19 @@ class OptimSettings:
     momentum: float = 0.9  # SGD only
     fused: bool = True  # the fused AdamW kernel where this PyTorch has it for the device
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    muon_lr: float = 0.02  # Muon's rate for the hidden matrices (the schedule scales it as lr)
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
+    muon_ns_steps: int = 5  # Newton-Schulz iterations of the orthogonalization
 
 
 @dataclass
 class ScheduleSettings:
-    kind: Literal["cosine", "constant"] = "cosine"
+    kind: Literal["cosine", "constant", "wsd"] = "cosine"
     warmup_steps: int = 0
-    # Cosine decay ends at min_lr on this step (0: at max_steps) and stays there.
+    # The decay ends at min_lr on this step (0: at max_steps) and stays there.
     decay_steps: int = 0
+    decay_fraction: float = 0.2  # wsd: the share of the run (up to decay_steps) spent decaying
 
 
 @dataclass
@@ -188,7 +194,27 @@ class TrainConfig:
             value = getattr(self.optim, key)
             if not 0 <= value < 1:
                 raise UserError(f"optim.{key} must be in [0, 1), got {value}")
+        self._validate_muon_and_schedule()
         self.grad_accum_steps(world_size)
+
+    def _validate_muon_and_schedule(self) -> None:
+        optim = self.optim
+        if optim.name == "muon":
+            if not (math.isfinite(optim.muon_lr) and optim.muon_lr > 0):
+                raise UserError(f"optim.muon_lr must be a finite number > 0, got {optim.muon_lr}")
+            if not 0 <= optim.muon_momentum < 1:
+                raise UserError(f"optim.muon_momentum must be in [0, 1), got {optim.muon_momentum}")
+            if optim.muon_ns_steps < 1:
+                raise UserError(f"optim.muon_ns_steps must be at least 1, got {optim.muon_ns_steps}")
+            if optim.muon_weight_decay < 0:
+                raise UserError(f"optim.muon_weight_decay must be >= 0, got {optim.muon_weight_decay}")
+            if optim.momentum != OptimSettings.momentum:
+                raise UserError(
+                    "optim.momentum is SGD's setting; with optim.name=muon set optim.muon_momentum "
+                    "(the hidden matrices) or optim.beta1 (the AdamW groups) instead"
+                )
+        if not 0 < self.schedule.decay_fraction <= 1:
+            raise UserError(f"schedule.decay_fraction must be in (0, 1], got {self.schedule.decay_fraction}")
 
 
 def _char_model(**values) -> GPTConfig:

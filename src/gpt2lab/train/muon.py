@@ -1,0 +1,112 @@
+"""Muon (MomentUm Orthogonalized by Newton-Schulz, Keller Jordan 2024) for the hidden matrices,
+AdamW for everything else (embeddings, the head, norm gains, biases), in one optimizer.
+
+Muon keeps a momentum buffer per matrix and steps along its orthogonalized form: the nearest
+matrix whose singular values are all about 1, found with five Newton-Schulz iterations. Every
+direction of the update then moves the weights by the same amount, whatever the gradient's
+spectrum. A fused matrix (q, k and v in one `c_attn`, SwiGLU's gate and value in one `c_fc`) is
+orthogonalized block by block (`row_blocks`), as the separate matrices it stands for.
+
+Under FSDP2 a matrix is a DTensor sharded by rows: its update is gathered, orthogonalized whole
+(every rank computes the same, deterministically) and each rank keeps its own rows. Under DDP the
+gradients are already averaged, so every rank takes the same step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+# The quintic iteration's coefficients from the Muon write-up: they push every singular value
+# into roughly [0.7, 1.2] in five steps, which is as good as exactly 1 for the update's purpose.
+NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalize(matrix: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """The Newton-Schulz approximation of U V^T for matrix = U S V^T, in bfloat16 (the iteration
+    tolerates its rounding, and bf16 matmuls are 2-3x faster on CPUs with AMX and on GPUs)."""
+    a, b, c = NEWTON_SCHULZ_COEFFICIENTS
+    x = matrix.to(torch.bfloat16)
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.T  # iterate on the wide side: X X^T is then the smaller product
+    x = x / (x.norm() + eps)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    if tall:
+        x = x.T
+    return x.to(matrix.dtype)
+
+
+def muon_update(update: torch.Tensor, row_blocks: list[int] | None, steps: int) -> torch.Tensor:
+    """The orthogonalized step of one matrix, each block of rows on its own, scaled by
+    sqrt(max(1, rows / columns)) so that tall and wide blocks move by comparable amounts."""
+    blocks = update.split(row_blocks, dim=0) if row_blocks else (update,)
+    return torch.cat([
+        orthogonalize(block, steps) * math.sqrt(max(1.0, block.size(0) / block.size(1))) for block in blocks
+    ])
+
+
+class Muon(torch.optim.Optimizer):
+    """Groups with ``muon=True`` (2-D matrices) take Muon steps; the others AdamW steps.
+
+    Muon groups: ``lr``, ``momentum``, ``nesterov``, ``weight_decay``, ``ns_steps`` and optionally
+    ``row_blocks``. AdamW groups: ``lr``, ``betas``, ``eps``, ``weight_decay``.
+    """
+
+    def __init__(self, groups: Iterable[dict[str, Any]]):
+        defaults = dict(muon=False, lr=1e-3, momentum=0.95, nesterov=True, weight_decay=0.0, ns_steps=5,
+                        row_blocks=None, betas=(0.9, 0.95), eps=1e-8)
+        super().__init__(list(groups), defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                if group["muon"]:
+                    self._muon_step(param, group)
+                else:
+                    self._adamw_step(param, group)
+        return loss
+
+    def _muon_step(self, param: torch.Tensor, group: dict[str, Any]) -> None:
+        state = self.state[param]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(param.grad)
+        buffer = state["momentum_buffer"]
+        buffer.lerp_(param.grad, 1 - group["momentum"])
+        update = param.grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
+        if isinstance(update, DTensor):
+            whole = muon_update(update.full_tensor(), group["row_blocks"], group["ns_steps"])
+            # Every rank holds the same whole update: each keeps its own shard, no message sent.
+            update = distribute_tensor(whole, update.device_mesh, update.placements, src_data_rank=None)
+        else:
+            update = muon_update(update, group["row_blocks"], group["ns_steps"])
+        param.mul_(1 - group["lr"] * group["weight_decay"])
+        param.add_(update, alpha=-group["lr"])
+
+    def _adamw_step(self, param: torch.Tensor, group: dict[str, Any]) -> None:
+        state = self.state[param]
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(param)
+            state["exp_avg_sq"] = torch.zeros_like(param)
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        step = state["step"].item()
+        grad = param.grad
+        state["exp_avg"].lerp_(grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        param.mul_(1 - group["lr"] * group["weight_decay"])
+        denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**step)).add_(group["eps"])
+        param.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1**step))
