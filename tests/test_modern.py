@@ -270,3 +270,18 @@ def test_a_modern_run_trains_resumes_exactly_and_works_with_every_command(char_d
     assert main(["eval", "loss", "--model", str(straight), "--data", str(char_data), "--batches", "2"]) == 0
     assert "loss" in capsys.readouterr().out
     assert main(["report", str(straight)]) == 0
+
+
+def test_speedrun_124m_shrunken_smoke(tmp_path):
+    data = tmp_path / "shakespeare"
+    prepare("shakespeare", data, input_file=SHAKESPEARE, progress=False, log=lambda m: None)
+    config = resolve_config("speedrun-124m", overrides=[
+        f"data.path={data}", "model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.block_size=64",
+        "batch.total_tokens=0", "batch.micro_batch=2", "batch.seq_len=64", "max_tokens=0", "max_steps=3",
+        "system.compile=false", "system.device=cpu", "eval.interval=0", "eval.hellaswag_interval=0",
+        "eval.sample_interval=0", "eval.final_full=false", "log.progress_bar=false"])
+    Trainer(config, tmp_path / "run").run()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train_loss" in r] == [1, 2, 3]
+    assert all(math.isfinite(r["train_loss"]) for r in records if "train_loss" in r)
+    assert (tmp_path / "run" / "checkpoints" / "step_00000003" / "model.safetensors").is_file()

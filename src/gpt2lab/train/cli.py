@@ -16,6 +16,8 @@ TRAIN_EPILOG = """presets:
   gpt2-124m              build-nanogpt's GPT-2 (124M) on FineWeb-EDU 10B: 0.5M tokens/step, 19,073 steps
   gpt2-350m, gpt2-774m, gpt2-1558m   llm.c's larger GPT-2 runs
   finetune-shakespeare   OpenAI's gpt2 weights fine-tuned on Tiny Shakespeare (BPE), constant lr
+  speedrun-char-cpu      the modern recipe (RoPE, RMSNorm, QK-norm, ReLU², Muon, WSD) at the CPU run's size
+  speedrun-124m          the modern recipe at 124M on FineWeb-EDU, one GPU (8: add --nproc 8); docs/recipes.md
 
 settings (--set key=value, or the same keys in a TOML file given with --config):
   model.*        n_layer n_head n_embd block_size vocab_size padded_vocab_size bias dropout

@@ -217,6 +217,10 @@ class TrainConfig:
             raise UserError(f"schedule.decay_fraction must be in (0, 1], got {self.schedule.decay_fraction}")
 
 
+MODERN_OPTIONS = dict(position="rope", norm="rmsnorm", qk_norm=True, activation="relu2", tie_embeddings=False,
+                      zero_init_proj=True)
+
+
 def _char_model(**values) -> GPTConfig:
     return GPTConfig(vocab_size=65, bias=False, **values)
 
@@ -245,6 +249,34 @@ PRESETS: dict[str, TrainConfig] = {
         eval=EvalSettings(interval=250, batches=20, sample_interval=1000, sample_prompt="\n", sample_tokens=200),
         checkpoint=CheckpointSettings(interval=1000),
         system=SystemSettings(device="cpu", precision="fp32"),
+    ),
+    # The modern recipe at the CPU run's size (docs/recipes.md): RoPE, RMSNorm, QK-norm, ReLU²,
+    # an untied head, zero-initialised projections, Muon and a WSD schedule.
+    "speedrun-char-cpu": TrainConfig(
+        model=_char_model(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, **MODERN_OPTIONS),
+        data=DataSettings(path="data/shakespeare-char"),
+        batch=BatchSettings(micro_batch=12, seq_len=64),
+        max_steps=2000,
+        optim=OptimSettings(name="muon", lr=3e-3, min_lr=1e-4, beta2=0.99, weight_decay=0.0, muon_lr=0.02),
+        schedule=ScheduleSettings(kind="wsd", warmup_steps=100, decay_fraction=0.4),
+        eval=EvalSettings(interval=250, batches=20, sample_interval=1000, sample_prompt="\n", sample_tokens=200),
+        checkpoint=CheckpointSettings(interval=1000),
+        system=SystemSettings(device="cpu", precision="fp32"),
+    ),
+    # The modern recipe at GPT-2 (124M) size on FineWeb-EDU, one GPU (docs/recipes.md).
+    "speedrun-124m": TrainConfig(
+        model=GPTConfig(n_layer=12, n_head=6, n_embd=768, block_size=1024, padded_vocab_size=GPT2_PADDED_VOCAB_SIZE,
+                        bias=False, logit_softcap=30.0, **MODERN_OPTIONS),
+        data=DataSettings(path="data/fineweb-edu"),
+        batch=BatchSettings(total_tokens=524_288, micro_batch=32, seq_len=1024),
+        max_tokens=3_200_000_000,
+        optim=OptimSettings(name="muon", lr=4e-3, min_lr=0.0, weight_decay=0.0, beta1=0.9, beta2=0.95,
+                            muon_lr=0.05, grad_clip=0.0),
+        schedule=ScheduleSettings(kind="wsd", warmup_steps=0, decay_fraction=0.3),
+        eval=EvalSettings(interval=250, batches=20, sample_interval=1000, sample_prompt="Hello, I'm a language model,",
+                          sample_tokens=32, hellaswag_interval=1000),
+        checkpoint=CheckpointSettings(interval=2000),
+        system=SystemSettings(precision="bf16", compile=True),
     ),
     # build-nanogpt's GPT-2 (124M) reproduction on FineWeb-EDU sample-10BT.
     "gpt2-124m": TrainConfig(
