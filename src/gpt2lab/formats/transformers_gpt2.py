@@ -36,7 +36,7 @@ def config_from_hf(hf: dict[str, Any], *, source: str = "config.json") -> GPTCon
     """GPTConfig from a transformers GPT2Config dict, refusing options this model lacks."""
     model_type = hf.get("model_type", "gpt2")
     if model_type != "gpt2":
-        raise UserError(f"{source} describes a {model_type!r} model; gpt2lab loads GPT-2 models only")
+        raise UserError(f"{source} describes a {model_type!r} model; gpt2lab loads GPT-2, Llama and Qwen3 models only")
     activation = hf.get("activation_function", "gelu_new")
     if activation not in ("gelu_new", "gelu_pytorch_tanh"):
         raise UserError(f"{source}: activation {activation!r} is not GPT-2's tanh GELU")
