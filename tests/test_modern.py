@@ -123,7 +123,7 @@ def test_bad_model_options_name_the_setting(options, message):
         GPTConfig(**{"n_head": 4, "n_embd": 64, **options})
 
 
-def test_the_gpt2_shape_is_the_only_one_written_for_transformers(tmp_path, make_model):
+def test_a_model_transformers_has_no_class_for_is_kept_in_gpt2labs_layout(tmp_path, make_model):
     model = peaked(make_model, **MODERN)
     model.save_pretrained(tmp_path / "modern")
     assert not (tmp_path / "modern" / "config.json").exists()
