@@ -1,6 +1,9 @@
 """`gpt2lab prepare`: Tiny Shakespeare, FineWeb-EDU (on a local parquet file, through the same
 `datasets` call), the user's files, resuming, and the messages for bad input."""
 
+import fnmatch
+import gzip
+import hashlib
 import json
 from pathlib import Path
 
@@ -20,8 +23,8 @@ from gpt2lab.data import shards as shards_module
 from gpt2lab.data import sources
 from gpt2lab.tokenizer import GPT2_EOT_TOKEN, gpt2_encoding
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
-TEXT = SHAKESPEARE.read_text(encoding="utf-8")
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+TEXT = sources.packaged_shakespeare()  # Tiny Shakespeare, as it ships with gpt2lab
 
 
 def split_tokens(folder: Path, split: str) -> np.ndarray:
@@ -71,9 +74,67 @@ def parquet_file(tmp_path, documents):
 # ---- Tiny Shakespeare ------------------------------------------------------------------------
 
 
-def test_shakespeare_gpt2_tokens(tmp_path):
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """An empty gpt2lab cache, and a Tiny Shakespeare address where nothing answers (a closed port)."""
+    monkeypatch.setenv("GPT2LAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(sources, "SHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")
+    return tmp_path / "cache"
+
+
+def test_packaged_copy_is_tiny_shakespeare():
+    packed = sources.SHAKESPEARE_PACKAGED.read_bytes()
+    text = gzip.decompress(packed)
+    assert len(text) == 1_115_394 and len(packed) < 500_000
+    assert hashlib.sha256(text).hexdigest() == sources.SHAKESPEARE_SHA256 == SHAKESPEARE_SHA256
+    assert sources.packaged_shakespeare() == text.decode("utf-8") == TEXT
+
+
+def test_packaged_copy_is_package_data():
+    """Declared in pyproject.toml, so that a wheel (a non-editable install) carries it too."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    patterns = project["tool"]["setuptools"]["package-data"]["gpt2lab.data"]
+    assert any(fnmatch.fnmatch("corpora/tinyshakespeare.txt.gz", pattern) for pattern in patterns)
+    assert Path(str(sources.SHAKESPEARE_PACKAGED)).parent.name == "corpora"
+
+
+def _damaged(tmp_path, kind):
+    path = tmp_path / "tinyshakespeare.txt.gz"
+    packed = sources.SHAKESPEARE_PACKAGED.read_bytes()
+    if kind == "changed text":
+        path.write_bytes(gzip.compress(TEXT.replace("ROMEO", "ROMEX", 1).encode("utf-8"), mtime=0))
+    elif kind == "cut short":
+        path.write_bytes(packed[: len(packed) // 2])
+    elif kind == "not gzip":
+        path.write_bytes(TEXT[:1000].encode("utf-8"))
+    elif kind == "flipped byte":
+        path.write_bytes(packed[:1000] + bytes([packed[1000] ^ 0xFF]) + packed[1001:])
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind, problem",
+    [("changed text", r"is damaged \(its text has sha256 [0-9a-f]{64}, expected 86c4e6aa"),
+     ("cut short", "is damaged .it does not decompress"),
+     ("not gzip", "is damaged .it does not decompress"),
+     ("flipped byte", "is damaged .it does not decompress"),
+     ("missing", "is missing")],
+)
+def test_damaged_packaged_copy_is_refused(tmp_path, monkeypatch, capsys, offline, kind, problem):
+    monkeypatch.setattr(sources, "SHAKESPEARE_PACKAGED", _damaged(tmp_path, kind))
+    with pytest.raises(UserError, match=f"copy of Tiny Shakespeare that ships with gpt2lab .*{problem}") as error:
+        prepare_dataset("shakespeare-char", tmp_path / "out", progress=False)
+    assert "reinstall gpt2lab, or pass --download" in str(error.value) and "--input FILE" in str(error.value)
+    assert not (tmp_path / "out").exists()
+    assert main(["prepare", "shakespeare", "--out", str(tmp_path / "out"), "-q"]) == 2
+    message = capsys.readouterr().err
+    assert message.startswith("gpt2lab prepare: error: the copy of Tiny Shakespeare") and message.count("\n") == 1
+
+
+def test_shakespeare_gpt2_tokens_from_the_packaged_copy_offline(tmp_path, offline):
     out = tmp_path / "shakespeare"
-    assert main(["prepare", "shakespeare", "--input", str(SHAKESPEARE), "--out", str(out), "-q"]) == 0
+    assert main(["prepare", "shakespeare", "--out", str(out), "-q"]) == 0
     train, val = split_tokens(out, "train"), split_tokens(out, "val")
     assert len(train) + len(val) == 338_025
     assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "train_000000.bin", "val_000000.bin"]
@@ -83,34 +144,75 @@ def test_shakespeare_gpt2_tokens(tmp_path):
     meta = json.loads((out / "dataset.json").read_text())
     assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257 and meta["complete"] is True
     assert meta["splits"]["val"]["tokens"] == len(val)
-    assert meta["command"] == f"gpt2lab prepare shakespeare --out {out} --input {SHAKESPEARE}"
+    assert meta["command"] == f"gpt2lab prepare shakespeare --out {out}"
+    assert not offline.exists()  # nothing downloaded, nothing cached
 
 
-def test_shakespeare_char(tmp_path):
+def test_shakespeare_char_from_the_packaged_copy_offline(tmp_path, offline, capsys):
     out = tmp_path / "char"
-    prepare_dataset("shakespeare-char", out, input_file=SHAKESPEARE, progress=False)
+    assert main(["prepare", "shakespeare-char", "--out", str(out)]) == 0
+    assert capsys.readouterr().err.strip().endswith(
+        "train 1,003,854 tokens in 1 shard, val 111,540 tokens in 1 shard; vocabulary of 65 (shakespeare-char)"
+    )
     dataset = open_dataset(out)
     assert dataset.split_tokens("train") == 1_003_854 and dataset.split_tokens("val") == 111_540
     assert dataset.vocab_size == 65
     assert dataset.tokenizer_spec == {"type": "char", "chars": "".join(sorted(set(TEXT)))}
     assert load_tokenizer(out).decode(split_tokens(out, "val")) == TEXT[1_003_854:]
+    assert not offline.exists()
+
+
+def test_shakespeare_input_takes_the_users_copy(tmp_path, offline):
+    mine = tmp_path / "mine.txt"
+    mine.write_text(TEXT[:10_000], encoding="utf-8")
+    out = tmp_path / "char"
+    assert main(["prepare", "shakespeare-char", "--input", str(mine), "--out", str(out), "-q"]) == 0
+    dataset = open_dataset(out)
+    assert dataset.split_tokens("train") == 9_000 and dataset.split_tokens("val") == 1_000
+    assert load_tokenizer(out).decode(split_tokens(out, "val")) == TEXT[9_000:10_000]
+    assert json.loads((out / "dataset.json").read_text())["command"] == (
+        f"gpt2lab prepare shakespeare-char --out {out} --input {mine}"
+    )
 
 
 def test_shakespeare_small_shards(tmp_path):
-    prepare_dataset("shakespeare", tmp_path, input_file=SHAKESPEARE, shard_tokens=100_000, progress=False)
+    prepare_dataset("shakespeare", tmp_path, shard_tokens=100_000, progress=False)
     dataset = open_dataset(tmp_path)
     assert [s.tokens for s in dataset.shards("train")] == [100_000, 100_000, 100_000, 1_966]
     assert [s.path.name for s in dataset.shards("val")] == ["val_000000.bin"]
 
 
-def test_shakespeare_downloads_into_the_cache_once(tmp_path, monkeypatch):
+def test_shakespeare_download_goes_into_the_cache_once(tmp_path, monkeypatch):
     monkeypatch.setenv("GPT2LAB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(sources, "SHAKESPEARE_URL", SHAKESPEARE.as_uri())
-    prepare_dataset("shakespeare-char", tmp_path / "out", progress=False)
-    assert (tmp_path / "cache" / "tinyshakespeare.txt").read_bytes() == SHAKESPEARE.read_bytes()
+    served = tmp_path / "served.txt"
+    served.write_text(TEXT, encoding="utf-8")
+    monkeypatch.setattr(sources, "SHAKESPEARE_URL", served.as_uri())
+    # A damaged packaged copy does not matter: --download never reads it.
+    monkeypatch.setattr(sources, "SHAKESPEARE_PACKAGED", tmp_path / "absent.txt.gz")
+    assert main(["prepare", "shakespeare-char", "--download", "--out", str(tmp_path / "out"), "-q"]) == 0
+    assert (tmp_path / "cache" / "tinyshakespeare.txt").read_bytes() == served.read_bytes()
+    meta = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    assert meta["command"] == f"gpt2lab prepare shakespeare-char --out {tmp_path / 'out'} --download"
     monkeypatch.setattr(sources, "SHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")
-    prepare_dataset("shakespeare", tmp_path / "out2", progress=False)  # from the cache, no address needed
+    # From the cache, no address needed.
+    assert main(["prepare", "shakespeare", "--download", "--out", str(tmp_path / "out2"), "-q"]) == 0
     assert open_dataset(tmp_path / "out2").split_tokens("val") == 36_059
+
+
+def test_shakespeare_download_offline_says_how_to_do_without(tmp_path, offline, capsys):
+    out = tmp_path / "out"
+    assert main(["prepare", "shakespeare-char", "--download", "--out", str(out)]) == 2
+    message = capsys.readouterr().err
+    # The reason between the parentheses is the operating system's ("Connection refused").
+    assert message.startswith(
+        "gpt2lab prepare: error: cannot download tinyshakespeare.txt from http://127.0.0.1:9/input.txt ("
+    ), message
+    assert message.endswith(
+        f") into {offline}; download it elsewhere and pass it with --input FILE, "
+        "or leave out --download to use the copy that ships with gpt2lab\n"
+    ), message
+    assert message.count("\n") == 1
+    assert not out.exists() and list(offline.iterdir()) == []
 
 
 def test_shakespeare_download_with_wrong_content_says_use_input(tmp_path, monkeypatch):
@@ -119,8 +221,16 @@ def test_shakespeare_download_with_wrong_content_says_use_input(tmp_path, monkey
     wrong.write_text("not shakespeare")
     monkeypatch.setattr(sources, "SHAKESPEARE_URL", wrong.as_uri())
     with pytest.raises(UserError, match="sha256.*--input FILE"):
-        prepare_dataset("shakespeare", tmp_path / "out", progress=False)
+        sources.download_shakespeare()
+    assert main(["prepare", "shakespeare", "--download", "--out", str(tmp_path / "out")]) == 2
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_shakespeare_input_and_download_together_are_refused(tmp_path, offline, capsys):
+    mine = tmp_path / "mine.txt"
+    mine.write_text(TEXT[:1000], encoding="utf-8")
+    assert main(["prepare", "shakespeare", "--input", str(mine), "--download", "--out", str(tmp_path / "o")]) == 2
+    assert "--input and --download both say where Tiny Shakespeare comes from; give one" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("content, message", [(b"", "is empty"), (b"\xff\xfe", "not UTF-8 text: byte 0xff at offset 0")])
@@ -312,7 +422,7 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     code = main(["prepare", "text", str(tmp_path / "nothing*.txt"), "--out", str(tmp_path / "out")])
     assert code == 2
     assert capsys.readouterr().err.strip() == f"gpt2lab prepare: error: no file matches '{tmp_path / 'nothing*.txt'}'"
-    assert main(["prepare", "fineweb-edu", "--input", str(SHAKESPEARE), "--out", str(tmp_path / "o")]) == 2
+    assert main(["prepare", "fineweb-edu", "--input", str(tmp_path / "shakespeare.txt"), "--out", str(tmp_path / "o")]) == 2
     assert "--input does not apply to the fineweb-edu source" in capsys.readouterr().err
     assert main(["prepare", "shakespeare", "--max-tokens", "10k", "--out", str(tmp_path / "o")]) == 2
     assert "--max-tokens does not apply to the shakespeare source" in capsys.readouterr().err
@@ -333,6 +443,10 @@ def test_help_is_a_manual():
                  "--split", "--config", "--download", "--shard-tokens", "--val-tokens", "--max-tokens",
                  "--workers", "examples:", "20240520"]:
         assert word in text
+    words = " ".join(text.split())
+    assert "Tiny Shakespeare (1.1 MB, public domain) ships with gpt2lab: by default" in words
+    assert "--download fetches it once from karpathy/char-rnn" in words
+    assert "fetch Tiny Shakespeare from its public address into the gpt2lab cache instead of using the copy" in words
 
 
 @pytest.mark.parametrize("text, value", [("100M", 100_000_000), ("10k", 10_000), ("1e8", 100_000_000), ("250_000", 250_000)])

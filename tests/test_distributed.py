@@ -17,7 +17,6 @@ from gpt2lab.data.prepare import prepare
 
 pytestmark = pytest.mark.slow
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 # 4 x 32 tokens per micro-batch and 256 per step: one process accumulates 2 micro-batches, each of
 # two processes does 1.
 SETTINGS = [
@@ -31,7 +30,7 @@ SETTINGS = [
 @pytest.fixture(scope="module")
 def char_data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("data") / "shakespeare-char"
-    prepare("shakespeare-char", folder, input_file=SHAKESPEARE, progress=False, log=lambda m: None)
+    prepare("shakespeare-char", folder, progress=False, log=lambda m: None)
     return folder
 
 

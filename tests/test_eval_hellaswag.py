@@ -20,7 +20,6 @@ from gpt2lab.eval.hellaswag import HellaSwag, harness_query, load_examples, pars
 from gpt2lab.tokenizer import GPT2Tokenizer
 
 BLOCK = 64
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 LONG = " ".join(["The crowd cheers as the runner crosses the line and waves to the stands."] * 8)
 RECORDS = [
@@ -375,7 +374,7 @@ def test_training_logs_hellaswag_every_interval_and_at_the_end(tmp_path, data_fi
     from gpt2lab.train.trainer import Trainer
 
     data = tmp_path / "shakespeare"
-    prepare("shakespeare", data, input_file=SHAKESPEARE, progress=False, log=lambda m: None)
+    prepare("shakespeare", data, progress=False, log=lambda m: None)
     overrides = [
         f"data.path={data}", "model.vocab_size=50257", "model.n_layer=1", "model.n_head=2", "model.n_embd=32",
         "model.block_size=64", "batch.micro_batch=2", "batch.seq_len=32", "max_steps=7", "eval.interval=0",
@@ -409,7 +408,7 @@ def test_training_on_two_ranks_gives_the_same_hellaswag_as_one(tmp_path):
 
     hellaswag = write_jsonl(tmp_path / "hellaswag.jsonl", [RECORDS[4], RECORDS[0], RECORDS[1]])
     data = tmp_path / "shakespeare"
-    prepare("shakespeare", data, input_file=SHAKESPEARE, progress=False, log=lambda m: None)
+    prepare("shakespeare", data, progress=False, log=lambda m: None)
     settings = [
         f"data.path={data}", "model.vocab_size=50257", "model.n_layer=2", "model.n_head=2", "model.n_embd=32",
         "model.block_size=64", "model.dropout=0.0", "batch.micro_batch=2", "batch.seq_len=32",

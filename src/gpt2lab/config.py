@@ -168,77 +168,22 @@ def coerce(value: Any, tp: Any, *, where: str) -> Any:
     """Convert `value` (from TOML or a command-line string) to the annotated type `tp`."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in options:
-                return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return coerce(value, option, where=where)
-            except UserError as error:
-                errors.append(str(error))
-        raise UserError(errors[0] if errors else f"{where}: cannot be {value!r}")
+        return _coerce_union(value, typing.get_args(tp), where)
     if origin is typing.Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
             raise UserError(f"{where} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
         return value
     if origin in (list, tuple):
-        args = typing.get_args(tp)
-        if isinstance(value, str):
-            value = [part.strip() for part in value.split(",")] if value.strip() else []
-        if not isinstance(value, (list, tuple)):
-            raise UserError(f"{where} must be a list, got {value!r}")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise UserError(f"{where} must have {len(args)} items, got {len(value)}")
-            return tuple(coerce(v, a, where=f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        item_type = args[0] if args else Any
-        items = [coerce(v, item_type, where=f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
+        return _coerce_sequence(value, origin, typing.get_args(tp), where)
     if tp is Any:
         return value
     if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
-            return False
-        raise UserError(f"{where} must be true or false, got {value!r}")
+        return _coerce_bool(value, where)
     if tp is int:
-        if isinstance(value, bool):
-            raise UserError(f"{where} must be an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            text = value.strip().replace("_", "")
-            try:
-                return int(text)
-            except ValueError:
-                try:
-                    number = float(text)
-                except ValueError:
-                    number = math.nan
-                if number.is_integer():
-                    return int(number)
-        raise UserError(f"{where} must be an integer, got {value!r}")
+        return _coerce_int(value, where)
     if tp is float:
-        if isinstance(value, bool):
-            raise UserError(f"{where} must be a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
-        raise UserError(f"{where} must be a number, got {value!r}")
+        return _coerce_float(value, where)
     if tp is str:
         if isinstance(value, str):
             return value
@@ -254,6 +199,82 @@ def coerce(value: Any, tp: Any, *, where: str) -> Any:
             return dict(value)
         raise UserError(f"{where} must be a table, got {value!r}")
     raise TypeError(f"unsupported config field type {_type_name(tp)} at {where}")
+
+
+def _coerce_union(value: Any, options: tuple[Any, ...], where: str) -> Any:
+    """The first option that `value` converts to; a none/null string or None is None if allowed."""
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if type(None) in options:
+            return None
+    errors = []
+    for option in options:
+        if option is type(None):
+            continue
+        try:
+            return coerce(value, option, where=where)
+        except UserError as error:
+            errors.append(str(error))
+    raise UserError(errors[0] if errors else f"{where}: cannot be {value!r}")
+
+
+def _coerce_sequence(value: Any, origin: type, args: tuple[Any, ...], where: str) -> list | tuple:
+    """A list, a tuple of fixed length, or a tuple of any length; a string is split at commas."""
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",")] if value.strip() else []
+    if not isinstance(value, (list, tuple)):
+        raise UserError(f"{where} must be a list, got {value!r}")
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        if len(value) != len(args):
+            raise UserError(f"{where} must have {len(args)} items, got {len(value)}")
+        return tuple(coerce(v, a, where=f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    item_type = args[0] if args else Any
+    items = [coerce(v, item_type, where=f"{where}[{i}]") for i, v in enumerate(value)]
+    return tuple(items) if origin is tuple else items
+
+
+def _coerce_bool(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+        return False
+    raise UserError(f"{where} must be true or false, got {value!r}")
+
+
+def _coerce_int(value: Any, where: str) -> int:
+    """An integer, a float without a fraction, or such a string (underscores and 1e3 allowed)."""
+    if isinstance(value, bool):
+        raise UserError(f"{where} must be an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        text = value.strip().replace("_", "")
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                number = float(text)
+            except ValueError:
+                number = math.nan
+            if number.is_integer():
+                return int(number)
+    raise UserError(f"{where} must be an integer, got {value!r}")
+
+
+def _coerce_float(value: Any, where: str) -> float:
+    if isinstance(value, bool):
+        raise UserError(f"{where} must be a number, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            pass
+    raise UserError(f"{where} must be a number, got {value!r}")
 
 
 def from_dict(cls: type[T], values: dict[str, Any], *, where: str) -> T:

@@ -7,8 +7,11 @@ import shlex
 import sys
 from typing import Any
 
+from ..errors import UserError
 from . import sources
 from .prepare import DEFAULT_SHARD_TOKENS, SOURCES, prepare
+
+SHAKESPEARE_SOURCES = ("shakespeare-char", "shakespeare")
 
 PREPARE_DESCRIPTION = """Tokenize a corpus into a dataset folder: shards named {split}_{index:06d}.bin in
 llm.c's format (a 256 x int32 header: magic 20240520, version 1, token count; then uint16
@@ -25,8 +28,10 @@ sources:
                     in --field; .parquet: text in --column), globs of them, or one dataset
                     name on the hub (with --config, --split, --column)
 
-Tiny Shakespeare is downloaded once into the gpt2lab cache ($GPT2LAB_CACHE, else the user
-cache folder) and checked against its sha256.
+Tiny Shakespeare (1.1 MB, public domain) ships with gpt2lab: by default the shakespeare
+sources read that copy, checked against its sha256, and need no network. --input FILE reads
+your own copy instead; --download fetches it once from karpathy/char-rnn on GitHub into the
+gpt2lab cache ($GPT2LAB_CACHE, else the user cache folder), checked against the same sha256.
 
 For fineweb-edu and text, every document becomes an end-of-text token followed by its GPT-2
 tokens, tokenized on all cores; empty documents are skipped. The first --val-tokens tokens
@@ -39,6 +44,7 @@ complete."""
 PREPARE_EPILOG = """examples:
   gpt2lab prepare shakespeare-char --out data/shakespeare-char
   gpt2lab prepare shakespeare --out data/shakespeare --input ./tinyshakespeare.txt
+  gpt2lab prepare shakespeare --out data/shakespeare --download
   gpt2lab prepare fineweb-edu --out data/edu-fineweb-10B
   gpt2lab prepare fineweb-edu --out data/edu-sample --max-tokens 50M --shard-tokens 10M
   gpt2lab prepare fineweb-edu --out data/edu-local --data-files 'fineweb/*.parquet'
@@ -106,7 +112,7 @@ def add_prepare_parser(
     )
     parser.add_argument("--out", required=True, help="dataset folder to write (created if needed)")
     parser.add_argument(
-        "--input", dest="input_file", metavar="FILE", help="shakespeare sources: a local copy of Tiny Shakespeare instead of downloading it"
+        "--input", dest="input_file", metavar="FILE", help="shakespeare sources: a local copy of Tiny Shakespeare instead of the one that ships with gpt2lab"
     )
     parser.add_argument(
         "--sample", default="10BT", choices=list(sources.FINEWEB_EDU_SAMPLES), help="fineweb-edu: which sample (default 10BT)"
@@ -123,7 +129,9 @@ def add_prepare_parser(
     parser.add_argument(
         "--download",
         action="store_true",
-        help="hub datasets: download the whole dataset into the Hugging Face cache first, instead of streaming it",
+        help="shakespeare sources: fetch Tiny Shakespeare from its public address into the gpt2lab cache instead of "
+        "using the copy that ships with gpt2lab; hub datasets: download the whole dataset into the Hugging Face "
+        "cache first, instead of streaming it",
     )
     parser.add_argument(
         "--shard-tokens", type=_token_count, default=DEFAULT_SHARD_TOKENS, metavar="N", help="tokens per shard (default 100M)"
@@ -161,12 +169,24 @@ def _command_line(args: argparse.Namespace, defaults: dict[str, Any]) -> str:
     return shlex.join(words)
 
 
+def _shakespeare_file(args: argparse.Namespace) -> str | None:
+    """The Tiny Shakespeare file to prepare: --input's, the download's, or None for the packaged copy."""
+    if not args.download or args.source not in SHAKESPEARE_SOURCES:
+        return args.input_file
+    if args.input_file is not None:
+        raise UserError(
+            "--input and --download both say where Tiny Shakespeare comes from; give one of them "
+            "(or neither, for the copy that ships with gpt2lab)"
+        )
+    return str(sources.download_shakespeare())
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     prepare(
         args.source,
         args.out,
         inputs=args.inputs,
-        input_file=args.input_file,
+        input_file=_shakespeare_file(args),
         sample=args.sample,
         data_files=args.data_files,
         split=args.split,

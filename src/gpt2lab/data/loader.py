@@ -61,6 +61,8 @@ class TokenLoader:
         self.random_offset = bool(random_offset) and self.shuffle
         if pin_memory and not torch.cuda.is_available():
             raise UserError("pin_memory=True needs CUDA, which this machine lacks; leave it False")
+        # Batches in page-locked memory are what lets `.to(cuda, non_blocking=True)` copy them
+        # while the GPU is still busy with the previous step.
         self.pin_memory = pin_memory
         self._shards = self.dataset.shards(split)
         # With random offsets every shard keeps seq_len - 1 spare tokens for the largest shift.

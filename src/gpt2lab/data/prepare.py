@@ -16,6 +16,7 @@ import itertools
 import json
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -300,6 +301,56 @@ def prepare(
     The options are those of `gpt2lab prepare` (see its --help). Re-running the same command
     on the same folder finishes an interrupted run, or does nothing if the folder is complete.
     """
+    _check_options(
+        source, inputs=inputs, input_file=input_file, data_files=data_files,
+        shard_tokens=shard_tokens, val_tokens=val_tokens, max_tokens=max_tokens,
+    )
+    folder = Path(out)
+    command = command or f"gpt2lab prepare {source} --out {shlex.quote(str(folder))}"
+    if source in ("shakespeare", "shakespeare-char"):
+        meta = _prepare_shakespeare(folder, source, input_file, shard_tokens, command, log)
+        log(_summary(folder, meta))
+        return meta
+
+    if source == "fineweb-edu":
+        documents = _fineweb_edu_documents(sample, data_files, streaming)
+        if val_tokens is None:
+            # build-nanogpt's layout: the first shard is the validation split.
+            val_tokens = shard_tokens if max_tokens is None else min(shard_tokens, max(1, max_tokens // 10))
+    else:
+        documents = _text_documents(inputs, config=config, split=split, field=field, column=column, streaming=streaming)
+    recipe = {**documents.recipe, "shard_tokens": shard_tokens, "val_tokens": val_tokens, "max_tokens": max_tokens}
+    meta = _prepare_documents(
+        folder,
+        source,
+        recipe,
+        documents.read,
+        documents.description,
+        shard_tokens=shard_tokens,
+        val_tokens=val_tokens,
+        max_tokens=max_tokens,
+        expected_tokens=documents.expected_tokens,
+        workers=workers or sources.default_workers(),
+        command=command,
+        progress=progress,
+        log=log,
+    )
+    log(_summary(folder, meta))
+    return meta
+
+
+def _check_options(
+    source: str,
+    *,
+    inputs: list[str] | None,
+    input_file: str | Path | None,
+    data_files: list[str] | None,
+    shard_tokens: int,
+    val_tokens: int | None,
+    max_tokens: int | None,
+) -> None:
+    """Refuse an unknown source, a count that is not a positive integer, and an option that
+    the source does not take."""
     if source not in SOURCES:
         raise UserError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
     for name, value in (("shard_tokens", shard_tokens), ("val_tokens", val_tokens), ("max_tokens", max_tokens)):
@@ -322,65 +373,59 @@ def prepare(
             "--input with shakespeare and shakespeare-char, --data-files with fineweb-edu, and "
             "--val-tokens and --max-tokens with fineweb-edu and text (Tiny Shakespeare is split 90/10)"
         )
-    folder = Path(out)
-    command = command or f"gpt2lab prepare {source} --out {shlex.quote(str(folder))}"
-    if source in ("shakespeare", "shakespeare-char"):
-        meta = _prepare_shakespeare(folder, source, input_file, shard_tokens, command, log)
-        log(_summary(folder, meta))
-        return meta
 
-    expected_tokens = None
-    if source == "fineweb-edu":
-        if sample not in sources.FINEWEB_EDU_SAMPLES:
-            raise UserError(
-                f"unknown FineWeb-EDU sample {sample!r}; choose one of {', '.join(sources.FINEWEB_EDU_SAMPLES)}"
-            )
-        files = sources.expand_inputs(data_files, suffixes=(".parquet",)) if data_files else None
-        recipe = {
-            "source": source,
-            "dataset": sources.FINEWEB_EDU if files is None else "parquet",
-            "sample": sample,
-            "inputs": None if files is None else _local_files_recipe(files),
-        }
-        description = f"{sources.FINEWEB_EDU} sample-{sample}" if files is None else _describe(files)
-        file_names = None if files is None else [str(path) for path in files]
-        documents = lambda: sources.fineweb_edu_documents(sample, data_files=file_names, streaming=streaming)  # noqa: E731
-        if files is None:
-            expected_tokens = sources.FINEWEB_EDU_SAMPLES[sample]
-        if val_tokens is None:
-            # build-nanogpt's layout: the first shard is the validation split.
-            val_tokens = shard_tokens if max_tokens is None else min(shard_tokens, max(1, max_tokens // 10))
-    else:
-        if not inputs:
-            raise UserError("the text source needs input files, globs, or a hub dataset name")
-        if len(inputs) == 1 and sources.looks_like_hub_name(inputs[0]):
-            name = inputs[0]
-            recipe = {"source": source, "dataset": name, "config": config, "split": split, "column": column}
-            description = f"the dataset {name}"
-            documents = lambda: sources.hub_documents(  # noqa: E731
-                name, name=config, split=split, column=column, streaming=streaming
-            )
-        else:
-            paths = sources.expand_inputs(inputs)
-            recipe = {"source": source, "inputs": _local_files_recipe(paths), "field": field, "column": column}
-            description = _describe(paths)
-            documents = lambda: sources.local_documents(paths, field=field, column=column)  # noqa: E731
-    recipe.update(shard_tokens=shard_tokens, val_tokens=val_tokens, max_tokens=max_tokens)
-    meta = _prepare_documents(
-        folder,
-        source,
-        recipe,
-        documents,
-        description,
-        shard_tokens=shard_tokens,
-        val_tokens=val_tokens,
-        max_tokens=max_tokens,
-        expected_tokens=expected_tokens,
-        workers=workers or sources.default_workers(),
-        command=command,
-        progress=progress,
-        log=log,
+
+@dataclass(frozen=True)
+class _Documents:
+    """Where a document stream comes from, as the recipe records it, and how to read it."""
+
+    recipe: dict[str, Any]
+    description: str  # for messages
+    read: Callable[[], Iterable[str]]
+    expected_tokens: int | None = None  # for the progress bar
+
+
+def _fineweb_edu_documents(sample: str, data_files: list[str] | None, streaming: bool) -> _Documents:
+    if sample not in sources.FINEWEB_EDU_SAMPLES:
+        raise UserError(
+            f"unknown FineWeb-EDU sample {sample!r}; choose one of {', '.join(sources.FINEWEB_EDU_SAMPLES)}"
+        )
+    files = sources.expand_inputs(data_files, suffixes=(".parquet",)) if data_files else None
+    recipe = {
+        "source": "fineweb-edu",
+        "dataset": sources.FINEWEB_EDU if files is None else "parquet",
+        "sample": sample,
+        "inputs": None if files is None else _local_files_recipe(files),
+    }
+    if files is None:
+        return _Documents(
+            recipe, f"{sources.FINEWEB_EDU} sample-{sample}",
+            lambda: sources.fineweb_edu_documents(sample, data_files=None, streaming=streaming),
+            expected_tokens=sources.FINEWEB_EDU_SAMPLES[sample],
+        )
+    file_names = [str(path) for path in files]
+    return _Documents(
+        recipe, _describe(files),
+        lambda: sources.fineweb_edu_documents(sample, data_files=file_names, streaming=streaming),
     )
-    log(_summary(folder, meta))
-    return meta
+
+
+def _text_documents(
+    inputs: list[str] | None, *, config: str | None, split: str, field: str, column: str, streaming: bool
+) -> _Documents:
+    if not inputs:
+        raise UserError("the text source needs input files, globs, or a hub dataset name")
+    if len(inputs) == 1 and sources.looks_like_hub_name(inputs[0]):
+        name = inputs[0]
+        return _Documents(
+            {"source": "text", "dataset": name, "config": config, "split": split, "column": column},
+            f"the dataset {name}",
+            lambda: sources.hub_documents(name, name=config, split=split, column=column, streaming=streaming),
+        )
+    paths = sources.expand_inputs(inputs)
+    return _Documents(
+        {"source": "text", "inputs": _local_files_recipe(paths), "field": field, "column": column},
+        _describe(paths),
+        lambda: sources.local_documents(paths, field=field, column=column),
+    )
 

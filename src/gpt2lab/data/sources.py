@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import collections
 import glob
+import gzip
+import hashlib
 import json
 import multiprocessing
 import os
 import re
 import signal
 import sys
+import zlib
+from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -22,6 +26,8 @@ from ..tokenizer import GPT2_EOT_TOKEN, gpt2_encoding
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+# The copy that ships with gpt2lab (package data, gzip-compressed; the sha256 is the text's).
+SHAKESPEARE_PACKAGED = resources.files(__package__) / "corpora" / "tinyshakespeare.txt.gz"
 FINEWEB_EDU = "HuggingFaceFW/fineweb-edu"
 # Approximate GPT-2 token counts of the samples, for the progress bar's ETA.
 FINEWEB_EDU_SAMPLES = {"10BT": 10_000_000_000, "100BT": 100_000_000_000, "350BT": 350_000_000_000}
@@ -53,16 +59,39 @@ def read_text_file(path: Path) -> str:
         ) from None
 
 
+def packaged_shakespeare() -> str:
+    """The Tiny Shakespeare that ships with gpt2lab, checked against its sha256."""
+    copy = f"the copy of Tiny Shakespeare that ships with gpt2lab ({SHAKESPEARE_PACKAGED})"
+    way_around = "reinstall gpt2lab, or pass --download to fetch Tiny Shakespeare, or --input FILE with a copy of your own"
+    try:
+        data = gzip.decompress(SHAKESPEARE_PACKAGED.read_bytes())
+    except FileNotFoundError:
+        raise UserError(f"{copy} is missing; {way_around}") from None
+    except (OSError, EOFError, zlib.error) as error:  # gzip.BadGzipFile is an OSError
+        raise UserError(f"{copy} is damaged (it does not decompress: {error}); {way_around}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != SHAKESPEARE_SHA256:
+        raise UserError(f"{copy} is damaged (its text has sha256 {digest}, expected {SHAKESPEARE_SHA256}); {way_around}")
+    return data.decode("utf-8")
+
+
+def download_shakespeare() -> Path:
+    """Tiny Shakespeare from its public address, in the gpt2lab cache (downloaded once, checked
+    against its sha256): what `gpt2lab prepare shakespeare --download` prepares. From Python:
+    `prepare("shakespeare", out, input_file=download_shakespeare())`."""
+    return download(
+        SHAKESPEARE_URL,
+        "tinyshakespeare.txt",
+        SHAKESPEARE_SHA256,
+        hint="download it elsewhere and pass it with --input FILE, or leave out --download to use the copy that ships with gpt2lab",
+    )
+
+
 def shakespeare_text(input_file: str | Path | None) -> str:
-    if input_file is not None:
-        path = Path(input_file)
-    else:
-        path = download(
-            SHAKESPEARE_URL,
-            "tinyshakespeare.txt",
-            SHAKESPEARE_SHA256,
-            hint="download it elsewhere and pass it with --input FILE",
-        )
+    """The text of `input_file`, or without one the copy that ships with gpt2lab."""
+    if input_file is None:
+        return packaged_shakespeare()
+    path = Path(input_file)
     text = read_text_file(path)
     if not text:
         raise UserError(f"{path} is empty; Tiny Shakespeare is about 1.1 MB of text")

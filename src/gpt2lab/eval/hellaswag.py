@@ -519,16 +519,3 @@ class HellaSwag:
             torch.distributed.all_reduce(counts_t)
             totals = counts_t.tolist()
         return HellaSwagResult(*totals, scores=scores)
-
-
-def evaluate_hellaswag(
-    model,
-    tokenizer: Tokenizer,
-    *,
-    split: str = "val",
-    data_file: str | Path | None = None,
-    limit: int | None = None,
-    **options,
-) -> HellaSwagResult:
-    """Load (downloading once) and score HellaSwag; `options` as for `HellaSwag.evaluate`."""
-    return HellaSwag(load_examples(split, data_file, limit), tokenizer).evaluate(model, **options)

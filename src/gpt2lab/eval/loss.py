@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
 
 from ..data.dataset import TokenDataset, open_dataset
@@ -26,7 +27,6 @@ class LossResult:
         return math.exp(self.loss) if self.loss < 700 else math.inf
 
 
-@torch.no_grad()
 def evaluate_loss(
     model,
     data: str | Path | TokenDataset,
@@ -54,33 +54,63 @@ def evaluate_loss(
     seq_len = seq_len or config.block_size
     if seq_len > config.block_size:
         raise UserError(f"sequence length {seq_len} exceeds the model's block size {config.block_size}; lower it")
+    device = next(model.parameters()).device
+    loader = TokenLoader(
+        dataset, split=split, batch_size=batch_size, seq_len=seq_len, rank=rank, world_size=world_size,
+        shuffle=False, pin_memory=device.type == "cuda",
+    )
+    return loss_over_batches(model, loader, batches=batches, autocast_dtype=autocast_dtype, progress=progress)
+
+
+def _batch_count(loader: TokenLoader, rank: int, batches: int | None) -> int:
+    """How many batches `loader.iter_batches(batches)` yields on `rank`: the full batches, then
+    one of the windows left over, if any."""
+    leftover = len(range(rank, loader.total_windows, loader.world_size)) > loader.windows_per_epoch
+    available = loader.steps_per_epoch + leftover
+    return available if batches is None else min(batches, available)
+
+
+@torch.no_grad()
+def loss_over_batches(
+    model,
+    loader: TokenLoader,
+    *,
+    batches: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> LossResult:
+    """The loss over the first `batches` of `loader.iter_batches` (None: all of them), one batch
+    in memory at a time; sums are all-reduced when torch.distributed is initialized."""
     if batches is not None and batches <= 0:
         raise UserError(f"batches must be positive (or None for the whole split), got {batches}")
-    loader = TokenLoader(
-        dataset, split=split, batch_size=batch_size, seq_len=seq_len, rank=rank, world_size=world_size, shuffle=False
-    )
     device = next(model.parameters()).device
     dtype = autocast_dtype or torch.float32
     total = torch.zeros((), dtype=torch.float64, device=device)
     tokens = torch.zeros((), dtype=torch.long, device=device)
     count = 0
+    expected = _batch_count(loader, loader.rank, batches)
+    # A sharded model (FSDP) gathers its weights collectively in every forward pass, so a rank
+    # with fewer batches makes uncounted passes until it has made as many as rank 0, which has
+    # the most.
+    idle_passes = 0
+    if isinstance(model, FSDPModule) and torch.distributed.is_available() and torch.distributed.is_initialized():
+        idle_passes = _batch_count(loader, 0, batches) - expected
     was_training = model.training
     model.eval()
-    # iter_batches yields the full batches, then one of the windows left over, if any.
-    leftover = len(range(rank, loader.total_windows, world_size)) > loader.windows_per_epoch
-    available = loader.steps_per_epoch + leftover
-    expected = available if batches is None else min(batches, available)
-    bar = tqdm(total=expected, unit="batch", desc=f"loss on {split}", disable=None if progress and rank == 0 else True,
-               leave=False)
+    bar = tqdm(total=expected, unit="batch", desc=f"loss on {loader.split}",
+               disable=None if progress and loader.rank == 0 else True, leave=False)
     try:
         for x, y in loader.iter_batches(batches):
-            x, y = x.to(device), y.to(device)
+            x, y = x.to(device, non_blocking=loader.pin_memory), y.to(device, non_blocking=loader.pin_memory)
             with autocast(device, dtype):
                 _, loss = model(x, y)
             total += loss.double() * y.numel()
             tokens += y.numel()
             count += 1
             bar.update(1)
+        for _ in range(idle_passes):
+            with autocast(device, dtype):
+                model(torch.zeros((1, 1), dtype=torch.long, device=device))
     finally:
         bar.close()
         model.train(was_training)

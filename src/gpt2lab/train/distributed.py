@@ -70,13 +70,30 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum plain numbers over all ranks (unchanged when running alone)."""
+# Kept until the interpreter exits: see finish_together.
+_final_barrier: dist.Work | None = None
+
+
+def finish_together(device: torch.device) -> None:
+    """Wait until every rank has finished its collectives, before any of them exits.
+
+    A gloo worker thread takes the GIL to let go of a collective's tensors after the collective
+    has completed. A rank that has nothing left to do (rank 1 writes no checkpoint) reaches
+    interpreter exit a fraction of a millisecond after its last collective, sooner than that
+    thread gets the GIL; Python then ends the thread inside a destructor that may not unwind and
+    the process aborts ("terminate called without an active exception"). destroy_process_group
+    does not help under FSDP2: DTensor's caches keep the device mesh, and with it the process
+    group and its threads, alive until exit.
+
+    The barrier waits with the GIL released, while the ranks still writing catch up, and it
+    references whatever collective is still in flight when it starts, so that collective is
+    freed with the barrier: by the main thread, since the barrier lives until exit.
+    """
+    global _final_barrier
     if not (dist.is_available() and dist.is_initialized()):
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor.tolist()
+        return
+    _final_barrier = dist.barrier(async_op=True, device_ids=[device.index] if device.type == "cuda" else None)
+    _final_barrier.wait()
 
 
 def all_reduce_max(value: float, device: torch.device) -> float:

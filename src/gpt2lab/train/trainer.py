@@ -10,19 +10,22 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from ..data.dataset import TokenDataset, open_dataset
+from ..data.loader import TokenLoader
 from ..errors import UserError
+from ..eval.loss import LossResult, loss_over_batches
 from ..files import write_atomic
 from ..generate import generate
 from ..model import GPT
 from ..prompts import checked_prompt, empty_prompt_start
-from ..tokenizer import tokenizer_from_spec
+from ..tokenizer import Tokenizer, tokenizer_from_spec
 from .checkpoint import (
     find_resume_checkpoint,
     load_checkpoint,
@@ -30,12 +33,68 @@ from .checkpoint import (
     restore_rng_states,
     save_checkpoint,
 )
-from .config import TrainConfig
-from .distributed import all_reduce_max, all_reduce_sum, init_distributed, shard_model
+from .config import EvalSettings, SystemSettings, TrainConfig
+from .distributed import all_reduce_max, finish_together, init_distributed, shard_model
 from .metrics import MetricsLog, peak_flops_for
 from .optim import build_optimizer, learning_rate, set_learning_rate
 
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+    from ..eval.hellaswag import HellaSwag
+
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _open_dataset(config: TrainConfig) -> TokenDataset:
+    dataset = open_dataset(config.data.path)
+    if dataset.vocab_size > config.model.vocab_size and config.init_from == "scratch":
+        raise UserError(
+            f"the data in {config.data.path} has a vocabulary of {dataset.vocab_size} but "
+            f"model.vocab_size is {config.model.vocab_size}; set model.vocab_size={dataset.vocab_size}"
+        )
+    return dataset
+
+
+def _load_hellaswag(settings: EvalSettings, tokenizer: Tokenizer) -> HellaSwag | None:
+    if not settings.hellaswag_interval:
+        return None
+    from ..eval.hellaswag import HellaSwag, load_examples
+
+    examples = load_examples("val", settings.hellaswag_file or None, settings.hellaswag_limit or None)
+    return HellaSwag(examples, tokenizer)
+
+
+def _configure_torch(system: SystemSettings) -> None:
+    """The seed and numerics of the run, set before the model draws its initial weights."""
+    torch.manual_seed(system.seed)
+    if system.deterministic:
+        torch.use_deterministic_algorithms(True)
+    if system.precision == "tf32":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def _build_model(config: TrainConfig, data_vocab_size: int) -> tuple[GPT, TrainConfig]:
+    """The model to train, still on the CPU, and the settings: with a loaded model's shape in
+    model.* when it does not start from scratch."""
+    if config.init_from == "scratch":
+        return GPT(config.model), config
+    from ..pretrained import load_model
+
+    model = load_model(
+        config.init_from,
+        dropout=config.model.dropout,
+        attention=config.model.attention,
+        padded_vocab_size=config.model.padded_vocab_size,
+    )
+    config = dataclasses.replace(config, model=model.config)
+    if data_vocab_size > config.model.vocab_size:
+        raise UserError(
+            f"the data's vocabulary ({data_vocab_size}) is larger than that of "
+            f"{config.init_from} ({config.model.vocab_size}); prepare the data with the model's tokenizer"
+        )
+    return model, config
 
 
 class Trainer:
@@ -50,9 +109,6 @@ class Trainer:
         resume: str | None = None,
         echo: Callable[[str], None] | None = None,
     ):
-        from ..data.dataset import open_dataset
-        from ..data.loader import TokenLoader
-
         self.dist = init_distributed(config.system.device)
         self.rank, self.world_size, self.device = self.dist.rank, self.dist.world_size, self.dist.device
         self.is_main = self.dist.is_main
@@ -60,70 +116,17 @@ class Trainer:
         self.run_dir = Path(run_dir)
         echo = echo or (lambda line: print(line, flush=True))
         self.echo = echo if self.is_main else (lambda line: None)
-        self.dataset = open_dataset(config.data.path)
-        if self.dataset.vocab_size > config.model.vocab_size and config.init_from == "scratch":
-            raise UserError(
-                f"the data in {config.data.path} has a vocabulary of {self.dataset.vocab_size} but "
-                f"model.vocab_size is {config.model.vocab_size}; set model.vocab_size={self.dataset.vocab_size}"
-            )
-        batch = config.batch
-        self.train_loader = TokenLoader(
-            self.dataset,
-            split=config.data.train_split,
-            batch_size=batch.micro_batch,
-            seq_len=batch.seq_len,
-            rank=self.rank,
-            world_size=self.world_size,
-            seed=config.system.seed,
-            shuffle=config.data.shuffle,
-            random_offset=config.data.random_offset,
-        )
-        if self.train_loader.windows_per_epoch < batch.micro_batch:
-            raise UserError(
-                f"the {config.data.train_split} split of {config.data.path} is too short for one batch of "
-                f"{batch.micro_batch} x {batch.seq_len} tokens; lower batch.micro_batch or batch.seq_len"
-            )
-        self.val_loader = None
-        if config.eval.interval or config.eval.final_full or config.eval.at_start:
-            if self.dataset.split_tokens(config.data.val_split) > batch.seq_len:
-                self.val_loader = TokenLoader(
-                    self.dataset, split=config.data.val_split, batch_size=batch.micro_batch,
-                    seq_len=batch.seq_len, rank=self.rank, world_size=self.world_size, shuffle=False,
-                )
+        self.dataset = _open_dataset(config)
+        self.train_loader = self._train_loader(config)
+        self.val_loader = self._val_loader(config)
         self.grad_accum = config.grad_accum_steps(self.world_size)
         self.tokens_per_step = config.tokens_per_step(self.world_size)
         self.total_steps = config.total_steps(self.world_size)
         self.tokenizer = tokenizer_from_spec(self.dataset.tokenizer_spec)
-        self.hellaswag = None
-        if config.eval.hellaswag_interval:
-            from ..eval.hellaswag import HellaSwag, load_examples
+        self.hellaswag = _load_hellaswag(config.eval, self.tokenizer)
 
-            examples = load_examples("val", config.eval.hellaswag_file or None, config.eval.hellaswag_limit or None)
-            self.hellaswag = HellaSwag(examples, self.tokenizer)
-
-        torch.manual_seed(config.system.seed)
-        if config.system.deterministic:
-            torch.use_deterministic_algorithms(True)
-        if config.system.precision == "tf32":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        if config.init_from == "scratch":
-            self.raw_model = GPT(config.model)
-        else:
-            from ..pretrained import load_model
-
-            self.raw_model = load_model(
-                config.init_from,
-                dropout=config.model.dropout,
-                attention=config.model.attention,
-                padded_vocab_size=config.model.padded_vocab_size,
-            )
-            config = dataclasses.replace(config, model=self.raw_model.config)
-            if self.dataset.vocab_size > config.model.vocab_size:
-                raise UserError(
-                    f"the data's vocabulary ({self.dataset.vocab_size}) is larger than that of "
-                    f"{config.init_from} ({config.model.vocab_size}); prepare the data with the model's tokenizer"
-                )
+        _configure_torch(config.system)
+        self.raw_model, config = _build_model(config, self.dataset.vocab_size)
         self.config = config
         self.raw_model.to(self.device)
         # Equal initial weights on every rank, then a dropout stream of each rank's own.
@@ -136,14 +139,10 @@ class Trainer:
             self.autocast_dtype = None  # FSDP's mixed-precision policy casts instead
         self.optimizer = build_optimizer(self.raw_model, config.optim, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" and not self.fsdp else None
-        self.model = torch.compile(self.raw_model) if config.system.compile else self.raw_model
         self.ddp = self.dist.enabled and not self.fsdp
-        if self.ddp:
-            self.model = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
+        self.model = self._model_to_step()
         self.peak_flops = peak_flops_for(self.device, config.system.peak_flops)
-        self.flops_per_token = self.raw_model.flops_per_token(batch.seq_len)
+        self.flops_per_token = self.raw_model.flops_per_token(config.batch.seq_len)
 
         self.step = 0
         self.elapsed_s = 0.0
@@ -154,6 +153,49 @@ class Trainer:
         if checkpoint is not None:
             self._resume(checkpoint)
 
+    def _train_loader(self, config: TrainConfig) -> TokenLoader:
+        batch = config.batch
+        loader = TokenLoader(
+            self.dataset,
+            split=config.data.train_split,
+            batch_size=batch.micro_batch,
+            seq_len=batch.seq_len,
+            rank=self.rank,
+            world_size=self.world_size,
+            seed=config.system.seed,
+            shuffle=config.data.shuffle,
+            random_offset=config.data.random_offset,
+            pin_memory=self.device.type == "cuda",
+        )
+        if loader.windows_per_epoch < batch.micro_batch:
+            raise UserError(
+                f"the {config.data.train_split} split of {config.data.path} is too short for one batch of "
+                f"{batch.micro_batch} x {batch.seq_len} tokens; lower batch.micro_batch or batch.seq_len"
+            )
+        return loader
+
+    def _val_loader(self, config: TrainConfig) -> TokenLoader | None:
+        """None when no evaluation is asked for, or the split is shorter than one window."""
+        settings, batch = config.eval, config.batch
+        if not (settings.interval or settings.final_full or settings.at_start):
+            return None
+        if self.dataset.split_tokens(config.data.val_split) <= batch.seq_len:
+            return None
+        return TokenLoader(
+            self.dataset, split=config.data.val_split, batch_size=batch.micro_batch,
+            seq_len=batch.seq_len, rank=self.rank, world_size=self.world_size, shuffle=False,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def _model_to_step(self) -> torch.nn.Module:
+        """What the training step calls: the model, compiled if asked, inside DDP on several ranks."""
+        model = torch.compile(self.raw_model) if self.config.system.compile else self.raw_model
+        if self.ddp:
+            model = DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        return model
+
     # ---- pieces -------------------------------------------------------------------------------
 
     def autocast(self):
@@ -161,10 +203,10 @@ class Trainer:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
-    def _to_device(self, x: torch.Tensor, y: torch.Tensor):
-        if self.device.type == "cuda":
-            return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        return x.to(self.device), y.to(self.device)
+    def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Only a copy from pinned memory is asynchronous: it overlaps the work already queued.
+        non_blocking = self.train_loader.pin_memory
+        return x.to(self.device, non_blocking=non_blocking), y.to(self.device, non_blocking=non_blocking)
 
     def _resume(self, checkpoint: Path) -> None:
         state = load_checkpoint(checkpoint, model=self.raw_model, optimizer=self.optimizer, scaler=self.scaler)
@@ -181,28 +223,12 @@ class Trainer:
             torch.manual_seed(hash((self.config.system.seed, self.step, self.rank)) % 2**63)
         self.echo(f"resumed from {checkpoint} at step {self.step}")
 
-    def evaluate(self, max_batches: int | None) -> tuple[float, int]:
-        """Mean validation loss per token over the first `max_batches` batches (None: every window)."""
+    def evaluate(self, max_batches: int | None) -> LossResult:
+        """Validation loss over the first `max_batches` batches (None: every window)."""
         assert self.val_loader is not None
-        model = self.raw_model
-        model.eval()
-        total, tokens = 0.0, 0
-        batches = list(self.val_loader.iter_batches(max_batches))
-        if self.fsdp:
-            # Every rank must run the same number of forward passes: sharded weights are gathered
-            # collectively. A rank with fewer batches repeats one without counting it.
-            most = int(all_reduce_max(len(batches), self.device))
-            batches += [None] * (most - len(batches))
-        with torch.no_grad(), self.autocast():
-            for batch in batches:
-                x, y = self._to_device(*(batch or self.val_loader.iter_batches(1).__next__()))
-                _, loss = model(x, y)
-                if batch is not None:
-                    total += loss.item() * y.numel()
-                    tokens += y.numel()
-        model.train()
-        total, tokens = all_reduce_sum([total, tokens], self.device)
-        return total / max(tokens, 1), int(tokens)
+        return loss_over_batches(
+            self.raw_model, self.val_loader, batches=max_batches, autocast_dtype=self.autocast_dtype
+        )
 
     def evaluate_hellaswag(self, metrics: MetricsLog, write: Callable[[str], None]) -> None:
         assert self.hellaswag is not None
@@ -311,6 +337,28 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         """Train to the last step (or a stop signal); returns a summary."""
+        metrics = self._open_run()
+        previous_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        bar = self._progress_bar()
+        write = bar.write if bar is not None else self.echo
+        self.raw_model.train()
+        started = time.perf_counter() - self.elapsed_s
+        try:
+            if self.step == 0 and self.config.eval.at_start and self.val_loader is not None:
+                self._validate_at_start(metrics, write)
+            last_saved = self._train(metrics, bar, write, started)
+            summary = self._finish(metrics, write, last_saved)
+            finish_together(self.device)
+            return summary
+        finally:
+            if bar is not None:
+                bar.close()
+            metrics.close()
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
+
+    def _open_run(self) -> MetricsLog:
+        """The run folder with the resolved settings, and its metrics from this step on."""
         config = self.config
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -320,94 +368,106 @@ class Trainer:
             config=config.to_dict(), enabled=self.is_main,
         )
         metrics.truncate_after(self.step)
-        previous_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        bar = self._progress_bar()
-        write = bar.write if bar is not None else self.echo
-        self.raw_model.train()
-        started = time.perf_counter() - self.elapsed_s
-        last_saved = self.step if self.step else None
-        try:
-            if self.step == 0 and config.eval.at_start and self.val_loader is not None:
-                val_loss, _ = self.evaluate(config.eval.batches or None)
-                self.last_val_loss = val_loss
-                metrics.log(0, 0, 0.0, val_loss=val_loss)
-                write(
-                    f"step 0: val loss {val_loss:.4f} (a uniform guess over {config.model.vocab_size} tokens "
-                    f"gives ln({config.model.vocab_size}) = {math.log(config.model.vocab_size):.4f})"
-                )
-            stopping = False
-            while self.step < self.total_steps and not stopping:
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
-                step_start = time.perf_counter()
-                loss, grad_norm = self.train_step()
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
-                step_s = time.perf_counter() - step_start
-                self.step += 1
-                self.elapsed_s = time.perf_counter() - started
-                stopping = self._stop_agreed()
-                tokens_per_s = self.tokens_per_step / step_s
-                mfu = self.flops_per_token * tokens_per_s / self.peak_flops if self.peak_flops else None
-                lr = self.optimizer.param_groups[0]["lr"]
-                metrics.log(
-                    self.step, self.step * self.tokens_per_step, self.elapsed_s, train_loss=loss, lr=lr,
-                    grad_norm=grad_norm, step_ms=step_s * 1e3, tokens_per_s=tokens_per_s, mfu=mfu,
-                )
-                if not math.isfinite(loss):
-                    raise UserError(
-                        f"the loss became {loss} at step {self.step}; lower optim.lr or use precision=bf16/fp32"
-                    )
-                if self._due(config.log.interval) or self.step == 1:
-                    write(
-                        f"step {self.step:>6}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | "
-                        f"norm {grad_norm:.3f} | {step_s * 1e3:.1f} ms | {tokens_per_s:,.0f} tok/s"
-                        + (f" | mfu {mfu:.1%}" if mfu is not None else "")
-                    )
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-                if self.val_loader is not None and self._due(config.eval.interval):
-                    val_loss, _ = self.evaluate(config.eval.batches or None)
-                    self.last_val_loss = val_loss
-                    self.best_val_loss = val_loss if self.best_val_loss is None else min(self.best_val_loss, val_loss)
-                    metrics.log(self.step, self.step * self.tokens_per_step, self.elapsed_s, val_loss=val_loss)
-                    write(f"step {self.step}: val loss {val_loss:.4f}")
-                if self.hellaswag is not None and (
-                    self._due(config.eval.hellaswag_interval) or self.step == self.total_steps
-                ):
-                    self.evaluate_hellaswag(metrics, write)
-                if self._due(config.eval.sample_interval) and self.is_main and not self.fsdp:
-                    text = self.sample_text()
-                    with open(self.run_dir / "samples.txt", "a", encoding="utf-8") as handle:
-                        handle.write(f"---- step {self.step} ----\n{text}\n")
-                    write(f"sample at step {self.step}:\n{text}")
-                if self._due(config.checkpoint.interval) or stopping:
-                    path = self.save()
-                    last_saved = self.step
-                    write(f"saved {path}")
-            if last_saved != self.step and (config.checkpoint.final or self.stop_signal is not None):
-                path = self.save()
-                write(f"saved {path}")
-            summary = {"step": self.step, "elapsed_s": self.elapsed_s, "interrupted": self.stop_signal is not None}
-            if self.stop_signal is None and config.eval.final_full and self.val_loader is not None:
-                val_loss, tokens = self.evaluate(None)
-                metrics.log(self.step, self.step * self.tokens_per_step, self.elapsed_s, val_loss=val_loss,
-                            val_tokens=tokens)
-                write(f"step {self.step}: val loss over the whole {config.data.val_split} split "
-                      f"({tokens:,} tokens): {val_loss:.4f}")
-                summary["val_loss_full"] = val_loss
-            if self.stop_signal is not None:
-                write(f"stopped at step {self.step}; continue with --resume auto")
-            return summary
-        finally:
-            if bar is not None:
-                bar.close()
-            metrics.close()
-            for signum, handler in previous_handlers.items():
-                signal.signal(signum, handler)
+        return metrics
 
-    def _progress_bar(self):
+    def _validate_at_start(self, metrics: MetricsLog, write: Callable[[str], None]) -> None:
+        vocab_size = self.config.model.vocab_size
+        val_loss = self.evaluate(self.config.eval.batches or None).loss
+        self.last_val_loss = val_loss
+        metrics.log(0, 0, 0.0, val_loss=val_loss)
+        write(
+            f"step 0: val loss {val_loss:.4f} (a uniform guess over {vocab_size} tokens "
+            f"gives ln({vocab_size}) = {math.log(vocab_size):.4f})"
+        )
+
+    def _train(self, metrics: MetricsLog, bar: tqdm | None, write: Callable[[str], None], started: float) -> int | None:
+        """Steps to the last one or an agreed stop, each with the evaluations and the checkpoint it
+        is due; returns the step last saved (None: none yet)."""
+        last_saved = self.step if self.step else None
+        stopping = False
+        while self.step < self.total_steps and not stopping:
+            loss, grad_norm, step_s = self._timed_train_step()
+            self.step += 1
+            self.elapsed_s = time.perf_counter() - started
+            stopping = self._stop_agreed()
+            self._record_step(metrics, bar, write, loss, grad_norm, step_s)
+            self._evaluate_due(metrics, write)
+            if self._due(self.config.checkpoint.interval) or stopping:
+                path = self.save()
+                last_saved = self.step
+                write(f"saved {path}")
+        return last_saved
+
+    def _timed_train_step(self) -> tuple[float, float, float]:
+        """train_step's (loss, gradient norm), and its wall time in seconds."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        step_start = time.perf_counter()
+        loss, grad_norm = self.train_step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return loss, grad_norm, time.perf_counter() - step_start
+
+    def _record_step(
+        self, metrics: MetricsLog, bar: tqdm | None, write: Callable[[str], None],
+        loss: float, grad_norm: float, step_s: float,
+    ) -> None:
+        """Log the step just taken; one whose loss is no longer finite ends the run."""
+        tokens_per_s = self.tokens_per_step / step_s
+        mfu = self.flops_per_token * tokens_per_s / self.peak_flops if self.peak_flops else None
+        lr = self.optimizer.param_groups[0]["lr"]
+        metrics.log(
+            self.step, self.step * self.tokens_per_step, self.elapsed_s, train_loss=loss, lr=lr,
+            grad_norm=grad_norm, step_ms=step_s * 1e3, tokens_per_s=tokens_per_s, mfu=mfu,
+        )
+        if not math.isfinite(loss):
+            raise UserError(f"the loss became {loss} at step {self.step}; lower optim.lr or use precision=bf16/fp32")
+        if self._due(self.config.log.interval) or self.step == 1:
+            write(
+                f"step {self.step:>6}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | "
+                f"norm {grad_norm:.3f} | {step_s * 1e3:.1f} ms | {tokens_per_s:,.0f} tok/s"
+                + (f" | mfu {mfu:.1%}" if mfu is not None else "")
+            )
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def _evaluate_due(self, metrics: MetricsLog, write: Callable[[str], None]) -> None:
+        """The validation loss, HellaSwag and the sample that this step is due."""
+        settings = self.config.eval
+        if self.val_loader is not None and self._due(settings.interval):
+            val_loss = self.evaluate(settings.batches or None).loss
+            self.last_val_loss = val_loss
+            self.best_val_loss = val_loss if self.best_val_loss is None else min(self.best_val_loss, val_loss)
+            metrics.log(self.step, self.step * self.tokens_per_step, self.elapsed_s, val_loss=val_loss)
+            write(f"step {self.step}: val loss {val_loss:.4f}")
+        if self.hellaswag is not None and (self._due(settings.hellaswag_interval) or self.step == self.total_steps):
+            self.evaluate_hellaswag(metrics, write)
+        if self._due(settings.sample_interval) and self.is_main and not self.fsdp:
+            text = self.sample_text()
+            with open(self.run_dir / "samples.txt", "a", encoding="utf-8") as handle:
+                handle.write(f"---- step {self.step} ----\n{text}\n")
+            write(f"sample at step {self.step}:\n{text}")
+
+    def _finish(self, metrics: MetricsLog, write: Callable[[str], None], last_saved: int | None) -> dict[str, Any]:
+        """The final checkpoint and the evaluation over the whole split; returns the summary."""
+        config = self.config
+        if last_saved != self.step and (config.checkpoint.final or self.stop_signal is not None):
+            path = self.save()
+            write(f"saved {path}")
+        summary = {"step": self.step, "elapsed_s": self.elapsed_s, "interrupted": self.stop_signal is not None}
+        if self.stop_signal is None and config.eval.final_full and self.val_loader is not None:
+            full = self.evaluate(None)
+            metrics.log(self.step, self.step * self.tokens_per_step, self.elapsed_s, val_loss=full.loss,
+                        val_tokens=full.tokens)
+            write(f"step {self.step}: val loss over the whole {config.data.val_split} split "
+                  f"({full.tokens:,} tokens): {full.loss:.4f}")
+            summary["val_loss_full"] = full.loss
+        if self.stop_signal is not None:
+            write(f"stopped at step {self.step}; continue with --resume auto")
+        return summary
+
+    def _progress_bar(self) -> tqdm | None:
         if not (self.config.log.progress_bar and self.is_main and sys.stderr.isatty()):
             return None
         from tqdm import tqdm
