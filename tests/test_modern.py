@@ -19,7 +19,6 @@ from gpt2lab.train.muon import Muon, orthogonalize
 from gpt2lab.train.optim import build_optimizer, learning_rate, muon_groups
 from gpt2lab.train.trainer import Trainer
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 MODERN = dict(position="rope", norm="rmsnorm", qk_norm=True, activation="swiglu", logit_softcap=15.0,
               n_kv_head=1, bias=False, tie_embeddings=False)
@@ -236,7 +235,7 @@ def test_bad_optimizer_settings_are_refused(bad, message):
 @pytest.fixture(scope="module")
 def char_data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("data") / "shakespeare-char"
-    prepare("shakespeare-char", folder, input_file=SHAKESPEARE, progress=False, log=lambda m: None)
+    prepare("shakespeare-char", folder, progress=False, log=lambda m: None)
     return folder
 
 
@@ -274,7 +273,7 @@ def test_a_modern_run_trains_resumes_exactly_and_works_with_every_command(char_d
 
 def test_speedrun_124m_shrunken_smoke(tmp_path):
     data = tmp_path / "shakespeare"
-    prepare("shakespeare", data, input_file=SHAKESPEARE, progress=False, log=lambda m: None)
+    prepare("shakespeare", data, progress=False, log=lambda m: None)
     config = resolve_config("speedrun-124m", overrides=[
         f"data.path={data}", "model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.block_size=64",
         "batch.total_tokens=0", "batch.micro_batch=2", "batch.seq_len=64", "max_tokens=0", "max_steps=3",
