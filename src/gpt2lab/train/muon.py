@@ -25,8 +25,9 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
-def orthogonalize(matrix: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """The Newton-Schulz approximation of U V^T for matrix = U S V^T.
+def orthogonalize(matrices: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """The Newton-Schulz approximation of U V^T for each matrix = U S V^T of a (..., rows, cols)
+    stack: one batched iteration for many matrices of a shape costs little more than one.
 
     On a GPU the iteration runs in bfloat16, which it tolerates and which runs its matmuls fastest.
     On a CPU it runs in float32: the hidden matrices of a CPU-sized model are small, float32 is as
@@ -34,26 +35,35 @@ def orthogonalize(matrix: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> to
     2-core machine (threads waiting on each other), against no gain on a quiet one.
     """
     a, b, c = NEWTON_SCHULZ_COEFFICIENTS
-    x = matrix.to(torch.bfloat16 if matrix.is_cuda else torch.float32)
-    tall = x.size(0) > x.size(1)
+    x = matrices.to(torch.bfloat16 if matrices.is_cuda else torch.float32)
+    tall = x.size(-2) > x.size(-1)
     if tall:
-        x = x.T  # iterate on the wide side: X X^T is then the smaller product
-    x = x / (x.norm() + eps)  # spectral norm <= Frobenius norm <= 1
+        x = x.mT  # iterate on the wide side: X X^T is then the smaller product
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)  # spectral norm <= Frobenius norm <= 1
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
     if tall:
-        x = x.T
-    return x.to(matrix.dtype)
+        x = x.mT
+    return x.to(matrices.dtype)
 
 
-def muon_update(update: torch.Tensor, row_blocks: list[int] | None, steps: int) -> torch.Tensor:
-    """The orthogonalized step of one matrix, each block of rows on its own, scaled by
-    sqrt(max(1, rows / columns)) so that tall and wide blocks move by comparable amounts."""
-    blocks = update.split(row_blocks, dim=0) if row_blocks else (update,)
-    return torch.cat([
-        orthogonalize(block, steps) * math.sqrt(max(1.0, block.size(0) / block.size(1))) for block in blocks
-    ])
+def muon_updates(updates: list[torch.Tensor], row_blocks: list[list[int] | None], steps: int) -> list[torch.Tensor]:
+    """The orthogonalized step of each matrix, each block of its rows on its own, scaled by
+    sqrt(max(1, rows / columns)) so that tall and wide blocks move by comparable amounts. Blocks
+    of one shape go through Newton-Schulz together: on a CPU model's small matrices the cost is
+    in the number of matmul calls, not their size."""
+    blocks = [list(u.split(rb, dim=0)) if rb else [u] for u, rb in zip(updates, row_blocks)]
+    by_shape: dict[tuple, list[tuple[int, int]]] = {}
+    for i, pieces in enumerate(blocks):
+        for j, piece in enumerate(pieces):
+            by_shape.setdefault((piece.shape, piece.dtype, piece.device), []).append((i, j))
+    for (shape, _, _), where in by_shape.items():
+        stacked = orthogonalize(torch.stack([blocks[i][j] for i, j in where]), steps)
+        scale = math.sqrt(max(1.0, shape[0] / shape[1]))
+        for (i, j), result in zip(where, stacked.unbind(0)):
+            blocks[i][j] = result * scale
+    return [torch.cat(pieces) if len(pieces) > 1 else pieces[0] for pieces in blocks]
 
 
 class Muon(torch.optim.Optimizer):
@@ -74,31 +84,35 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        muon = [(p, g) for g in self.param_groups if g["muon"] for p in g["params"] if p.grad is not None]
+        for steps in sorted({g["ns_steps"] for _, g in muon}):
+            self._muon_steps([(p, g) for p, g in muon if g["ns_steps"] == steps], steps)
         for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                if group["muon"]:
-                    self._muon_step(param, group)
-                else:
-                    self._adamw_step(param, group)
+            if not group["muon"]:
+                for param in group["params"]:
+                    if param.grad is not None:
+                        self._adamw_step(param, group)
         return loss
 
-    def _muon_step(self, param: torch.Tensor, group: dict[str, Any]) -> None:
+    def _momentum_update(self, param: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+        """The (Nesterov) momentum step of one matrix, whole: an FSDP2 shard is gathered."""
         state = self.state[param]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(param.grad)
         buffer = state["momentum_buffer"]
         buffer.lerp_(param.grad, 1 - group["momentum"])
         update = param.grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
-        if isinstance(update, DTensor):
-            whole = muon_update(update.full_tensor(), group["row_blocks"], group["ns_steps"])
-            # Every rank holds the same whole update: each keeps its own shard, no message sent.
-            update = distribute_tensor(whole, update.device_mesh, update.placements, src_data_rank=None)
-        else:
-            update = muon_update(update, group["row_blocks"], group["ns_steps"])
-        param.mul_(1 - group["lr"] * group["weight_decay"])
-        param.add_(update, alpha=-group["lr"])
+        return update.full_tensor() if isinstance(update, DTensor) else update
+
+    def _muon_steps(self, members: list[tuple[torch.Tensor, dict[str, Any]]], steps: int) -> None:
+        updates = [self._momentum_update(param, group) for param, group in members]
+        orthogonal = muon_updates(updates, [group["row_blocks"] for _, group in members], steps)
+        for (param, group), update in zip(members, orthogonal):
+            if isinstance(param, DTensor):
+                # Every rank holds the same whole update: each keeps its own shard, no message sent.
+                update = distribute_tensor(update, param.device_mesh, param.placements, src_data_rank=None)
+            param.mul_(1 - group["lr"] * group["weight_decay"])
+            param.add_(update, alpha=-group["lr"])
 
     def _adamw_step(self, param: torch.Tensor, group: dict[str, Any]) -> None:
         state = self.state[param]
