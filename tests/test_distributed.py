@@ -137,3 +137,21 @@ def test_world_size_without_torchrun_is_explained(tmp_path, capsys, monkeypatch)
     code = main(["train", "--preset", "shakespeare-char-cpu", "--out", str(tmp_path / "run")])
     assert code == 2
     assert "torchrun" in capsys.readouterr().err
+
+
+MUON = ["optim.name=muon", "optim.muon_lr=0.02", "model.position=rope", "model.norm=rmsnorm", "model.qk_norm=true",
+        "model.activation=relu2", "model.tie_embeddings=false", "model.zero_init_proj=true", "schedule.kind=wsd"]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_muon_on_two_processes_follows_one(char_data, tmp_path, parallel):
+    """Every rank takes the same Muon step (DDP), or orthogonalizes each gathered matrix whole and
+    keeps its own rows (FSDP2). Averaged gradients differ from one process's in the last bits,
+    which bf16 Newton-Schulz does not preserve, so the runs agree closely rather than exactly."""
+    train(tmp_path / "one", char_data, 1, *MUON)
+    train(tmp_path / "two", char_data, 2, f"system.parallel={parallel}", *MUON)
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(two) == list(range(1, 21))
+    assert all(abs(one[s] - two[s]) < 5e-3 for s in one), (one, two)
+    assert_close_relative(weights(tmp_path / "one", 20), weights(tmp_path / "two", 20), tolerance=5e-2)
+    assert one[20] < one[1] - 0.5

@@ -431,3 +431,11 @@ def test_training_on_two_ranks_gives_the_same_hellaswag_as_one(tmp_path):
     assert [r["step"] for r in one] == [2, 4] and all(r["hellaswag_examples"] == 3 for r in one)
     assert measures("ddp", "--nproc=2", "--set=system.parallel=ddp") == one
     assert measures("fsdp", "--nproc=2", "--set=system.parallel=fsdp") == one
+
+
+def test_a_modern_model_scores_as_the_plain_reference(make_model, data_file):
+    """Packed rows carry each ending's own positions; with RoPE they must reach the rotation."""
+    modern = make_model(block_size=BLOCK, position="rope", norm="rmsnorm", qk_norm=True, activation="swiglu",
+                        n_kv_head=1, logit_softcap=20.0, bias=False, peaked=True)
+    result = HellaSwag(read_examples(data_file), GPT2Tokenizer()).evaluate(modern, batch_size=64)
+    assert_matches_reference(result, plain_reference(native_logits(modern), RECORDS, BLOCK))

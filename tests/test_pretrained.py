@@ -462,7 +462,7 @@ def test_binary_config_json(hf_folder):
 @pytest.mark.parametrize(
     "change, needle",
     [
-        ({"model_type": "llama"}, "llama"),
+        ({"model_type": "mistral"}, "mistral.*GPT-2, Llama and Qwen3"),
         ({"activation_function": "relu"}, "relu"),
         ({"n_inner": 10}, "n_inner"),
         ({"scale_attn_by_inverse_layer_idx": True}, "scaling"),
@@ -595,12 +595,10 @@ def test_unknown_layout_is_refused(tmp_path):
         load_model(tmp_path)
 
 
-def test_convert_refuses_a_model_transformers_has_no_class_for(tmp_path, monkeypatch, capsys):
+def test_convert_refuses_a_model_transformers_has_no_class_for(tmp_path, capsys):
     from gpt2lab.cli import main
-    from gpt2lab.formats import transformers_gpt2
 
-    small_gpt().save_pretrained(tmp_path / "model")
-    monkeypatch.setattr(transformers_gpt2, "supports", lambda config: False)
+    small_gpt(activation="relu2").save_pretrained(tmp_path / "model")
     assert main(["convert", str(tmp_path / "model"), "--out", str(tmp_path / "out")]) == 2
     assert "no transformers equivalent" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

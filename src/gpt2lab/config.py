@@ -22,6 +22,9 @@ T = TypeVar("T")
 GPT2_VOCAB_SIZE = 50257
 GPT2_PADDED_VOCAB_SIZE = 50304  # next multiple of 128: friendlier shapes for matmul kernels
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "plain")
+POSITIONS = ("learned", "rope")
+NORMS = ("layernorm", "rmsnorm")
+ACTIVATIONS = ("gelu_tanh", "relu2", "swiglu")
 
 
 @dataclass
@@ -41,6 +44,17 @@ class GPTConfig:
     tie_embeddings: bool = True
     layer_norm_epsilon: float = 1e-5
     attention: str = "sdpa"
+    # The modern recipe (modded-nanogpt, nanochat, Llama); each off by default, so the defaults
+    # are GPT-2 exactly.
+    position: str = "learned"  # "rope": rotary embeddings of q and k, no position table
+    rope_base: float = 10000.0
+    norm: str = "layernorm"  # "rmsnorm": no mean subtraction, no bias
+    qk_norm: bool = False  # RMS-normalize q and k per head before attention
+    activation: str = "gelu_tanh"  # "relu2" (squared ReLU) or "swiglu" (gated SiLU)
+    mlp_hidden: int | None = None  # default 4*n_embd; for swiglu 8/3*n_embd rounded up to 64
+    logit_softcap: float = 0.0  # c*tanh(z/c) on the logits; 0 is off
+    zero_init_proj: bool = False  # output projections (and an untied head) start at zero
+    n_kv_head: int | None = None  # grouped-query attention: heads of k and v; None is n_head
 
     def __post_init__(self) -> None:
         self.validate()
@@ -52,6 +66,19 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the MLP's hidden layer (of each of swiglu's two branches)."""
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        if self.activation == "swiglu":
+            return -(-8 * self.n_embd // 3 // 64) * 64
+        return 4 * self.n_embd
 
     def validate(self) -> None:
         for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
@@ -71,11 +98,43 @@ class GPTConfig:
             raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if not self.layer_norm_epsilon > 0:
             raise UserError(f"model.layer_norm_epsilon must be positive, got {self.layer_norm_epsilon}")
-        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+        for name, choices in (("attention", ATTENTION_IMPLEMENTATIONS), ("position", POSITIONS),
+                              ("norm", NORMS), ("activation", ACTIVATIONS)):
+            if getattr(self, name) not in choices:
+                raise UserError(f"model.{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        self._validate_modern_options()
+
+    def _validate_modern_options(self) -> None:
+        if self.position == "rope" and self.head_dim % 2:
             raise UserError(
-                f"model.attention must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)}, "
-                f"got {self.attention!r}"
+                f"model.position=rope rotates pairs of dimensions, so the head dimension "
+                f"(n_embd / n_head = {self.head_dim}) must be even; change model.n_embd or model.n_head"
             )
+        if not (math.isfinite(self.rope_base) and self.rope_base > 1):
+            raise UserError(f"model.rope_base must be a finite number > 1, got {self.rope_base}")
+        if self.n_kv_head is not None and (
+            isinstance(self.n_kv_head, bool) or not isinstance(self.n_kv_head, int)
+            or self.n_kv_head <= 0 or self.n_head % self.n_kv_head
+        ):
+            raise UserError(
+                f"model.n_kv_head ({self.n_kv_head!r}) must be a positive integer dividing model.n_head "
+                f"({self.n_head}); leave it unset for one k/v head per query head"
+            )
+        if self.mlp_hidden is not None and (
+            isinstance(self.mlp_hidden, bool) or not isinstance(self.mlp_hidden, int) or self.mlp_hidden <= 0
+        ):
+            raise UserError(f"model.mlp_hidden must be a positive integer (or unset), got {self.mlp_hidden!r}")
+        if not (math.isfinite(self.logit_softcap) and self.logit_softcap >= 0):
+            raise UserError(f"model.logit_softcap must be a finite number >= 0 (0 is off), got {self.logit_softcap}")
+
+    @property
+    def is_gpt2(self) -> bool:
+        """Whether every option is GPT-2's (so transformers' GPT2LMHeadModel computes the same)."""
+        return (
+            self.position == "learned" and self.norm == "layernorm" and not self.qk_norm
+            and self.activation == "gelu_tanh" and self.hidden_size == 4 * self.n_embd
+            and self.logit_softcap == 0 and self.kv_heads == self.n_head
+        )
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> GPTConfig:

@@ -22,7 +22,7 @@ class KVCache:
     """
 
     def __init__(self, config: GPTConfig, num_slots: int, max_len: int, *, device, dtype):
-        shape = (config.n_layer, num_slots, config.n_head, max_len, config.head_dim)
+        shape = (config.n_layer, num_slots, config.kv_heads, max_len, config.head_dim)
         # Zeros, not empty: a row shorter than the longest still multiplies the masked keys and
         # values past its end, and a NaN in uninitialised memory would survive the mask (0 * NaN).
         self.keys = torch.zeros(shape, device=device, dtype=dtype)

@@ -1,4 +1,6 @@
-"""The GPT-2 model: pre-LayerNorm decoder blocks, tanh-GELU MLP, learned positions, tied embeddings.
+"""The GPT-2 model: pre-LayerNorm decoder blocks, tanh-GELU MLP, learned positions, tied embeddings,
+and the options of the modern recipe (RoPE, RMSNorm, QK-norm, ReLU² / SwiGLU, logit soft-capping,
+zero-initialised projections, grouped-query attention), each off by default.
 
 Module and parameter names follow transformers' GPT2LMHeadModel (``transformer.h.0.attn.c_attn``
 and so on) so that converting weights is a matter of transposing the Conv1D matrices.
@@ -14,37 +16,62 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GPTConfig
-from .ops import Linear
+from .ops import Linear, apply_rope, rope_tables
 
 if TYPE_CHECKING:
     from .kv_cache import CacheRows
+
+Rope = tuple[torch.Tensor, torch.Tensor]
+
+
+def make_norm(config: GPTConfig, dim: int) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=config.layer_norm_epsilon)
+    return nn.LayerNorm(dim, eps=config.layer_norm_epsilon, bias=config.bias)
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_index: int):
         super().__init__()
-        self.n_head = config.n_head
+        self.n_head, self.kv_heads, self.head_dim = config.n_head, config.kv_heads, config.head_dim
         self.n_embd = config.n_embd
         self.layer_index = layer_index
         self.dropout = config.dropout
         self.attention = config.attention
-        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        kv_width = self.kv_heads * self.head_dim
+        self.c_attn = Linear(config.n_embd, config.n_embd + 2 * kv_width, bias=config.bias)
         self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        if config.qk_norm:
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=config.layer_norm_epsilon)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=config.layer_norm_epsilon)
 
     def forward(
         self,
         x: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
         kv_cache: CacheRows | None = None,
+        rope: Rope | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        kv_width = self.kv_heads * self.head_dim
+        q, k, v = self.c_attn(x).split([self.n_embd, kv_width, kv_width], dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim)
+        k = k.view(B, T, self.kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            # Under autocast q and k are bf16 while the gains are float32: cast the gains, so
+            # that the fused kernel runs (it computes the mean square in float32 either way).
+            q = F.rms_norm(q, (self.head_dim,), self.q_norm.weight.to(q.dtype), self.q_norm.eps)
+            k = F.rms_norm(k, (self.head_dim,), self.k_norm.weight.to(k.dtype), self.k_norm.eps)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_index, k, v)
+        if self.kv_heads != self.n_head:
+            k = k.repeat_interleave(self.n_head // self.kv_heads, dim=1)
+            v = v.repeat_interleave(self.n_head // self.kv_heads, dim=1)
         # Without a mask, the queries are the last T of the keys: causal when T > 1, and a
         # single query may see every key.
         is_causal = attn_mask is None and T > 1
@@ -75,24 +102,34 @@ def plain_attention(q, k, v, attn_mask, is_causal, dropout_p):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.activation = config.activation
+        branches = 2 if config.activation == "swiglu" else 1  # swiglu's gate and value, stacked
+        self.c_fc = Linear(config.n_embd, branches * config.hidden_size, bias=config.bias)
+        self.c_proj = Linear(config.hidden_size, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        h = self.c_fc(x)
+        if self.activation == "swiglu":
+            gate, value = h.chunk(2, dim=-1)
+            h = F.silu(gate) * value
+        elif self.activation == "relu2":
+            h = F.relu(h).square()
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
     def __init__(self, config: GPTConfig, layer_index: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.ln_1 = make_norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config, layer_index)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, attn_mask=None, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), attn_mask, kv_cache)
+    def forward(self, x, attn_mask=None, kv_cache=None, rope=None):
+        x = x + self.attn(self.ln_1(x), attn_mask, kv_cache, rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -103,25 +140,30 @@ class GPT(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.embedding_rows, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
-                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
-            )
+        layers = dict(wte=nn.Embedding(config.embedding_rows, config.n_embd))
+        if config.position == "learned":
+            layers["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        layers.update(
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+            ln_f=make_norm(config, config.n_embd),
         )
+        self.transformer = nn.ModuleDict(layers)
         self.lm_head = Linear(config.n_embd, config.embedding_rows, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
         # GPT-2 scales the projections that write into the residual stream, so that the
-        # variance of the stream does not grow with depth.
+        # variance of the stream does not grow with depth; the modern recipe starts them at zero,
+        # so that every block begins as the identity.
         residual_std = 0.02 / math.sqrt(2 * config.n_layer)
         for name, param in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(param, mean=0.0, std=residual_std)
+                if config.zero_init_proj:
+                    nn.init.zeros_(param)
+        if config.zero_init_proj and not config.tie_embeddings:
+            nn.init.zeros_(self.lm_head.weight)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -138,7 +180,7 @@ class GPT(nn.Module):
         """Parameters counted once (tied matrices once); by default without position embeddings,
         which cost no matmul FLOPs."""
         total = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and "wpe" in self.transformer:
             total -= self.transformer.wpe.weight.numel()
         return total
 
@@ -158,7 +200,7 @@ class GPT(nn.Module):
         attn_mask: torch.Tensor | None = None,
         kv_cache: CacheRows | None = None,
     ) -> torch.Tensor:
-        """Final-LayerNorm outputs (B, T, n_embd).
+        """Final-norm outputs (B, T, n_embd).
 
         position_ids: (B, T) or (T,); by default each row's cache start + arange(T) (0.. without
             a cache).
@@ -178,15 +220,28 @@ class GPT(nn.Module):
             if T > self.config.block_size:
                 raise ValueError(f"sequence of {T} tokens exceeds the block size {self.config.block_size}")
             position_ids = torch.arange(T, device=idx.device)
-        x = self.transformer.wte(idx) + self.transformer.wpe(position_ids)
+        x = self.transformer.wte(idx)
+        rope = None
+        if self.config.position == "rope":
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            rope = rope_tables(position_ids, self.config.head_dim, self.config.rope_base, dtype)
+        else:
+            x = x + self.transformer.wpe(position_ids)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, attn_mask, kv_cache)
+            x = block(x, attn_mask, kv_cache, rope)
         return self.transformer.ln_f(x)
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden)
+        if self.config.logit_softcap:
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits.float() / cap)
+        return logits
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits over the real vocabulary (padded rows cut) for hidden states (..., n_embd)."""
-        return self.lm_head(hidden)[..., : self.config.vocab_size].float()
+        return self._head(hidden)[..., : self.config.vocab_size].float()
 
     def untie_head(self) -> None:
         """Give the output head its own copy of the embedding matrix (int8 quantizes the head
@@ -206,7 +261,7 @@ class GPT(nn.Module):
             raise ValueError(
                 f"cannot forward a sequence of {T} tokens: the block size is {self.config.block_size}"
             )
-        logits = self.lm_head(self.hidden_states(idx))
+        logits = self._head(self.hidden_states(idx))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(

@@ -1,10 +1,11 @@
 """Model folders: finding them (hub names, folders, checkpoints, run folders), loading and writing them.
 
 A folder gpt2lab writes holds `gpt2lab.json` (the native config, the tokenizer, and which layout
-`model.safetensors` is in) and the weights: in transformers' GPT-2 layout wherever the model has
-that shape, so the folder is also a transformers model (`config.json`), else in gpt2lab's own
-layout. A folder with `config.json` and no `gpt2lab.json` (the hub's, transformers') is GPT-2's
-layout; so is one whose `gpt2lab.json` names no layout (written before layouts were recorded).
+`model.safetensors` is in) and the weights: in the layout of transformers' GPT-2, Llama or Qwen3
+wherever one of those computes what the model computes, so the folder is also a transformers model
+(`config.json`), else in gpt2lab's own layout. A folder with `config.json` and no `gpt2lab.json`
+(the hub's, transformers') is in the layout of its `model_type`, GPT-2's by default; one whose
+`gpt2lab.json` names no layout (written before layouts were recorded) is GPT-2's.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ from safetensors.torch import load_file
 from .config import GPTConfig
 from .errors import UserError
 from .files import write_atomic
-from .formats import native, transformers_gpt2
+from .formats import (
+    ARCHITECTURES, native, options_without_transformers_equivalent, transformers_gpt2, transformers_layout,
+    transformers_llama,
+)
 from .model import GPT
 from .quantize import quantize_int8
 from .runtime import resolve_device, resolve_dtype
@@ -128,7 +132,10 @@ def read_config(folder: Path) -> GPTConfig:
     hf_config = folder / "config.json"
     if not hf_config.is_file():
         raise UserError(f"{folder} has no config.json; the folder is incomplete")
-    return transformers_gpt2.config_from_hf(_read_json(hf_config), source=str(hf_config))
+    hf = _read_json(hf_config)
+    if hf.get("model_type") in transformers_llama.LAYOUT_OF_MODEL_TYPE:
+        return transformers_llama.config_from_hf(hf, source=str(hf_config))
+    return transformers_gpt2.config_from_hf(hf, source=str(hf_config))
 
 
 # ---- weights ---------------------------------------------------------------------------------
@@ -160,13 +167,19 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     )
 
 
+KNOWN_LAYOUTS = (native.LAYOUT, transformers_gpt2.LAYOUT, *transformers_llama.ARCHITECTURES)
+
+
 def weights_layout(folder: Path) -> str:
-    """The layout of the folder's model.safetensors, as its gpt2lab.json records it."""
+    """The layout of the folder's model.safetensors, as its gpt2lab.json records it (a folder
+    without one: as its config.json's model_type says)."""
     record = folder / NATIVE_RECORD
     if not record.is_file():
-        return transformers_gpt2.LAYOUT
+        hf_config = folder / "config.json"
+        model_type = _read_json(hf_config).get("model_type") if hf_config.is_file() else None
+        return transformers_llama.LAYOUT_OF_MODEL_TYPE.get(model_type, transformers_gpt2.LAYOUT)
     layout = _read_json(record).get("weights", transformers_gpt2.LAYOUT)
-    if layout not in (native.LAYOUT, transformers_gpt2.LAYOUT):
+    if layout not in KNOWN_LAYOUTS:
         raise UserError(
             f"{record} says the weights are in layout {layout!r}, which this gpt2lab does not know; "
             "update gpt2lab or re-export the model"
@@ -178,8 +191,11 @@ def read_state_dict(folder: Path, config: GPTConfig) -> dict[str, torch.Tensor]:
     """Every parameter of GPT(config) (tied matrices once) from the folder's weights, whatever
     their layout, with a UserError for anything missing, extra or of the wrong shape."""
     tensors = read_weights(folder)
-    if weights_layout(folder) == native.LAYOUT:
+    layout = weights_layout(folder)
+    if layout == native.LAYOUT:
         state = native.from_file_tensors(tensors, tie_embeddings=config.tie_embeddings)
+    elif layout in transformers_llama.ARCHITECTURES:
+        state = transformers_llama.to_native(tensors, config)
     else:
         state = transformers_gpt2.to_native(tensors, config)
     return checked_state_dict(state, config, source=str(folder))
@@ -262,24 +278,33 @@ def save_pretrained(
     tokenizer_spec: Any = None,
     extra_record: dict[str, Any] | None = None,
 ) -> Path:
-    """Write `model` as a model folder (config.json + model.safetensors that transformers loads,
-    plus gpt2lab.json); see `write_model_folder`."""
+    """Write `model` as a model folder (gpt2lab.json + model.safetensors, with config.json where
+    transformers has the model's architecture); see `write_model_folder`."""
     return write_model_folder(
         model.state_dict(), model.config, directory, keep_padded_vocab=keep_padded_vocab,
         tokenizer_spec=tokenizer_spec, extra_record=extra_record,
     )
 
 
-def export_for_transformers(model: GPT, directory: str | Path, *, tokenizer_spec: Any = None) -> Path:
-    """What `gpt2lab convert` writes: the transformers model of `model`'s architecture, padded
-    vocabulary rows cut, or a UserError naming what transformers has no equivalent for."""
-    if not transformers_gpt2.supports(model.config):
+def export_layout(config: GPTConfig) -> str:
+    """The transformers layout `convert` writes for `config` (GPT-2's, Llama's or Qwen3's), or a
+    UserError naming the options transformers has no equivalent for."""
+    layout = transformers_layout(config)
+    if layout is None:
+        options = options_without_transformers_equivalent(config)
         raise UserError(
-            "this model's options have no transformers equivalent (GPT2LMHeadModel); "
-            "load its folder with gpt2lab instead of exporting it"
+            f"this model's options have no transformers equivalent: {'; '.join(options)}. "
+            f"gpt2lab convert writes {ARCHITECTURES}. Keep the model folder for gpt2lab (sample, "
+            "eval, serve and gpt2lab.load_model read it), or train with one of those sets of options to export it"
         )
+    return layout
+
+
+def export_for_transformers(model: GPT, directory: str | Path, *, tokenizer_spec: Any = None) -> Path:
+    """What `gpt2lab convert` writes: the transformers model of `model`'s architecture (see
+    `export_layout`), padded vocabulary rows cut."""
     return write_model_folder(
-        model.state_dict(), model.config, directory, tokenizer_spec=tokenizer_spec, layout=transformers_gpt2.LAYOUT
+        model.state_dict(), model.config, directory, tokenizer_spec=tokenizer_spec, layout=export_layout(model.config)
     )
 
 
@@ -297,7 +322,8 @@ def write_model_folder(
 
     The padded rows of the vocabulary are cut unless `keep_padded_vocab` (checkpoints keep them so
     that training resumes exactly). The weights' `layout` (recorded in gpt2lab.json) is by default
-    transformers' GPT-2 wherever the model has GPT-2's shape, else gpt2lab's own.
+    transformers' GPT-2, Llama or Qwen3 wherever that class computes what the model computes, else
+    gpt2lab's own.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -307,9 +333,11 @@ def write_model_folder(
     )
     gpt2_tokens = tokenizer_spec == "gpt2" or (tokenizer_spec is None and config.vocab_size == 50257)
     if layout is None:
-        layout = transformers_gpt2.LAYOUT if transformers_gpt2.supports(config) else native.LAYOUT
+        layout = transformers_layout(config) or native.LAYOUT
     if layout == transformers_gpt2.LAYOUT:
         transformers_gpt2.write(model_state, config, directory, rows=rows, gpt2_tokens=gpt2_tokens)
+    elif layout in transformers_llama.ARCHITECTURES:
+        transformers_llama.write(model_state, config, directory, layout=layout, rows=rows, gpt2_tokens=gpt2_tokens)
     elif layout == native.LAYOUT:
         native.write(model_state, stored_config, directory)
     else:

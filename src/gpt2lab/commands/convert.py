@@ -1,4 +1,4 @@
-"""The `convert` verb: export a model or checkpoint to the transformers GPT-2 format."""
+"""The `convert` verb: export a model or checkpoint as the transformers model of its architecture."""
 
 from __future__ import annotations
 
@@ -10,11 +10,18 @@ from ..cli_options import MODEL_HELP
 def add_convert_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     convert = verbs.add_parser(
         "convert",
-        help="export a model or checkpoint to the transformers GPT-2 format",
+        help="export a model or checkpoint for transformers (GPT-2, Llama or Qwen3)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Write a model as config.json + model.safetensors that transformers' "
-        "GPT2LMHeadModel, vLLM and lm-eval load; a padded vocabulary is cut back to its real size, "
-        "and GPT-2 tokenizer files are written beside it.",
+        description="""\
+Write a model as config.json + model.safetensors that transformers, vLLM and lm-eval load, as
+the architecture that computes exactly what the model computes:
+  GPT2LMHeadModel   GPT-2's options
+  LlamaForCausalLM  position=rope, norm=rmsnorm, activation=swiglu, bias=false, no logit_softcap
+                    (any n_kv_head, mlp_hidden, rope_base; tied embeddings or not)
+  Qwen3ForCausalLM  the same with qk_norm=true
+Other options (relu2, logit_softcap, learned positions with rmsnorm, ...) are refused, naming
+them; such a model folder stays a gpt2lab model. A padded vocabulary is cut back to its real
+size, and GPT-2 tokenizer files are written beside a model of GPT-2's vocabulary.""",
         epilog="""examples:
   gpt2lab convert runs/gpt2-124m --out exported/gpt2-124m
   gpt2lab convert runs/gpt2-124m/checkpoints/step_00019073 --out exported --dtype bfloat16""",
@@ -28,13 +35,14 @@ def add_convert_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from ..pretrained import export_for_transformers, load_model, resolve_model_path
+    from ..pretrained import export_for_transformers, export_layout, load_model, resolve_model_path
     from ..runtime import DTYPES
     from ..tokenizer import load_tokenizer
 
     folder = resolve_model_path(args.model)
     dtype = None if args.dtype == "keep" else DTYPES[args.dtype]
     model = load_model(folder, dtype=dtype)
+    export_layout(model.config)  # a refusal comes before anything else the folder may lack
     spec = load_tokenizer(folder).spec()
     export_for_transformers(model, args.out, tokenizer_spec=spec)
     print(f"wrote {args.out} (config.json, model.safetensors{', tokenizer files' if spec == 'gpt2' else ''})")

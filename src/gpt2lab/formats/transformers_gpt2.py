@@ -27,17 +27,16 @@ BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
 
 def supports(config: GPTConfig) -> bool:
-    """Whether transformers' GPT2LMHeadModel computes what GPT(config) computes. Every option
-    GPTConfig has today keeps a GPT-2 shape (a model without biases is one with zero biases);
-    options GPT-2 lacks (other positions, norms, activations) will answer False here."""
-    return True
+    """Whether transformers' GPT2LMHeadModel computes what GPT(config) computes: every option
+    GPT-2's (a model without biases is one with zero biases; initialisation does not matter)."""
+    return config.is_gpt2
 
 
 def config_from_hf(hf: dict[str, Any], *, source: str = "config.json") -> GPTConfig:
     """GPTConfig from a transformers GPT2Config dict, refusing options this model lacks."""
     model_type = hf.get("model_type", "gpt2")
     if model_type != "gpt2":
-        raise UserError(f"{source} describes a {model_type!r} model; gpt2lab loads GPT-2 models only")
+        raise UserError(f"{source} describes a {model_type!r} model; gpt2lab loads GPT-2, Llama and Qwen3 models only")
     activation = hf.get("activation_function", "gelu_new")
     if activation not in ("gelu_new", "gelu_pytorch_tanh"):
         raise UserError(f"{source}: activation {activation!r} is not GPT-2's tanh GELU")
@@ -135,11 +134,18 @@ def from_native(model_state: dict[str, torch.Tensor], config: GPTConfig, rows: i
 def write(
     model_state: dict[str, torch.Tensor], config: GPTConfig, directory: Path, *, rows: int, gpt2_tokens: bool
 ) -> None:
-    """`model.safetensors` + `config.json` that transformers loads as GPT2LMHeadModel; with GPT-2's
-    tokenizer also its vocab.json / merges.txt, so that AutoTokenizer and lm-eval find it."""
+    """`model.safetensors` + `config.json` that transformers loads as GPT2LMHeadModel."""
     dtype = model_state["transformer.wte.weight"].dtype
     hf_config = config_to_hf(config, rows, dtype=dtype, gpt2_tokens=gpt2_tokens)
-    tensors = from_native(model_state, config, rows)
+    write_folder(directory, from_native(model_state, config, rows), hf_config, config, gpt2_tokens=gpt2_tokens)
+
+
+def write_folder(
+    directory: Path, tensors: dict[str, torch.Tensor], hf_config: dict[str, Any], config: GPTConfig, *,
+    gpt2_tokens: bool,
+) -> None:
+    """A transformers model folder of any architecture: the tensors and `config.json`; with GPT-2's
+    tokenizer also its vocab.json / merges.txt, so that AutoTokenizer and lm-eval find it."""
     write_atomic(directory / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     write_atomic(directory / "config.json", lambda p: p.write_text(json.dumps(hf_config, indent=2) + "\n"))
     if gpt2_tokens:

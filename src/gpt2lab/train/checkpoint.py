@@ -2,7 +2,7 @@
 
     checkpoints/step_00000250/
         model.safetensors                the model, padded vocabulary kept: transformers' layout
-        config.json                      where the model has GPT-2's shape, else gpt2lab's own
+        config.json                      where it has GPT-2's, Llama's or Qwen3's shape, else gpt2lab's own
         gpt2lab.json                     native model config, weights layout, tokenizer, training config
         optimizer.pt                     optimizer (and grad scaler) state, read with weights_only=True
         state.json                       step, tokens, loader position, RNG states, validation loss

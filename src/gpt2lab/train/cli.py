@@ -16,17 +16,25 @@ TRAIN_EPILOG = """presets:
   gpt2-124m              build-nanogpt's GPT-2 (124M) on FineWeb-EDU 10B: 0.5M tokens/step, 19,073 steps
   gpt2-350m, gpt2-774m, gpt2-1558m   llm.c's larger GPT-2 runs
   finetune-shakespeare   OpenAI's gpt2 weights fine-tuned on Tiny Shakespeare (BPE), constant lr
+  speedrun-char-cpu      the modern recipe (RoPE, RMSNorm, QK-norm, ReLU², Muon, WSD) at the CPU run's size
+  speedrun-124m          the modern recipe at 124M on FineWeb-EDU, one GPU (8: add --nproc 8); docs/recipes.md
 
 settings (--set key=value, or the same keys in a TOML file given with --config):
   model.*        n_layer n_head n_embd block_size vocab_size padded_vocab_size bias dropout
-                 tie_embeddings attention (sdpa|plain)
+                 tie_embeddings attention (sdpa|plain); the modern recipe, each off by default:
+                 position (learned|rope) rope_base norm (layernorm|rmsnorm) qk_norm
+                 activation (gelu_tanh|relu2|swiglu) mlp_hidden logit_softcap (0 = off)
+                 zero_init_proj n_kv_head (grouped-query attention; unset = n_head)
   init_from      scratch, or a model to start from (gpt2, a folder, a checkpoint)
   data.*         path (a folder made by `gpt2lab prepare`) train_split val_split shuffle
                  random_offset
   batch.*        total_tokens (per optimizer step; 0 = one micro-batch) micro_batch seq_len
   max_steps | max_tokens
-  optim.*        name (adamw|sgd) lr min_lr weight_decay beta1 beta2 eps momentum fused grad_clip
-  schedule.*     kind (cosine|constant) warmup_steps decay_steps
+  optim.*        name (adamw|sgd|muon) lr min_lr weight_decay beta1 beta2 eps momentum fused grad_clip
+                 muon_lr muon_momentum muon_weight_decay muon_ns_steps (Muon on the hidden
+                 matrices, AdamW at lr on embeddings, head, gains and biases)
+  schedule.*     kind (cosine|constant|wsd) warmup_steps decay_steps decay_fraction (wsd: the
+                 last share of the run, decaying linearly to min_lr)
   eval.*         interval batches (0 = whole split) at_start final_full sample_interval
                  sample_prompt sample_tokens hellaswag_interval (0 = off) hellaswag_limit
                  (0 = all) hellaswag_file (a local .jsonl instead of the download)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -31,8 +32,8 @@ class BatchSettings:
 
 @dataclass
 class OptimSettings:
-    name: Literal["adamw", "sgd"] = "adamw"
-    lr: float = 6e-4
+    name: Literal["adamw", "sgd", "muon"] = "adamw"  # muon: Muon on the hidden matrices, AdamW on the rest
+    lr: float = 6e-4  # with muon: the rate of the AdamW groups (embeddings, head, gains, biases)
     min_lr: float = 6e-5
     weight_decay: float = 0.1  # on matrices and embeddings only (tensors of 2+ dimensions)
     beta1: float = 0.9
@@ -41,14 +42,19 @@ class OptimSettings:
     momentum: float = 0.9  # SGD only
     fused: bool = True  # the fused AdamW kernel where this PyTorch has it for the device
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    muon_lr: float = 0.02  # Muon's rate for the hidden matrices (the schedule scales it as lr)
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
+    muon_ns_steps: int = 5  # Newton-Schulz iterations of the orthogonalization
 
 
 @dataclass
 class ScheduleSettings:
-    kind: Literal["cosine", "constant"] = "cosine"
+    kind: Literal["cosine", "constant", "wsd"] = "cosine"
     warmup_steps: int = 0
-    # Cosine decay ends at min_lr on this step (0: at max_steps) and stays there.
+    # The decay ends at min_lr on this step (0: at max_steps) and stays there.
     decay_steps: int = 0
+    decay_fraction: float = 0.2  # wsd: the share of the run (up to decay_steps) spent decaying
 
 
 @dataclass
@@ -188,7 +194,31 @@ class TrainConfig:
             value = getattr(self.optim, key)
             if not 0 <= value < 1:
                 raise UserError(f"optim.{key} must be in [0, 1), got {value}")
+        self._validate_muon_and_schedule()
         self.grad_accum_steps(world_size)
+
+    def _validate_muon_and_schedule(self) -> None:
+        optim = self.optim
+        if optim.name == "muon":
+            if not (math.isfinite(optim.muon_lr) and optim.muon_lr > 0):
+                raise UserError(f"optim.muon_lr must be a finite number > 0, got {optim.muon_lr}")
+            if not 0 <= optim.muon_momentum < 1:
+                raise UserError(f"optim.muon_momentum must be in [0, 1), got {optim.muon_momentum}")
+            if optim.muon_ns_steps < 1:
+                raise UserError(f"optim.muon_ns_steps must be at least 1, got {optim.muon_ns_steps}")
+            if optim.muon_weight_decay < 0:
+                raise UserError(f"optim.muon_weight_decay must be >= 0, got {optim.muon_weight_decay}")
+            if optim.momentum != OptimSettings.momentum:
+                raise UserError(
+                    "optim.momentum is SGD's setting; with optim.name=muon set optim.muon_momentum "
+                    "(the hidden matrices) or optim.beta1 (the AdamW groups) instead"
+                )
+        if not 0 < self.schedule.decay_fraction <= 1:
+            raise UserError(f"schedule.decay_fraction must be in (0, 1], got {self.schedule.decay_fraction}")
+
+
+MODERN_OPTIONS = dict(position="rope", norm="rmsnorm", qk_norm=True, activation="relu2", tie_embeddings=False,
+                      zero_init_proj=True)
 
 
 def _char_model(**values) -> GPTConfig:
@@ -219,6 +249,37 @@ PRESETS: dict[str, TrainConfig] = {
         eval=EvalSettings(interval=250, batches=20, sample_interval=1000, sample_prompt="\n", sample_tokens=200),
         checkpoint=CheckpointSettings(interval=1000),
         system=SystemSettings(device="cpu", precision="fp32"),
+    ),
+    # The modern recipe at the CPU run's size (docs/recipes.md): RoPE, RMSNorm, QK-norm, ReLU²,
+    # an untied head, zero-initialised projections, Muon and a WSD schedule.
+    "speedrun-char-cpu": TrainConfig(
+        model=_char_model(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, **MODERN_OPTIONS),
+        data=DataSettings(path="data/shakespeare-char"),
+        # Twice the CPU run's batch for half its steps (and 4 Newton-Schulz steps, not 5): Muon's
+        # cost is per step, and at this size it is a quarter of a step (docs/recipes.md).
+        batch=BatchSettings(micro_batch=24, seq_len=64),
+        max_steps=950,
+        optim=OptimSettings(name="muon", lr=3e-3, min_lr=1e-4, beta2=0.99, weight_decay=0.0, muon_lr=0.03,
+                            muon_ns_steps=4),
+        schedule=ScheduleSettings(kind="wsd", warmup_steps=50, decay_fraction=0.5),
+        eval=EvalSettings(interval=250, batches=20, sample_interval=500, sample_prompt="\n", sample_tokens=200),
+        checkpoint=CheckpointSettings(interval=500),
+        system=SystemSettings(device="cpu", precision="fp32"),
+    ),
+    # The modern recipe at GPT-2 (124M) size on FineWeb-EDU, one GPU (docs/recipes.md).
+    "speedrun-124m": TrainConfig(
+        model=GPTConfig(n_layer=12, n_head=6, n_embd=768, block_size=1024, padded_vocab_size=GPT2_PADDED_VOCAB_SIZE,
+                        bias=False, logit_softcap=30.0, **MODERN_OPTIONS),
+        data=DataSettings(path="data/fineweb-edu"),
+        batch=BatchSettings(total_tokens=524_288, micro_batch=32, seq_len=1024),
+        max_tokens=3_200_000_000,
+        optim=OptimSettings(name="muon", lr=4e-3, min_lr=0.0, weight_decay=0.0, beta1=0.9, beta2=0.95,
+                            muon_lr=0.05, grad_clip=0.0),
+        schedule=ScheduleSettings(kind="wsd", warmup_steps=0, decay_fraction=0.3),
+        eval=EvalSettings(interval=250, batches=20, sample_interval=1000, sample_prompt="Hello, I'm a language model,",
+                          sample_tokens=32, hellaswag_interval=1000),
+        checkpoint=CheckpointSettings(interval=2000),
+        system=SystemSettings(precision="bf16", compile=True),
     ),
     # build-nanogpt's GPT-2 (124M) reproduction on FineWeb-EDU sample-10BT.
     "gpt2-124m": TrainConfig(

@@ -36,7 +36,7 @@ from .checkpoint import (
 from .config import EvalSettings, SystemSettings, TrainConfig
 from .distributed import all_reduce_max, finish_together, init_distributed, shard_model
 from .metrics import MetricsLog, peak_flops_for
-from .optim import build_optimizer, learning_rate
+from .optim import build_optimizer, learning_rate, set_learning_rate
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -287,8 +287,7 @@ class Trainer:
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over `grad_accum` micro-batches; returns (mean loss, gradient norm)."""
         lr = learning_rate(self.step, self.config.optim, self.config.schedule, self.total_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rate(self.optimizer, lr)
         loss_sum = torch.zeros((), device=self.device)
         for micro_step in range(self.grad_accum):
             # Gradients are averaged across ranks once, on the last micro-step.
