@@ -8,6 +8,7 @@ names the layout (`"weights": "gpt2lab"`) so that a reader never has to guess.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -18,15 +19,18 @@ from ..files import write_atomic
 LAYOUT = "gpt2lab"
 
 
-def to_file_tensors(model_state: dict[str, torch.Tensor], *, tie_embeddings: bool) -> dict[str, torch.Tensor]:
-    """CPU copies of a state dict's tensors, torch.compile's prefix removed, the tied head once."""
-    tensors = {}
+def stored_parameters(
+    model_state: dict[str, torch.Tensor], *, tie_embeddings: bool, rows: int
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of each parameter a model folder stores, whatever its layout: names without
+    torch.compile's `_orig_mod.`, the tied head once (as the embedding), `rows` vocabulary rows."""
     for name, tensor in model_state.items():
         name = name.replace("_orig_mod.", "")
         if name == "lm_head.weight" and tie_embeddings:
             continue
-        tensors[name] = tensor.detach().to("cpu").contiguous().clone()
-    return tensors
+        if name in ("transformer.wte.weight", "lm_head.weight"):
+            tensor = tensor[:rows]
+        yield name, tensor.detach()
 
 
 def from_file_tensors(tensors: dict[str, torch.Tensor], *, tie_embeddings: bool) -> dict[str, torch.Tensor]:
@@ -36,9 +40,9 @@ def from_file_tensors(tensors: dict[str, torch.Tensor], *, tie_embeddings: bool)
 
 def write(model_state: dict[str, torch.Tensor], config: GPTConfig, directory: Path) -> None:
     """model.safetensors in this layout, the vocabulary cut to the config's embedding rows."""
-    tensors = to_file_tensors(model_state, tie_embeddings=config.tie_embeddings)
-    for name in ("transformer.wte.weight", "lm_head.weight"):
-        if name in tensors:
-            tensors[name] = tensors[name][: config.embedding_rows].contiguous()
+    tensors = {
+        name: tensor.to("cpu").contiguous().clone()
+        for name, tensor in stored_parameters(model_state, tie_embeddings=config.tie_embeddings, rows=config.embedding_rows)
+    }
     metadata = {"format": "pt", "layout": LAYOUT}
     write_atomic(directory / "model.safetensors", lambda p: save_file(tensors, str(p), metadata=metadata))

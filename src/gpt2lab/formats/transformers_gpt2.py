@@ -19,6 +19,7 @@ from ..config import GPTConfig
 from ..errors import UserError
 from ..files import write_atomic
 from ..tokenizer import packaged_vocabulary
+from . import native
 
 LAYOUT = "transformers-gpt2"
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -113,15 +114,10 @@ def to_native(hf_tensors: dict[str, torch.Tensor], config: GPTConfig) -> dict[st
 def from_native(model_state: dict[str, torch.Tensor], config: GPTConfig, rows: int) -> dict[str, torch.Tensor]:
     """Tensors named and shaped as transformers' GPT2LMHeadModel stores them, `rows` vocabulary rows."""
     state = {}
-    for name, tensor in model_state.items():
-        name = name.replace("_orig_mod.", "")
-        if name == "lm_head.weight" and config.tie_embeddings:
-            continue
+    for name, tensor in native.stored_parameters(model_state, tie_embeddings=config.tie_embeddings, rows=rows):
         if name.endswith(CONV1D_SUFFIXES):
             tensor = tensor.t()
-        if name in ("transformer.wte.weight", "lm_head.weight"):
-            tensor = tensor[:rows]
-        state[name] = tensor.detach().to("cpu").contiguous().clone()
+        state[name] = tensor.to("cpu").contiguous().clone()
     if not config.bias:
         # transformers' GPT-2 always has biases: a model without them is one with zero biases.
         for name, tensor in list(state.items()):

@@ -21,7 +21,7 @@ import torch
 from ..config import GPTConfig
 from ..errors import UserError
 from ..tokenizer import GPT2_EOT_TOKEN
-from . import transformers_gpt2
+from . import native, transformers_gpt2
 
 LLAMA_LAYOUT = "transformers-llama"
 QWEN3_LAYOUT = "transformers-qwen3"
@@ -144,12 +144,7 @@ def from_native(model_state: dict[str, torch.Tensor], config: GPTConfig, rows: i
     kv_width = config.kv_heads * config.head_dim
     splits = {"attn.c_attn.weight": [config.n_embd, kv_width, kv_width], "mlp.c_fc.weight": [config.hidden_size] * 2}
     state = {}
-    for name, tensor in model_state.items():
-        name = name.replace("_orig_mod.", "")
-        if name == "lm_head.weight" and config.tie_embeddings:
-            continue
-        if name in ("transformer.wte.weight", "lm_head.weight"):
-            tensor = tensor[:rows]
+    for name, tensor in native.stored_parameters(model_state, tie_embeddings=config.tie_embeddings, rows=rows):
         if name in OUTSIDE_BLOCKS:
             state[OUTSIDE_BLOCKS[name]] = tensor
             continue
@@ -162,7 +157,7 @@ def from_native(model_state: dict[str, torch.Tensor], config: GPTConfig, rows: i
                 state[prefix + part] = piece
         else:
             state[prefix + IN_BLOCKS[inner]] = tensor
-    return {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in state.items()}
+    return {name: tensor.to("cpu").contiguous().clone() for name, tensor in state.items()}
 
 
 def to_native(hf_tensors: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
