@@ -137,3 +137,19 @@ def test_no_grad_loss_matches_and_int8_models_still_give_a_loss():
         assert abs(loss.item() - full_logits_loss(model, idx, targets).item()) < 1e-5
         int8 = quantize_int8(model)
         assert abs(int8(idx, targets)[1].item() - loss.item()) < 0.05
+
+
+def test_a_frozen_head_gets_no_gradient_and_the_rest_the_same(small_chunks):
+    """Fine-tuning with the head frozen (LoRA): the weight's gradient is neither computed nor
+    returned, and hidden's is unchanged."""
+    torch.manual_seed(0)
+    model = GPT(tiny(tie_embeddings=False))
+    idx, targets = torch.randint(0, 100, (2, 12)), torch.randint(0, 100, (2, 12))
+    _, want = loss_and_grads(model, full_logits_loss, idx, targets)
+    model.lm_head.weight.requires_grad_(False)
+    model.zero_grad(set_to_none=True)
+    model(idx, targets)[1].backward()
+    assert model.lm_head.weight.grad is None
+    for name, param in model.named_parameters():
+        if name != "lm_head.weight":
+            assert torch.allclose(param.grad, want[name], atol=1e-5, rtol=1e-4), name

@@ -104,12 +104,13 @@ def _chunk_rows(vocab: int) -> int:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of softcap(hidden @ weight.T) over the rows whose target is not -1,
-    computed a chunk of rows at a time. With need_grad the gradients of a chunk are computed while
-    its logits are at hand, so that backward only scales them by the incoming gradient: no step
-    holds more than one chunk's logits, and the head's matmuls are not recomputed."""
+    computed a chunk of rows at a time. The gradients a chunk owes (hidden's with need_h, the
+    weight's with need_w) are computed while its logits are at hand, so that backward only scales
+    them by the incoming gradient: no step holds more than one chunk's logits, and the head's
+    matmuls are not recomputed."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, dtype, softcap, need_grad):
+    def forward(ctx, hidden, weight, targets, dtype, softcap, need_h, need_w):
         h = hidden.reshape(-1, hidden.size(-1)).to(dtype)
         w = weight.to(dtype)
         t = targets.reshape(-1)
@@ -119,9 +120,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # F.cross_entropy's mean over the counted targets (NaN when there are none, as there).
         scale = 1.0 / valid.sum().to(acc)
         total = torch.zeros((), dtype=acc, device=h.device)
-        grad_h = torch.empty(h.shape, dtype=acc, device=h.device) if need_grad else None
-        grad_w = torch.zeros(w.shape, dtype=acc, device=h.device) if need_grad else None
-        w_t = _transposed(w) if need_grad else None
+        grad_h = torch.empty(h.shape, dtype=acc, device=h.device) if need_h else None
+        grad_w = torch.zeros(w.shape, dtype=acc, device=h.device) if need_w else None
+        w_t = _transposed(w) if need_h else None
         rows = _chunk_rows(w.size(0))
         for start in range(0, h.size(0), rows):
             part = slice(start, start + rows)
@@ -131,15 +132,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
             lse = torch.logsumexp(logits, dim=-1, keepdim=True)
             nll = (lse - logits.gather(1, picked[part]))[:, 0]
             total += torch.where(valid[part], nll, 0).sum()
-            if need_grad:
+            if need_h or need_w:
                 grad = (logits - lse).exp_()
                 grad.scatter_add_(1, picked[part], torch.full_like(lse, -1.0))
                 grad *= (valid[part].to(acc) * scale)[:, None]
                 if softcap:
                     grad *= 1 - (logits / softcap).square()
                 grad = grad.to(dtype)
-                grad_h[part] = linear(grad, w_t)
-                grad_w += linear(grad.t(), _transposed(h[part]))
+                if need_h:
+                    grad_h[part] = linear(grad, w_t)
+                if need_w:
+                    grad_w += linear(grad.t(), _transposed(h[part]))
         ctx.save_for_backward(grad_h, grad_w)
         ctx.input_types = (hidden.shape, hidden.dtype, weight.dtype)
         return total * scale
@@ -149,8 +152,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
         shape, hidden_dtype, weight_dtype = ctx.input_types
-        grad_hidden = (grad_h * grad_loss).view(shape).to(hidden_dtype)
-        return grad_hidden, (grad_w * grad_loss).to(weight_dtype), None, None, None, None
+        grad_hidden = None if grad_h is None else (grad_h * grad_loss).view(shape).to(hidden_dtype)
+        grad_weight = None if grad_w is None else (grad_w * grad_loss).to(weight_dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -165,7 +169,8 @@ def linear_cross_entropy(
         dtype = torch.get_autocast_dtype(device)
     else:
         dtype = torch.promote_types(hidden.dtype, weight.dtype)
-    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    grad_mode = torch.is_grad_enabled()
+    need_h, need_w = grad_mode and hidden.requires_grad, grad_mode and weight.requires_grad
     # The dtypes are chosen above; inside, autocast would only keep oneDNN from the matmuls.
     with torch.autocast(device, enabled=False):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, dtype, float(softcap), need_grad)
+        return _LinearCrossEntropy.apply(hidden, weight, targets, dtype, float(softcap), need_h, need_w)
