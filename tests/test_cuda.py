@@ -33,8 +33,8 @@ def grads_of(model, loss):
 
 
 @pytest.mark.parametrize("softcap", [0.0, 5.0])
-def test_chunked_loss_matches_the_full_logits_on_the_gpu(softcap):
-    torch.backends.cuda.matmul.allow_tf32 = False
+def test_chunked_loss_matches_the_full_logits_on_the_gpu(softcap, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # float32 as float32
     torch.manual_seed(0)
     config = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=1000, padded_vocab_size=1024,
                        logit_softcap=softcap)
