@@ -153,3 +153,21 @@ def test_a_frozen_head_gets_no_gradient_and_the_rest_the_same(small_chunks):
     for name, param in model.named_parameters():
         if name != "lm_head.weight":
             assert torch.allclose(param.grad, want[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_chunks_hold_a_bounded_number_of_logits_and_are_never_more_than_max_chunks():
+    assert ops._chunk_rows(50304, 8 * 1024) == 640  # 13 chunks of B=8, T=1024
+    assert ops._chunk_rows(50304, 64 * 1024) == 2048  # B=64: 32 chunks, not 103
+    assert ops._chunk_rows(65, 12 * 64) >= 12 * 64  # a character vocabulary: one chunk
+    assert ops._chunk_rows(10**9, 5) == 1
+
+
+def test_many_rows_split_into_max_chunks_give_the_same_loss(monkeypatch):
+    monkeypatch.setattr(ops, "CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(ops, "MAX_CHUNKS", 4)
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, dtype=torch.float64)
+    weight = torch.randn(50, 16, dtype=torch.float64)
+    targets = torch.randint(0, 50, (37,))
+    expected = F.cross_entropy(hidden @ weight.T, targets)
+    assert abs(ops.linear_cross_entropy(hidden, weight, targets).item() - expected.item()) < 1e-12

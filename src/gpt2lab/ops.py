@@ -90,6 +90,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # Logits held at once by the loss: 2**25 float32 values (128 MiB), 640 rows of GPT-2's padded
 # vocabulary, where the full logits of B=8, T=1024 are 1.6 GiB in float32 and held several times.
 CHUNK_ELEMENTS = 2**25
+# At most this many chunks: torch.compile unrolls the loop, and 100 chunks of B=64, T=1024 would
+# cost minutes of compiling; there the chunks grow instead (2048 rows, still 1/32 of the logits).
+MAX_CHUNKS = 32
 
 
 def _transposed(x: torch.Tensor) -> torch.Tensor:
@@ -97,9 +100,11 @@ def _transposed(x: torch.Tensor) -> torch.Tensor:
     return x.t().contiguous() if x.device.type == "cpu" else x.t()
 
 
-def _chunk_rows(vocab: int) -> int:
+def _chunk_rows(vocab: int, rows_in_all: int) -> int:
     rows = max(1, CHUNK_ELEMENTS // vocab)
-    return rows - rows % 64 if rows > 64 else rows
+    if rows > 64:
+        rows -= rows % 64  # whole tiles of the matmul
+    return max(rows, -(-rows_in_all // MAX_CHUNKS))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -123,7 +128,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty(h.shape, dtype=acc, device=h.device) if need_h else None
         grad_w = torch.zeros(w.shape, dtype=acc, device=h.device) if need_w else None
         w_t = _transposed(w) if need_h else None
-        rows = _chunk_rows(w.size(0))
+        rows = _chunk_rows(w.size(0), h.size(0))
         for start in range(0, h.size(0), rows):
             part = slice(start, start + rows)
             logits = linear(h[part], w).to(acc)
