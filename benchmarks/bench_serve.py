@@ -35,9 +35,9 @@ from gpt2lab import GPT, GPTConfig
 MODEL = dict(n_layer=4, n_head=4, n_embd=128, block_size=1024, vocab_size=50257)
 
 
-def start_server(folder: Path, max_concurrency: int, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(folder: Path, max_concurrency: int, log: Path, device: str = "cpu") -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "gpt2lab", "serve", "--model", str(folder), "--port", "0", "--device", "cpu",
+        [sys.executable, "-m", "gpt2lab", "serve", "--model", str(folder), "--port", "0", "--device", device,
          "--max-concurrency", str(max_concurrency), "--log-level", "warning"],
         stderr=log.open("w"),
     )

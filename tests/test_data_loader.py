@@ -187,6 +187,7 @@ def test_accepts_an_open_dataset_as_well_as_a_folder(folder):
     assert torch.equal(from_dataset.next_batch()[0], from_folder.next_batch()[0])
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
 def test_pinned_batches(folder):
     x, y = TokenLoader(folder, batch_size=4, seq_len=T, pin_memory=True).next_batch()

@@ -20,7 +20,7 @@ STAGES = [
                "pretrained"]),
     ("model libraries", ["generate", "eval", "eval.loss", "eval.hellaswag"]),
     ("train", ["train", "train.config", "train.muon", "train.optim", "train.distributed", "train.metrics", "train.checkpoint",
-               "train.trainer"]),
+               "train.profiling", "train.trainer"]),
     ("api", ["api", ""]),
 ]
 

@@ -129,8 +129,9 @@ def test_bf16_autocast_training_step_runs_and_matches_fp32_roughly():
     idx = torch.randint(0, 64, (2, 16))
     _, loss32 = model(idx[:, :-1], idx[:, 1:])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits, loss16 = model(idx[:, :-1], idx[:, 1:])
-    assert logits.dtype == torch.bfloat16 and loss16.dtype == torch.float32
+        logits, _ = model(idx[:, :-1])
+        no_logits, loss16 = model(idx[:, :-1], idx[:, 1:])
+    assert logits.dtype == torch.bfloat16 and loss16.dtype == torch.float32 and no_logits is None
     assert abs(loss16.item() - loss32.item()) < 0.05
     loss16.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

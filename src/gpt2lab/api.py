@@ -20,7 +20,7 @@ from . import pretrained
 
 
 class GPT(transformer.GPT):
-    """GPT-2. ``logits, loss = model(idx, targets)``; logits cover every position."""
+    """GPT-2. ``logits, _ = model(idx)``: logits for every position; ``_, loss = model(idx, targets)``."""
 
     @classmethod
     def from_pretrained(cls, spec: str | Path, **options: Any) -> GPT:

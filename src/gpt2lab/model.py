@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GPTConfig
-from .ops import Linear, apply_rope, rope_tables
+from .ops import Linear, apply_rope, linear_cross_entropy, rope_tables
 
 if TYPE_CHECKING:
     from .kv_cache import CacheRows
@@ -134,7 +134,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """GPT-2. ``logits, loss = model(idx, targets)``; logits cover every position."""
+    """GPT-2. ``logits, _ = model(idx)``: logits for every position; ``_, loss = model(idx, targets)``."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -249,11 +249,21 @@ class GPT(nn.Module):
         if self.lm_head.weight is self.transformer.wte.weight:
             self.lm_head.weight = nn.Parameter(self.transformer.wte.weight.detach().clone())
 
+    def loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over the targets that are not -1, from hidden states (B, T, n_embd),
+        chunk by chunk (`ops.linear_cross_entropy`): the (B, T, rows) logits are never built. The
+        padded rows take part in the softmax, as they did in the loss over the full logits."""
+        if isinstance(self.lm_head, nn.Linear):
+            return linear_cross_entropy(hidden, self.lm_head.weight, targets, self.config.logit_softcap)
+        logits = self._head(hidden)  # an int8 head (quantize) has no weight matrix to chunk
+        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, embedding rows) for every position, and the mean cross-entropy over the
-        targets that are not -1 when targets are given."""
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Without targets: (logits (B, T, embedding rows) for every position, None). With targets:
+        (None, the mean cross-entropy over the targets that are not -1), computed without the full
+        logits (`loss`); `model(idx)` or `model.logits(model.hidden_states(idx))` give those."""
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape (batch, time), got {tuple(idx.shape)}")
         T = idx.size(1)
@@ -261,13 +271,9 @@ class GPT(nn.Module):
             raise ValueError(
                 f"cannot forward a sequence of {T} tokens: the block size is {self.config.block_size}"
             )
-        logits = self._head(self.hidden_states(idx))
-        loss = None
+        hidden = self.hidden_states(idx)
         if targets is not None:
-            loss = F.cross_entropy(
-                logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1
-            )
-        return logits, loss
-
+            return None, self.loss(hidden, targets)
+        return self._head(hidden), None
 
 __all__ = ["GPT", "GPTConfig", "plain_attention"]

@@ -83,3 +83,99 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
         cos, sin = cos[:, None], sin[:, None]
     first, second = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-second, first), dim=-1) * sin
+
+
+# ---- the head and the loss, chunk by chunk -------------------------------------------------------
+
+# Logits held at once by the loss: 2**25 float32 values (128 MiB), 640 rows of GPT-2's padded
+# vocabulary, where the full logits of B=8, T=1024 are 1.6 GiB in float32 and held several times.
+CHUNK_ELEMENTS = 2**25
+# At most this many chunks: torch.compile unrolls the loop, and 100 chunks of B=64, T=1024 would
+# cost minutes of compiling; there the chunks grow instead (2048 rows, still 1/32 of the logits).
+MAX_CHUNKS = 32
+
+
+def _transposed(x: torch.Tensor) -> torch.Tensor:
+    """x.T as `linear` takes a weight: oneDNN on the CPU wants it contiguous, cuBLAS does not."""
+    return x.t().contiguous() if x.device.type == "cpu" else x.t()
+
+
+def _chunk_rows(vocab: int, rows_in_all: int) -> int:
+    rows = max(1, CHUNK_ELEMENTS // vocab)
+    if rows > 64:
+        rows -= rows % 64  # whole tiles of the matmul
+    return max(rows, -(-rows_in_all // MAX_CHUNKS))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of softcap(hidden @ weight.T) over the rows whose target is not -1,
+    computed a chunk of rows at a time. The gradients a chunk owes (hidden's with need_h, the
+    weight's with need_w) are computed while its logits are at hand, so that backward only scales
+    them by the incoming gradient: no step holds more than one chunk's logits, and the head's
+    matmuls are not recomputed."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, dtype, softcap, need_h, need_w):
+        h = hidden.reshape(-1, hidden.size(-1)).to(dtype)
+        w = weight.to(dtype)
+        t = targets.reshape(-1)
+        valid = t != -1
+        picked = t.clamp(min=0)[:, None]
+        acc = torch.promote_types(dtype, torch.float32)
+        # F.cross_entropy's mean over the counted targets (NaN when there are none, as there).
+        scale = 1.0 / valid.sum().to(acc)
+        total = torch.zeros((), dtype=acc, device=h.device)
+        grad_h = torch.empty(h.shape, dtype=acc, device=h.device) if need_h else None
+        grad_w = torch.zeros(w.shape, dtype=acc, device=h.device) if need_w else None
+        w_t = _transposed(w) if need_h else None
+        rows = _chunk_rows(w.size(0), h.size(0))
+        for start in range(0, h.size(0), rows):
+            part = slice(start, start + rows)
+            logits = linear(h[part], w).to(acc)
+            if softcap:
+                logits = softcap * torch.tanh(logits / softcap)
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            nll = (lse - logits.gather(1, picked[part]))[:, 0]
+            total += torch.where(valid[part], nll, 0).sum()
+            if need_h or need_w:
+                grad = (logits - lse).exp_()
+                grad.scatter_add_(1, picked[part], torch.full_like(lse, -1.0))
+                grad *= (valid[part].to(acc) * scale)[:, None]
+                if softcap:
+                    grad *= 1 - (logits / softcap).square()
+                grad = grad.to(dtype)
+                if need_h:
+                    grad_h[part] = linear(grad, w_t)
+                if need_w:
+                    grad_w += linear(grad.t(), _transposed(h[part]))
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.input_types = (hidden.shape, hidden.dtype, weight.dtype)
+        return total * scale
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        shape, hidden_dtype, weight_dtype = ctx.input_types
+        grad_hidden = None if grad_h is None else (grad_h * grad_loss).view(shape).to(hidden_dtype)
+        grad_weight = None if grad_w is None else (grad_w * grad_loss).to(weight_dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float = 0.0
+) -> torch.Tensor:
+    """F.cross_entropy(softcap(hidden @ weight.T).float(), targets, ignore_index=-1) without the
+    full logits: hidden (..., n_embd), weight (rows, n_embd), targets (...) of row indices or -1.
+    The matmuls run in autocast's dtype where it is on (as a linear layer's would), the softmax in
+    float32; every row of the weight takes part, as in the loss over the full logits."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    else:
+        dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    grad_mode = torch.is_grad_enabled()
+    need_h, need_w = grad_mode and hidden.requires_grad, grad_mode and weight.requires_grad
+    # The dtypes are chosen above; inside, autocast would only keep oneDNN from the matmuls.
+    with torch.autocast(device, enabled=False):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, dtype, float(softcap), need_h, need_w)

@@ -66,7 +66,8 @@ def run_ladder(args) -> list[dict]:
             changes += [f"{k}={v}" for k, v in rung_changes.items()]
             if args.rungs and rung + 1 not in args.rungs:
                 continue
-            config = apply_overrides(base, changes)
+            profiled = [f"system.profile_steps={args.steps}"] if args.profile else []
+            config = apply_overrides(base, changes + profiled)
             run_dir = scratch / f"rung{rung}"
             trainer = Trainer(config, run_dir, echo=lambda line: None)
             trainer.run()
@@ -80,8 +81,20 @@ def run_ladder(args) -> list[dict]:
                 "rung": name, "step_ms": step_ms, "tokens_per_s": tokens_per_s, "mfu": mfu,
                 "first_loss": losses[0], "last_loss": losses[-1],
             })
+            if args.profile:
+                results[-1]["profile"] = str(keep_profile(run_dir / "profile", Path(args.profile) / f"rung{rung + 1}"))
             print(format_row(results[-1]), flush=True)
     return results
+
+
+def keep_profile(source: Path, folder: Path) -> Path:
+    """The rung's trace and top-operators table, moved out of the scratch run folder."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("trace.json", "top_ops.txt"):
+        shutil.move(source / name, folder / name)
+    return folder
 
 
 def format_row(row: dict) -> str:

@@ -41,7 +41,8 @@ settings (--set key=value, or the same keys in a TOML file given with --config):
   checkpoint.*   interval keep_last keep_best
   log.*          interval progress_bar tensorboard wandb_project
   system.*       device (auto|cpu|cuda|mps) precision (fp32|tf32|bf16|fp16) parallel (ddp|fsdp)
-                 compile seed peak_flops deterministic
+                 compile seed peak_flops deterministic profile_steps (torch.profiler trace of N
+                 steps after the first into profile/trace.json, top operators printed; 0 = off)
 
 The run folder (--out) gets config.toml (the resolved settings; reload with --config),
 metrics.jsonl, samples.txt and checkpoints/step_XXXXXXXX/. Ctrl-C or SIGTERM finish the
@@ -161,6 +162,7 @@ def add_bench_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser])
   gpt2lab bench --device cuda --micro-batch 16 --seq-len 1024 --steps 20
   gpt2lab bench --set model.n_layer=2 --rungs 1 3 7
   gpt2lab bench --set system.peak_flops=2e12      # MFU against a peak you know
+  gpt2lab bench --rungs 7 --profile               # a torch.profiler trace into bench-profile/rung7/
 
 On a CPU, TF32 changes nothing (it is a GPU setting), and compile takes a minute or more
 the first time. MFU appears where the peak is known (a GPU by name, or system.peak_flops).""",
@@ -174,6 +176,12 @@ the first time. MFU appears where the peak is known (a GPU by name, or system.pe
     bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="a training setting for every rung, e.g. model.n_layer=4")
     bench.add_argument("--json", help="also write the table as JSON here")
+    bench.add_argument(
+        "--profile", nargs="?", const="bench-profile", metavar="DIR",
+        help="also record each rung's timed steps with torch.profiler: DIR/rungN/trace.json (Chrome/Perfetto) "
+        "and the top operators, printed after the table (default DIR: bench-profile; the profiled times "
+        "carry the profiler's overhead)",
+    )
     bench.set_defaults(handler=cmd_bench)
 
 
@@ -185,6 +193,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"| {'rung':<26} | {'ms/step':>10} | {'tokens/s':>12} | {'MFU':>6} | loss first -> last |")
     print(f"|{'-' * 28}|{'-' * 12}:|{'-' * 14}:|{'-' * 7}:|--------------------|")
     results = run_ladder(args)
+    for row in results:
+        if "profile" in row:
+            rung = 1 + [name for name, _ in LADDER].index(row["rung"])
+            table = (Path(row["profile"]) / "top_ops.txt").read_text()
+            print(f"\ntop operators of rung {rung} ({row['rung']}), trace {row['profile']}/trace.json:\n{table}", end="")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -98,6 +98,8 @@ class SystemSettings:
     # Peak FLOP/s for MFU; 0 looks the GPU up by name (unknown devices report no MFU).
     peak_flops: float = 0.0
     deterministic: bool = False
+    # Steps recorded by torch.profiler after the first: profile/trace.json in the run folder; 0 = off.
+    profile_steps: int = 0
 
 
 @dataclass
@@ -171,6 +173,7 @@ class TrainConfig:
             "optim.weight_decay": self.optim.weight_decay,
             "optim.grad_clip": self.optim.grad_clip,
             "system.peak_flops": self.system.peak_flops,
+            "system.profile_steps": self.system.profile_steps,
         }
         for key, value in non_negative.items():
             if value < 0:

@@ -37,6 +37,7 @@ from .config import EvalSettings, SystemSettings, TrainConfig
 from .distributed import all_reduce_max, finish_together, init_distributed, shard_model
 from .metrics import MetricsLog, peak_flops_for
 from .optim import build_optimizer, learning_rate, set_learning_rate
+from .profiling import step_profiler
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -385,17 +386,20 @@ class Trainer:
         is due; returns the step last saved (None: none yet)."""
         last_saved = self.step if self.step else None
         stopping = False
-        while self.step < self.total_steps and not stopping:
-            loss, grad_norm, step_s = self._timed_train_step()
-            self.step += 1
-            self.elapsed_s = time.perf_counter() - started
-            stopping = self._stop_agreed()
-            self._record_step(metrics, bar, write, loss, grad_norm, step_s)
-            self._evaluate_due(metrics, write)
-            if self._due(self.config.checkpoint.interval) or stopping:
-                path = self.save()
-                last_saved = self.step
-                write(f"saved {path}")
+        profile_steps = self.config.system.profile_steps if self.is_main else 0
+        with step_profiler(self.run_dir, profile_steps, self.total_steps - self.step, self.device, write) as profiled:
+            while self.step < self.total_steps and not stopping:
+                loss, grad_norm, step_s = self._timed_train_step()
+                profiled()
+                self.step += 1
+                self.elapsed_s = time.perf_counter() - started
+                stopping = self._stop_agreed()
+                self._record_step(metrics, bar, write, loss, grad_norm, step_s)
+                self._evaluate_due(metrics, write)
+                if self._due(self.config.checkpoint.interval) or stopping:
+                    path = self.save()
+                    last_saved = self.step
+                    write(f"saved {path}")
         return last_saved
 
     def _timed_train_step(self) -> tuple[float, float, float]:

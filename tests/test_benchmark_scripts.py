@@ -1,0 +1,53 @@
+"""The benchmark scripts the lead runs elsewhere still run: benchmarks/gpu_check.py in its CPU smoke
+mode, and benchmarks/bench_vs_plain.py at a tiny shape (no timings are checked)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_script(args, tmp_path, **env):
+    environment = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "GPT2LAB_CACHE": str(tmp_path / "cache"), **env}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=environment, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_writes_every_asked_piece(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    proc = run_script(["benchmarks/gpu_check.py", "--out", str(out), "--only", "tests", "decode", "hellaswag"],
+                      tmp_path, GPU_CHECK_SMOKE="1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads(out.read_text())
+    assert results["smoke"] is True and sorted(results["pieces"]) == ["decode", "hellaswag", "tests"]
+    assert results["pieces"]["tests"]["rc"] == 0 and "tests/test_cuda.py" in results["pieces"]["tests"]["files"]
+    assert results["pieces"]["decode"]["batch_64_tokens_per_s"] > 0
+    assert results["pieces"]["hellaswag"]["examples"] == 16
+
+
+def test_gpu_check_refuses_to_run_without_a_gpu_unless_smoke(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = run_script(["benchmarks/gpu_check.py", "--out", str(tmp_path / "x.json")], tmp_path)
+    assert proc.returncode == 2 and "GPU_CHECK_SMOKE=1" in proc.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.slow
+def test_bench_vs_plain_runs_at_a_tiny_shape_and_both_models_agree(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_script(["benchmarks/bench_vs_plain.py", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
+                       "--batch", "2", "--seq-len", "16", "--rounds", "1", "--steps", "1", "--warmup", "1",
+                       "--modes", "fp32", "bf16", "--json", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["fp32", "bf16"]
+    for row in rows:
+        assert abs(row["plain_first_loss"] - row["gpt2lab_first_loss"]) < 1e-3
