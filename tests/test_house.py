@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "gpt2lab"
 STAGES = [
     ("base", ["errors", "files", "config", "cache", "runtime", "version", "tokenizer", "ops", "kv_cache", "prompts"]),
     ("data", ["data", "data.dataset", "data.loader", "data.prepare", "data.shards", "data.sources"]),
-    ("model", ["model", "formats", "formats.native", "formats.transformers_gpt2", "formats.transformers_llama", "quantize",
+    ("model", ["model", "formats", "formats.hub_files", "formats.native", "formats.transformers_gpt2", "formats.transformers_llama", "quantize",
                "pretrained"]),
     ("model libraries", ["generate", "eval", "eval.loss", "eval.hellaswag"]),
     ("train", ["train", "train.config", "train.muon", "train.optim", "train.distributed", "train.metrics", "train.checkpoint",

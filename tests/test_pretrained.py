@@ -301,11 +301,14 @@ def test_save_pretrained_files(tmp_path):
     model = small_gpt()
     model.save_pretrained(tmp_path / "a" / "b")
     folder = tmp_path / "a" / "b"
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "gpt2lab.json", "model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.json", "generation_config.json", "gpt2lab.json", "model.safetensors"
+    ]
     hf = json.loads((folder / "config.json").read_text())
     assert hf["model_type"] == "gpt2" and hf["n_positions"] == 16 and hf["n_ctx"] == 16
     assert hf["vocab_size"] == 100 and hf["n_layer"] == 2 and hf["tie_word_embeddings"] is True
-    assert "bos_token_id" not in hf  # not GPT-2's tokenizer
+    assert hf["bos_token_id"] is None and hf["eos_token_id"] is None  # not GPT-2's tokenizer
+    assert hf["dtype"] == hf["torch_dtype"] == "float32" and hf["transformers_version"]
     record = json.loads((folder / "gpt2lab.json").read_text())
     assert GPTConfig.from_dict(record["model"]) == model.config
     assert "tokenizer" not in record

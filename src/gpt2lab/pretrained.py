@@ -24,7 +24,7 @@ from .config import GPTConfig
 from .errors import UserError
 from .files import write_atomic
 from .formats import (
-    ARCHITECTURES, native, options_without_transformers_equivalent, transformers_gpt2, transformers_layout,
+    ARCHITECTURES, hub_files, native, options_without_transformers_equivalent, transformers_gpt2, transformers_layout,
     transformers_llama,
 )
 from .model import GPT
@@ -300,12 +300,25 @@ def export_layout(config: GPTConfig) -> str:
     return layout
 
 
-def export_for_transformers(model: GPT, directory: str | Path, *, tokenizer_spec: Any = None) -> Path:
+def architecture_name(layout: str) -> str:
+    if layout == transformers_gpt2.LAYOUT:
+        return "GPT2LMHeadModel"
+    return transformers_llama.ARCHITECTURES[layout][0]
+
+
+def export_for_transformers(
+    model: GPT, directory: str | Path, *, tokenizer_spec: Any = None, card_facts: dict[str, Any] | None = None
+) -> Path:
     """What `gpt2lab convert` writes: the transformers model of `model`'s architecture (see
-    `export_layout`), padded vocabulary rows cut."""
-    return write_model_folder(
-        model.state_dict(), model.config, directory, tokenizer_spec=tokenizer_spec, layout=export_layout(model.config)
+    `export_layout`), padded vocabulary rows cut, with a README.md model card of `card_facts`
+    (training data, steps, tokens, val loss, HellaSwag: whatever is known)."""
+    layout = export_layout(model.config)
+    directory = write_model_folder(
+        model.state_dict(), model.config, directory, tokenizer_spec=tokenizer_spec, layout=layout
     )
+    facts = {"tokenizer": "GPT-2 BPE" if tokenizer_spec in (None, "gpt2") else "characters", **(card_facts or {})}
+    hub_files.write_model_card(directory, model.config, architecture_name(layout), facts)
+    return directory
 
 
 def write_model_folder(
@@ -334,10 +347,11 @@ def write_model_folder(
     gpt2_tokens = tokenizer_spec == "gpt2" or (tokenizer_spec is None and config.vocab_size == 50257)
     if layout is None:
         layout = transformers_layout(config) or native.LAYOUT
+    tokens = "gpt2" if gpt2_tokens else tokenizer_spec
     if layout == transformers_gpt2.LAYOUT:
-        transformers_gpt2.write(model_state, config, directory, rows=rows, gpt2_tokens=gpt2_tokens)
+        transformers_gpt2.write(model_state, config, directory, rows=rows, tokenizer_spec=tokens)
     elif layout in transformers_llama.ARCHITECTURES:
-        transformers_llama.write(model_state, config, directory, layout=layout, rows=rows, gpt2_tokens=gpt2_tokens)
+        transformers_llama.write(model_state, config, directory, layout=layout, rows=rows, tokenizer_spec=tokens)
     elif layout == native.LAYOUT:
         native.write(model_state, stored_config, directory)
     else:

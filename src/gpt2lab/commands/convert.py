@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
+from typing import Any
 
 from ..cli_options import MODEL_HELP
+from ..report import read_metrics
 
 
 def add_convert_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -44,6 +48,36 @@ def cmd_convert(args: argparse.Namespace) -> int:
     model = load_model(folder, dtype=dtype)
     export_layout(model.config)  # a refusal comes before anything else the folder may lack
     spec = load_tokenizer(folder).spec()
-    export_for_transformers(model, args.out, tokenizer_spec=spec)
-    print(f"wrote {args.out} (config.json, model.safetensors{', tokenizer files' if spec == 'gpt2' else ''})")
+    export_for_transformers(model, args.out, tokenizer_spec=spec, card_facts=training_facts(folder))
+    print(f"wrote {args.out} (config.json, generation_config.json, model.safetensors, tokenizer files, README.md)")
     return 0
+
+
+def training_facts(folder: Path) -> dict[str, Any]:
+    """What the model card can say of a checkpoint: its step, tokens and validation loss
+    (state.json), its training data (the training config), and its last HellaSwag score before
+    that step (the run's metrics.jsonl). A plain model folder has none of these."""
+    facts: dict[str, Any] = {"name": folder.parent.parent.name if folder.parent.name == "checkpoints" else folder.name}
+    state = _json_object(folder / "state.json")
+    for key in ("step", "tokens", "val_loss"):
+        if isinstance(state.get(key), (int, float)):
+            facts["steps" if key == "step" else key] = round(state[key], 4) if key == "val_loss" else state[key]
+    train_config = _json_object(folder / "gpt2lab.json").get("train_config")
+    if isinstance(train_config, dict) and isinstance(train_config.get("data"), dict):
+        data = Path(str(train_config["data"].get("path", "")))
+        source = _json_object(data / "dataset.json").get("source")
+        facts["dataset"] = f"{source} ({data.name})" if isinstance(source, str) else data.name or None
+    metrics = folder.parent.parent / "metrics.jsonl"
+    if "steps" in facts and metrics.is_file():
+        scores = [r for r in read_metrics(metrics) if "hellaswag_acc_norm" in r and r.get("step", 0) <= facts["steps"]]
+        if scores:
+            facts["hellaswag_acc_norm"] = round(scores[-1]["hellaswag_acc_norm"], 4)
+    return facts
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}

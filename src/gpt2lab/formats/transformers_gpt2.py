@@ -8,7 +8,6 @@ keys with or without the `transformer.` prefix, causal-mask buffers in the origi
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +17,7 @@ from safetensors.torch import save_file
 from ..config import GPTConfig
 from ..errors import UserError
 from ..files import write_atomic
-from ..tokenizer import packaged_vocabulary
-from . import native
+from . import hub_files, native
 
 LAYOUT = "transformers-gpt2"
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -62,7 +60,7 @@ def config_from_hf(hf: dict[str, Any], *, source: str = "config.json") -> GPTCon
     )
 
 
-def config_to_hf(config: GPTConfig, rows: int, *, dtype: torch.dtype, gpt2_tokens: bool) -> dict[str, Any]:
+def config_to_hf(config: GPTConfig, rows: int, *, dtype: torch.dtype, tokenizer_spec: Any) -> dict[str, Any]:
     hf = {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -83,10 +81,9 @@ def config_to_hf(config: GPTConfig, rows: int, *, dtype: torch.dtype, gpt2_token
         "scale_attn_by_inverse_layer_idx": False,
         "reorder_and_upcast_attn": False,
         "tie_word_embeddings": config.tie_embeddings,
-        "torch_dtype": str(dtype).removeprefix("torch."),
+        **hub_files.special_token_ids(tokenizer_spec),
+        **hub_files.dtype_entries(dtype),
     }
-    if gpt2_tokens:
-        hf.update(bos_token_id=50256, eos_token_id=50256)
     return hf
 
 
@@ -128,38 +125,22 @@ def from_native(model_state: dict[str, torch.Tensor], config: GPTConfig, rows: i
 
 
 def write(
-    model_state: dict[str, torch.Tensor], config: GPTConfig, directory: Path, *, rows: int, gpt2_tokens: bool
+    model_state: dict[str, torch.Tensor], config: GPTConfig, directory: Path, *, rows: int, tokenizer_spec: Any
 ) -> None:
     """`model.safetensors` + `config.json` that transformers loads as GPT2LMHeadModel."""
     dtype = model_state["transformer.wte.weight"].dtype
-    hf_config = config_to_hf(config, rows, dtype=dtype, gpt2_tokens=gpt2_tokens)
-    write_folder(directory, from_native(model_state, config, rows), hf_config, config, gpt2_tokens=gpt2_tokens)
+    hf_config = config_to_hf(config, rows, dtype=dtype, tokenizer_spec=tokenizer_spec)
+    write_folder(directory, from_native(model_state, config, rows), hf_config, config, tokenizer_spec=tokenizer_spec)
 
 
 def write_folder(
     directory: Path, tensors: dict[str, torch.Tensor], hf_config: dict[str, Any], config: GPTConfig, *,
-    gpt2_tokens: bool,
+    tokenizer_spec: Any,
 ) -> None:
-    """A transformers model folder of any architecture: the tensors and `config.json`; with GPT-2's
-    tokenizer also its vocab.json / merges.txt, so that AutoTokenizer and lm-eval find it."""
+    """A transformers model folder of any architecture: the tensors, `config.json`,
+    `generation_config.json` and the model's tokenizer files, so that AutoTokenizer, `pipeline`
+    and lm-eval find everything."""
     write_atomic(directory / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     write_atomic(directory / "config.json", lambda p: p.write_text(json.dumps(hf_config, indent=2) + "\n"))
-    if gpt2_tokens:
-        _write_gpt2_tokenizer_files(directory, config.block_size)
-
-
-def _write_gpt2_tokenizer_files(directory: Path, block_size: int) -> None:
-    encoder_json, vocab_bpe = packaged_vocabulary()
-    write_atomic(directory / "vocab.json", lambda p: shutil.copyfile(encoder_json, p))
-    write_atomic(directory / "merges.txt", lambda p: shutil.copyfile(vocab_bpe, p))
-    tokenizer_config = {
-        "tokenizer_class": "GPT2Tokenizer",
-        "model_max_length": block_size,
-        "bos_token": "<|endoftext|>",
-        "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>",
-        "add_prefix_space": False,
-    }
-    write_atomic(
-        directory / "tokenizer_config.json", lambda p: p.write_text(json.dumps(tokenizer_config, indent=2) + "\n")
-    )
+    hub_files.write_generation_config(directory, config, tokenizer_spec)
+    hub_files.write_tokenizer_files(directory, tokenizer_spec, config.block_size)

@@ -20,8 +20,7 @@ import torch
 
 from ..config import GPTConfig
 from ..errors import UserError
-from ..tokenizer import GPT2_EOT_TOKEN
-from . import native, transformers_gpt2
+from . import hub_files, native, transformers_gpt2
 
 LLAMA_LAYOUT = "transformers-llama"
 QWEN3_LAYOUT = "transformers-qwen3"
@@ -68,11 +67,8 @@ def layout_of(config: GPTConfig) -> str:
     return QWEN3_LAYOUT if config.qk_norm else LLAMA_LAYOUT
 
 
-def config_to_hf(config: GPTConfig, rows: int, *, layout: str, dtype: torch.dtype, gpt2_tokens: bool) -> dict[str, Any]:
+def config_to_hf(config: GPTConfig, rows: int, *, layout: str, dtype: torch.dtype, tokenizer_spec: Any) -> dict[str, Any]:
     architecture, model_type = ARCHITECTURES[layout]
-    # Without GPT-2's tokenizer there is no end-of-text id; null also overrides Llama's defaults
-    # (1 and 2), which would stop transformers' generate at an ordinary token.
-    special = GPT2_EOT_TOKEN if gpt2_tokens else None
     hf = {
         "architectures": [architecture],
         "model_type": model_type,
@@ -93,9 +89,10 @@ def config_to_hf(config: GPTConfig, rows: int, *, layout: str, dtype: torch.dtyp
         "attention_bias": False,
         "attention_dropout": 0.0,
         "initializer_range": 0.02,
-        "bos_token_id": special,
-        "eos_token_id": special,
-        "torch_dtype": str(dtype).removeprefix("torch."),
+        # Without GPT-2's tokenizer there is no end-of-text id; null also overrides Llama's
+        # defaults (1 and 2), which would stop transformers' generate at an ordinary token.
+        **hub_files.special_token_ids(tokenizer_spec),
+        **hub_files.dtype_entries(dtype),
     }
     if layout == LLAMA_LAYOUT:
         hf.update(mlp_bias=False, pretraining_tp=1)
@@ -186,11 +183,11 @@ def to_native(hf_tensors: dict[str, torch.Tensor], config: GPTConfig) -> dict[st
 
 def write(
     model_state: dict[str, torch.Tensor], config: GPTConfig, directory: Path, *, layout: str, rows: int,
-    gpt2_tokens: bool,
+    tokenizer_spec: Any,
 ) -> None:
     """`model.safetensors` + `config.json` that transformers loads as the `layout`'s class
     (LlamaForCausalLM or Qwen3ForCausalLM), GPT-2's tokenizer files beside where it is the model's."""
     dtype = model_state["transformer.wte.weight"].dtype
-    hf_config = config_to_hf(config, rows, layout=layout, dtype=dtype, gpt2_tokens=gpt2_tokens)
+    hf_config = config_to_hf(config, rows, layout=layout, dtype=dtype, tokenizer_spec=tokenizer_spec)
     transformers_gpt2.write_folder(directory, from_native(model_state, config, rows), hf_config, config,
-                                   gpt2_tokens=gpt2_tokens)
+                                   tokenizer_spec=tokenizer_spec)

@@ -1,0 +1,128 @@
+"""The files transformers' own `save_pretrained` writes beside the weights, so that AutoTokenizer,
+`pipeline`, lm-eval and the hub see a complete folder: the tokenizer (`tokenizer.json` built by the
+`tokenizers` library, for GPT-2's BPE and for a character vocabulary), `special_tokens_map.json`,
+`generation_config.json`, and a `README.md` model card."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+from ..config import GPTConfig
+from ..files import write_atomic
+from ..tokenizer import GPT2_EOT_TOKEN, packaged_vocabulary
+
+GPT2_EOT_TEXT = "<|endoftext|>"
+# Written as `transformers_version` where transformers is not installed: the oldest release the
+# exported folders are tested against (pyproject's dev extra).
+OLDEST_TESTED_TRANSFORMERS = "4.44.0"
+
+
+def transformers_version() -> str:
+    try:
+        return metadata.version("transformers")
+    except metadata.PackageNotFoundError:
+        return OLDEST_TESTED_TRANSFORMERS
+
+
+def special_token_ids(tokenizer_spec: Any) -> dict[str, int]:
+    """bos/eos ids for config.json and generation_config.json: GPT-2's end-of-text; a character
+    vocabulary has no such token, so none (transformers' GPT-2 default of 50256 would be wrong)."""
+    if tokenizer_spec == "gpt2":
+        return {"bos_token_id": GPT2_EOT_TOKEN, "eos_token_id": GPT2_EOT_TOKEN}
+    return {"bos_token_id": None, "eos_token_id": None}
+
+
+def _gpt2_tokenizer() -> Tokenizer:
+    encoder_json, vocab_bpe = packaged_vocabulary()
+    tokenizer = Tokenizer(models.BPE.from_file(str(encoder_json), str(vocab_bpe)))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    tokenizer.add_special_tokens([AddedToken(GPT2_EOT_TEXT, special=True)])
+    return tokenizer
+
+
+def _char_tokenizer(chars: str) -> Tokenizer:
+    # One token per character, any character (newlines included) its own piece; decoding joins
+    # the pieces with nothing between them.
+    tokenizer = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    return tokenizer
+
+
+def dtype_entries(dtype: Any) -> dict[str, str]:
+    """config.json's precision and the transformers release it is written for; transformers 5
+    reads `dtype`, older releases `torch_dtype`."""
+    name = str(dtype).removeprefix("torch.")
+    return {"dtype": name, "torch_dtype": name, "transformers_version": transformers_version()}
+
+
+def write_tokenizer_files(directory: Path, tokenizer_spec: Any, block_size: int) -> None:
+    """tokenizer.json, tokenizer_config.json and special_tokens_map.json (and GPT-2's
+    vocab.json / merges.txt, which the slow tokenizer reads) for the model's own tokenizer."""
+    if tokenizer_spec == "gpt2":
+        tokenizer = _gpt2_tokenizer()
+        encoder_json, vocab_bpe = packaged_vocabulary()
+        write_atomic(directory / "vocab.json", lambda p: shutil.copyfile(encoder_json, p))
+        write_atomic(directory / "merges.txt", lambda p: shutil.copyfile(vocab_bpe, p))
+        special = {"bos_token": GPT2_EOT_TEXT, "eos_token": GPT2_EOT_TEXT, "unk_token": GPT2_EOT_TEXT}
+        tokenizer_config = {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False, **special}
+    elif isinstance(tokenizer_spec, dict) and tokenizer_spec.get("type") == "char":
+        tokenizer = _char_tokenizer(tokenizer_spec["chars"])
+        special = {}
+        tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    else:
+        return
+    tokenizer_config.update(model_max_length=block_size, clean_up_tokenization_spaces=False)
+    write_atomic(directory / "tokenizer.json", lambda p: tokenizer.save(str(p)))
+    _write_json(directory / "tokenizer_config.json", tokenizer_config)
+    _write_json(directory / "special_tokens_map.json", special)
+
+
+def write_generation_config(directory: Path, config: GPTConfig, tokenizer_spec: Any) -> None:
+    """generation_config.json: the context as the longest generation, so that `pipeline`'s default
+    of 256 new tokens cannot run a short-context model past its positions."""
+    generation = {
+        **{k: v for k, v in special_token_ids(tokenizer_spec).items() if v is not None},
+        "max_length": config.block_size,
+        "transformers_version": transformers_version(),
+    }
+    _write_json(directory / "generation_config.json", generation)
+
+
+def write_model_card(directory: Path, config: GPTConfig, architecture: str, facts: dict[str, Any]) -> None:
+    """README.md with the hub's metadata block: what made the model, on what data, how well it did."""
+    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags:", "- gpt2lab"]
+    if facts.get("dataset"):
+        lines += ["datasets:", f"- {facts['dataset']}"]
+    lines += ["---", "", f"# {facts.get('name', directory.name)}", ""]
+    lines.append(
+        f"A {architecture} of {config.n_layer} layers, {config.n_head} heads, width {config.n_embd} and "
+        f"context {config.block_size}, vocabulary {config.vocab_size}, trained with "
+        "gpt2lab and exported by `gpt2lab convert`."
+    )
+    table = [(label, facts[key]) for key, label in MODEL_CARD_FACTS if facts.get(key) is not None]
+    if table:
+        lines += ["", "| | |", "|---|---|"] + [f"| {label} | {value} |" for label, value in table]
+    write_atomic(directory / "README.md", lambda p: p.write_text("\n".join(lines) + "\n"))
+
+
+MODEL_CARD_FACTS = (
+    ("dataset", "training data"),
+    ("steps", "optimizer steps"),
+    ("tokens", "tokens seen"),
+    ("val_loss", "validation loss"),
+    ("hellaswag_acc_norm", "HellaSwag (acc_norm)"),
+    ("tokenizer", "tokenizer"),
+)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    write_atomic(path, lambda p: p.write_text(json.dumps(value, indent=2) + "\n"))

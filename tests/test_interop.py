@@ -1,0 +1,105 @@
+"""What other tools get from `gpt2lab convert`: transformers' AutoTokenizer and `pipeline` with
+their defaults, for GPT-2's BPE and for a character vocabulary; the files transformers' own
+save_pretrained writes; a model card with what trained the model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import AutoTokenizer, pipeline  # noqa: E402
+
+from gpt2lab import GPT, GPTConfig  # noqa: E402
+from gpt2lab.cli import main  # noqa: E402
+from gpt2lab.pretrained import save_pretrained, write_model_folder  # noqa: E402
+from gpt2lab.tokenizer import CharTokenizer, GPT2Tokenizer  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.  <|endoftext|> naïve café 123"
+HUB_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+             "tokenizer_config.json", "special_tokens_map.json", "README.md"}
+
+
+def short_context_model(vocab_size: int) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=vocab_size)).eval()
+
+
+def export(source: Path, out: Path) -> None:
+    assert main(["convert", str(source), "--out", str(out)]) == 0
+
+
+def test_gpt2_export_is_complete_for_auto_tokenizer_and_pipeline(tmp_path):
+    source = save_pretrained(short_context_model(50257), tmp_path / "model", tokenizer_spec="gpt2")
+    export(source, tmp_path / "hf")
+    folder = tmp_path / "hf"
+    assert HUB_FILES | {"vocab.json", "merges.txt"} <= {p.name for p in folder.iterdir()}
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert tokenizer.is_fast
+    ours = GPT2Tokenizer()
+    assert tokenizer(TEXT.replace("<|endoftext|>", ""))["input_ids"] == ours.encode(TEXT.replace("<|endoftext|>", ""))
+    assert tokenizer.eos_token_id == tokenizer.bos_token_id == 50256
+    assert json.loads((folder / "special_tokens_map.json").read_text())["eos_token"] == "<|endoftext|>"
+
+    config = json.loads((folder / "config.json").read_text())
+    assert config["eos_token_id"] == 50256 and config["dtype"] == "float32"
+    assert config["transformers_version"] == transformers.__version__
+    assert json.loads((folder / "generation_config.json").read_text())["max_length"] == 64
+
+    # pipeline's own default is 256 new tokens; a 64-position model must stop at its context.
+    out = pipeline("text-generation", model=str(folder))("Hello there", return_tensors=True)
+    assert 2 < len(out[0]["generated_token_ids"]) <= 64
+
+
+def test_char_export_tokenizes_characters_and_has_no_gpt2_specials(tmp_path):
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ \n:,.!?'"))
+    spec = {"type": "char", "chars": "".join(chars)}
+    source = save_pretrained(short_context_model(len(chars)), tmp_path / "model", tokenizer_spec=spec)
+    export(source, tmp_path / "hf")
+    folder = tmp_path / "hf"
+    assert HUB_FILES <= {p.name for p in folder.iterdir()}
+    assert not (folder / "vocab.json").exists()
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    text = "First Citizen:\nBefore we proceed, hear me  speak!"
+    ids = tokenizer(text)["input_ids"]
+    assert ids == CharTokenizer(chars).encode(text)
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.bos_token_id is None and tokenizer.eos_token_id is None
+    config = json.loads((folder / "config.json").read_text())
+    assert config["bos_token_id"] is None and config["eos_token_id"] is None
+
+    out = pipeline("text-generation", model=str(folder))("ROMEO:")
+    assert out[0]["generated_text"].startswith("ROMEO:") and len(out[0]["generated_text"]) <= 64
+
+
+def test_model_card_names_the_data_steps_and_scores_of_a_checkpoint(tmp_path):
+    data = tmp_path / "data" / "shakespeare"
+    data.mkdir(parents=True)
+    (data / "dataset.json").write_text(json.dumps({"source": "tinyshakespeare"}))
+    run = tmp_path / "run"
+    checkpoint = run / "checkpoints" / "step_00000040"
+    write_model_folder(
+        short_context_model(50257).state_dict(), short_context_model(50257).config, checkpoint,
+        keep_padded_vocab=True, tokenizer_spec="gpt2", extra_record={"train_config": {"data": {"path": str(data)}}},
+    )
+    (checkpoint / "state.json").write_text(json.dumps({"step": 40, "tokens": 20480, "val_loss": 4.123456}))
+    (run / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in [
+            {"step": 20, "hellaswag_acc_norm": 0.25}, {"step": 40, "hellaswag_acc_norm": 0.2625},
+            {"step": 60, "hellaswag_acc_norm": 0.3},
+        ])
+    )
+    export(run, tmp_path / "hf")
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n")
+    assert "# run" in card and "GPT2LMHeadModel of 1 layers" in card
+    for row in ("| training data | tinyshakespeare (shakespeare) |", "| optimizer steps | 40 |",
+                "| tokens seen | 20480 |", "| validation loss | 4.1235 |", "| HellaSwag (acc_norm) | 0.2625 |"):
+        assert row in card
