@@ -97,7 +97,7 @@ def _check_buffers_fit(config, batch: int, width: int, max_new_tokens: int, use_
     max_new_tokens of 10**12 would otherwise fail inside the allocator)."""
     cache_len = min(config.block_size, width + max_new_tokens) if use_cache else 0
     cache = 2 * config.n_layer * batch * config.kv_heads * config.head_dim * cache_len * itemsize
-    per_token = batch * torch.empty((), dtype=torch.long).element_size()
+    per_token = batch * 8  # int64 ids
     check_fits(
         per_token * (width + max_new_tokens) + cache,
         device,

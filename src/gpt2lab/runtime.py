@@ -56,7 +56,9 @@ def free_memory_bytes(device: torch.device) -> int | None:
     """Memory free for new tensors on `device`: a GPU's free memory, else the machine's available
     RAM (None where this system does not say)."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        # Blocks PyTorch's caching allocator holds but does not use are free to it too.
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
     try:
         with open("/proc/meminfo") as handle:
             for line in handle:

@@ -178,7 +178,7 @@ def _timed_protocol(read_timeout_s: float) -> type:
 
 def uvicorn_config(app, *, log_level: str = "info"):
     """The uvicorn settings of `gpt2lab serve` and `serve_in_thread`: the read deadline of
-    `app.state.limits`, and gpt2lab's log lines formatted as uvicorn's, at the same level."""
+    `app.state.limits` (the defaults for an app without one), and gpt2lab's log lines formatted as uvicorn's, at the same level."""
     import uvicorn
     from uvicorn.config import LOGGING_CONFIG
 
@@ -189,5 +189,5 @@ def uvicorn_config(app, *, log_level: str = "info"):
         log_level=log_level,
         log_config=logging_config,
         timeout_graceful_shutdown=5,
-        http=_timed_protocol(app.state.limits.read_timeout_s),
+        http=_timed_protocol(getattr(app.state, "limits", Limits()).read_timeout_s),
     )

@@ -79,9 +79,10 @@ def _configure_torch(system: SystemSettings) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def _check_model_fits(config: TrainConfig, device: torch.device) -> None:
+def _check_model_fits(config: TrainConfig, device: torch.device, shards: int) -> None:
     """Refuse, before building it, a model whose training cannot fit in memory (a mistyped
-    model.block_size=1e9 would otherwise fail inside the allocator)."""
+    model.block_size=1e9 would otherwise fail inside the allocator); FSDP keeps 1/`shards` of it
+    on each device."""
     with torch.device("meta"):
         shapes = dict(GPT(config.model).named_parameters())
     weights = sum(p.numel() * p.element_size() for p in shapes.values())
@@ -92,7 +93,7 @@ def _check_model_fits(config: TrainConfig, device: torch.device) -> None:
     if device.type != "cpu":
         check_fits(weights, torch.device("cpu"), f"building {what}", fix)
     copies = TRAINING_COPIES.get(config.optim.name, 4)
-    check_fits(weights * copies, device, f"training {what} with its gradients and optimizer state", fix)
+    check_fits(weights * copies // shards, device, f"training {what} with its gradients and optimizer state", fix)
 
 
 def _build_model(config: TrainConfig, data_vocab_size: int) -> tuple[GPT, TrainConfig]:
@@ -146,7 +147,8 @@ class Trainer:
         self.hellaswag = _load_hellaswag(config.eval, self.tokenizer)
 
         if config.init_from == "scratch":
-            _check_model_fits(config, self.device)
+            fsdp = self.dist.enabled and config.system.parallel == "fsdp"
+            _check_model_fits(config, self.device, self.world_size if fsdp else 1)
         _configure_torch(config.system)
         self.raw_model, config = _build_model(config, self.dataset.vocab_size)
         self.config = config
