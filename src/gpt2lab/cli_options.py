@@ -51,8 +51,26 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("0 is not allowed; give a number > 0")
+    return value
+
+
 def probability(text: str) -> float:
     value = non_negative_float(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"{text} must be in (0, 1]")
+    return value
+
+
+def seed(text: str) -> int:
+    """A seed torch's generators take: 64 bits (negative ones wrap, as torch wraps them)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not -(2**63) <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"{value} does not fit in 64 bits; give a seed from 0 to {2**64 - 1}")
     return value

@@ -27,6 +27,19 @@ NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu_tanh", "relu2", "swiglu")
 
 
+def check_finite_settings(obj: Any, where: str = "") -> None:
+    """A UserError for the first float setting of dataclass `obj` (nested ones included) that is
+    NaN or infinite: no setting of gpt2lab means anything at either, and a comparison such as
+    `lr > 0` lets inf through."""
+    for item in dataclasses.fields(obj):
+        value = getattr(obj, item.name)
+        name = f"{where}.{item.name}" if where else item.name
+        if dataclasses.is_dataclass(value):
+            check_finite_settings(value, name)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{name} must be a finite number, got {value}; give a finite value")
+
+
 @dataclass
 class GPTConfig:
     """Shape and options of a GPT-2 style decoder."""
@@ -81,6 +94,7 @@ class GPTConfig:
         return 4 * self.n_embd
 
     def validate(self) -> None:
+        check_finite_settings(self, "model")
         for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -402,6 +416,7 @@ __all__ = [
     "GPT2_VOCAB_SIZE",
     "GPT2_PADDED_VOCAB_SIZE",
     "apply_overrides",
+    "check_finite_settings",
     "coerce",
     "from_dict",
     "load_toml",

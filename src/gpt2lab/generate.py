@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from .errors import UserError
 from .kv_cache import KVCache
 from .prompts import checked_prompt
+from .runtime import check_fits, format_bytes
 
 if TYPE_CHECKING:
     from .model import GPT
@@ -91,6 +92,21 @@ def _prompt_rows(prompts: PromptBatch, vocab_size: int, eos_token_id: int | None
     return [checked_prompt(row, vocab_size, start, name=f"prompt {index}") for index, row in enumerate(prompts)]
 
 
+def _check_buffers_fit(config, batch: int, width: int, max_new_tokens: int, use_cache: bool, device, itemsize: int):
+    """Refuse, before allocating them, a token buffer and KV cache that cannot fit (a
+    max_new_tokens of 10**12 would otherwise fail inside the allocator)."""
+    cache_len = min(config.block_size, width + max_new_tokens) if use_cache else 0
+    cache = 2 * config.n_layer * batch * config.kv_heads * config.head_dim * cache_len * itemsize
+    per_token = batch * 8  # int64 ids
+    check_fits(
+        per_token * (width + max_new_tokens) + cache,
+        device,
+        f"generating max_new_tokens={max_new_tokens} (a buffer of every token, {format_bytes(per_token)} each, "
+        "and the KV cache)",
+        "ask for fewer new tokens",
+    )
+
+
 class _Decoder:
     """State of one generation call: the token buffer, the left padding of each row, the cache."""
 
@@ -101,6 +117,7 @@ class _Decoder:
         lengths = [len(row) for row in rows]
         width = max(lengths)
         self.block_size = model.config.block_size
+        _check_buffers_fit(model.config, len(rows), width, max_new_tokens, use_cache, device, param.element_size())
         self.tokens = torch.zeros(len(rows), width + max_new_tokens, dtype=torch.long, device=device)
         for r, row in enumerate(rows):
             self.tokens[r, width - len(row) : width] = torch.tensor(row, dtype=torch.long)
@@ -182,29 +199,32 @@ def generate_stream(
     A row that has produced `eos_token_id` keeps yielding it; the stream ends after
     `max_new_tokens` steps or once every row has ended. `seed` (or a `generator`) makes
     sampling repeatable. Ids at or above `config.vocab_size` (a padded vocabulary) are never produced.
+    Bad options are refused by this call, before the first token is asked for.
     """
     check_sampling_options(max_new_tokens, temperature, top_k, top_p)
-    config = model.config
-    rows = _prompt_rows(prompts, config.vocab_size, eos_token_id)
+    rows = _prompt_rows(prompts, model.config.vocab_size, eos_token_id)
     decoder = _Decoder(model, rows, max_new_tokens, use_cache)
-    device = decoder.tokens.device
     if generator is None and seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
+        generator = torch.Generator(device=decoder.tokens.device).manual_seed(seed)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    return _stream(model, decoder, len(rows), max_new_tokens, eos_token_id, sampling)
+
+
+def _stream(model: GPT, decoder: _Decoder, batch: int, max_new_tokens: int, eos_token_id, sampling: dict):
     if max_new_tokens == 0:
         return
     was_training = model.training
     model.eval()
     try:
-        finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=decoder.tokens.device)
         logits = decoder.prefill()
         for step in range(max_new_tokens):
-            next_tokens = sample_next_token(
-                logits,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                generator=generator,
-            )
+            if not bool(torch.isfinite(logits).all()):
+                raise UserError(
+                    f"the model's predictions became NaN or infinite at new token {step + 1}: its weights hold "
+                    "NaN/inf, or its precision overflowed; use an earlier checkpoint, or --dtype float32"
+                )
+            next_tokens = sample_next_token(logits, **sampling)
             if eos_token_id is not None:
                 next_tokens = torch.where(finished, eos_token_id, next_tokens)
                 finished |= next_tokens == eos_token_id

@@ -11,6 +11,7 @@ wherever one of those computes what the model computes, so the folder is also a 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import re
 from pathlib import Path
@@ -76,6 +77,25 @@ def _download_from_hub(repo_id: str) -> Path:
         ) from None
 
 
+def _missing_folder(text: str, path: Path) -> UserError | None:
+    """The error for a model name meant as a folder that does not exist (so that a mistyped path is
+    not sent to the hub): one that looks like a path, or whose parent folder exists."""
+    parent = path.parent
+    looks_like_path = text.startswith((".", "/", "~")) or "\\" in text or text.endswith("/") or text.count("/") > 1
+    if not (looks_like_path or (parent != Path(".") and parent.is_dir())):
+        return None
+    if parent.is_dir():
+        names = sorted(p.name for p in parent.iterdir() if p.is_dir())
+        close = difflib.get_close_matches(path.name, names, n=1)
+        detail = f"{parent} has no {path.name!r}" + (f"; did you mean {parent / close[0]}?" if close else "")
+    else:
+        ancestor = next((p for p in parent.parents if p.is_dir()), Path("."))
+        detail = f"{parent} does not exist either" + (f"; {ancestor} does" if ancestor not in (Path("."), Path(ancestor.anchor)) else "")
+    return UserError(
+        f"unknown model {text!r}: no such folder ({detail}). Check the path, or give a hub name such as gpt2"
+    )
+
+
 def resolve_model_path(spec: str | Path) -> Path:
     """A folder holding weights, from a hub name, a transformers folder, a checkpoint folder or a
     run folder (its newest checkpoint)."""
@@ -99,6 +119,9 @@ def resolve_model_path(spec: str | Path) -> Path:
             f"{path} is not a model folder: it has no config.json (nor a checkpoints/ folder of a run); "
             "pass a folder written by save_pretrained, a checkpoint, or a hub name such as gpt2"
         )
+    missing = _missing_folder(text, path)
+    if missing is not None:
+        raise missing
     if text in HUB_MODELS:
         return _download_from_hub(HUB_MODELS[text])
     if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text) and not text.startswith((".", "/")):
@@ -363,6 +386,19 @@ def write_model_folder(
     return directory
 
 
+def check_finite_weights(model: GPT, folder: Path) -> None:
+    """A UserError naming the first tensor that holds NaN or infinite values: such a model gives
+    nothing but NaN (a diverged run saved it, or the file is damaged)."""
+    for name, tensor in model.named_parameters():
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            raise UserError(
+                f"the weights in {folder} hold NaN or infinite values ({int((~finite).sum()):,} of "
+                f"{tensor.numel():,} in {name}): the run that saved them diverged or the file is damaged; "
+                "use an earlier checkpoint"
+            )
+
+
 def load_for_inference(spec: str | Path, device_name: str = "auto", dtype_name: str = "auto"):
     """(folder, model, device, precision name) for the commands that run a model: `--dtype int8`
     loads float32 weights and quantizes the linear layers (CPU only)."""
@@ -373,6 +409,7 @@ def load_for_inference(spec: str | Path, device_name: str = "auto", dtype_name: 
     dtype = torch.float32 if quantize else resolve_dtype(dtype_name, device)
     folder = resolve_model_path(spec)
     model = load_model(folder, device=device, dtype=dtype)
+    check_finite_weights(model, folder)
     if quantize:
         model = quantize_int8(model)
     return folder, model, device, "int8" if quantize else str(dtype).removeprefix("torch.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -49,3 +50,42 @@ def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Memory free for new tensors on `device`: a GPU's free memory, else the machine's available
+    RAM (None where this system does not say)."""
+    if device.type == "cuda":
+        # Blocks PyTorch's caching allocator holds but does not use are free to it too.
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def format_bytes(count: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if count < 1000 or unit == "TB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1000
+    raise AssertionError("unreachable")
+
+
+def check_fits(nbytes: int, device: torch.device, what: str, fix: str) -> None:
+    """A UserError before an allocation of `nbytes` that cannot succeed on `device` (instead of
+    the allocator's traceback, or the machine swapping itself to a halt)."""
+    free = free_memory_bytes(device)
+    if free is not None and nbytes > free:
+        raise UserError(
+            f"{what} needs {format_bytes(nbytes)}, more than the {format_bytes(free)} of memory free on "
+            f"{device.type}; {fix}"
+        )

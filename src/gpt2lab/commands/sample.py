@@ -14,6 +14,7 @@ from ..cli_options import (
     non_negative_int,
     positive_int,
     probability,
+    seed,
 )
 from ..errors import UserError
 
@@ -49,7 +50,7 @@ A prompt longer than the model's context keeps its last block-size tokens.""",
     sample.add_argument(
         "--top-p", type=probability, default=None, help="keep the smallest set of tokens holding this probability"
     )
-    sample.add_argument("--seed", type=int, default=1337, help="random seed, for repeatable samples (default 1337)")
+    sample.add_argument("--seed", type=seed, default=1337, help="random seed, for repeatable samples (default 1337)")
     sample.add_argument(
         "--no-stop-at-eot", dest="stop_at_eot", action="store_false", help="keep generating past end-of-text"
     )
@@ -61,12 +62,17 @@ A prompt longer than the model's context keeps its last block-size tokens.""",
 
 def _read_prompt(args) -> str:
     if args.prompt_file is not None:
+        path = Path(args.prompt_file)
         try:
-            return Path(args.prompt_file).read_text(encoding="utf-8")
+            return path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            raise UserError(f"prompt file {args.prompt_file} does not exist") from None
+            raise UserError(f"prompt file {path} does not exist; check the path given to --prompt-file") from None
+        except IsADirectoryError:
+            raise UserError(f"--prompt-file {path} is a folder; give a text file in it") from None
         except UnicodeDecodeError:
-            raise UserError(f"prompt file {args.prompt_file} is not UTF-8 text") from None
+            raise UserError(f"prompt file {path} is not UTF-8 text; save it as UTF-8") from None
+        except OSError as error:
+            raise UserError(f"cannot read prompt file {path} ({error.strerror}); check its permissions") from None
     return args.prompt
 
 
@@ -91,12 +97,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     total_tokens = 0
     started = time.perf_counter()
     for index in range(args.num_samples):
-        if index:
-            out.write("\n---------------\n")
-        out.write(prompt)
-        out.flush()
-        decoder = StreamDecoder(tokenizer)
-        for token in generate_stream(
+        # The stream checks its options (and that its buffers fit) when made: before any output.
+        stream = generate_stream(
             model,
             [prompt_ids],
             args.max_new_tokens,
@@ -106,7 +108,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
             eos_token_id=tokenizer.eot_token if args.stop_at_eot else None,
             generator=generator,
             use_cache=not args.no_cache,
-        ):
+        )
+        if index:
+            out.write("\n---------------\n")
+        out.write(prompt)
+        out.flush()
+        decoder = StreamDecoder(tokenizer)
+        for token in stream:
             token_id = int(token[0])
             total_tokens += 1
             if args.stop_at_eot and token_id == tokenizer.eot_token:

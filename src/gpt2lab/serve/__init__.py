@@ -4,7 +4,8 @@
 
     from gpt2lab.serve import Engine, create_app
     app = create_app(Engine(model, tokenizer, max_concurrency=64), tokenizer, model_name="mine")
-    # then serve `app` with any ASGI server, e.g. uvicorn.run(app)
+    # then serve `app` with any ASGI server; uvicorn with gpt2lab's read deadline:
+    # uvicorn.Server(gpt2lab.serve.limits.uvicorn_config(app)).run()
 
 The HTTP layer needs FastAPI; the engine alone needs only PyTorch.
 """

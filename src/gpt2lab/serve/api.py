@@ -2,7 +2,10 @@
 page, over an `Engine` that decodes every running request together.
 
 Every client mistake gets a 4xx with OpenAI's error body
-``{"error": {"message", "type", "param", "code"}}`` and leaves the server as it was.
+``{"error": {"message", "type", "param", "code"}}`` and leaves the server as it was: a `UserError`
+from anywhere below (the tokenizer, the engine) is a 400. Every request meets the limits of
+`limits.py` (body size, read deadline). Handlers parse and tokenize off the event loop
+(`asyncio.to_thread`), so that a long prompt does not hold up the other requests.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from ..errors import UserError
 from ..prompts import checked_prompt, empty_prompt_start
 from ..tokenizer import Tokenizer
 from .engine import Engine, SamplingParams, Sequence, Update
+from .limits import Limits, RequestLimits, error_body, uvicorn_config
 from .sockets import listen
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -90,9 +94,7 @@ class _BadRequest(Exception):
 
 
 def error_response(status: int, message: str, *, param=None, code=None) -> JSONResponse:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(error_body(status, message, param, code), status_code=status)
 
 
 def _describe_validation_error(error: ValidationError) -> _BadRequest:
@@ -144,11 +146,13 @@ def create_app(
     *,
     model_name: str,
     max_new_tokens_limit: int | None = None,
+    limits: Limits | None = None,
 ) -> FastAPI:
     """The server around a not-yet-started engine; the app starts it on startup and stops it on
     shutdown. A prompt must leave room for one new token in the model's context (else 400);
     prompt + max_tokens beyond the context stops at its end; max_tokens above
-    `max_new_tokens_limit` (default: the context length) is a 400."""
+    `max_new_tokens_limit` (default: the context length) is a 400. `limits` (kept on
+    `app.state.limits`) caps every request's body and the time it may take to arrive."""
     app = FastAPI(title="gpt2lab", summary=f"OpenAI-compatible completions from {model_name}", lifespan=_lifespan)
     app.state.served = _Served(
         engine=engine,
@@ -158,7 +162,10 @@ def create_app(
         max_new_tokens_limit=engine.block_size if max_new_tokens_limit is None else max_new_tokens_limit,
         created=int(time.time()),
     )
+    app.state.limits = limits or Limits()
+    app.add_middleware(RequestLimits, max_body_bytes=app.state.limits.max_body_bytes)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(UserError, _user_error)
     app.add_exception_handler(Exception, _server_error)
     app.add_api_route("/", playground, methods=["GET"], response_class=HTMLResponse, include_in_schema=False)
     app.add_api_route("/health", health, methods=["GET"])
@@ -187,6 +194,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
     message = {404: f"no route {request.method} {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
     return error_response(error.status_code, message.get(error.status_code, str(error.detail)))
+
+
+async def _user_error(request: Request, error: UserError) -> JSONResponse:
+    return error_response(400, str(error))
 
 
 async def _server_error(request: Request, error: Exception) -> JSONResponse:
@@ -234,8 +245,9 @@ async def get_model(name: str, request: Request):
 
 async def completions(request: Request):
     served = _served(request)
+    raw = await request.body()
     try:
-        body, prompts, n, params = _parse(await request.body(), served)
+        body, prompts, n, params = await asyncio.to_thread(_parse, raw, served)
     except _BadRequest as error:
         return error_response(error.status, error.message, param=error.param, code=error.code)
     request_id = f"cmpl-{uuid.uuid4().hex}"
@@ -260,8 +272,8 @@ def _prompts(body: CompletionRequest, served: _Served) -> list[list[int]]:
     rows = []
     start = empty_prompt_start(tokenizer)
     for index, item in enumerate(prompt):
-        ids = tokenizer.encode(item) if isinstance(item, str) else item
         try:
+            ids = tokenizer.encode(item) if isinstance(item, str) else item
             ids = checked_prompt(ids, engine.vocab_size, start, name=f"prompt {index}")
         except UserError as error:
             raise _BadRequest(str(error), "prompt") from None
@@ -425,7 +437,7 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0, *, log
     import uvicorn
 
     sock = listen(host, port)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
+    server = uvicorn.Server(uvicorn_config(app, log_level=log_level))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="gpt2lab-serve", daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cli_options import MODEL_HELP, add_device_options, positive_int
+from ..cli_options import MODEL_HELP, add_device_options, positive_float, positive_int
+from .limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_READ_TIMEOUT_S
 from .sockets import listen
 
 
@@ -61,6 +62,20 @@ alone; in a batch, last-bit rounding may differ). The server listens on 127.0.0.
         help="the largest max_tokens a request may ask for (default: the model's context length)",
     )
     serve.add_argument(
+        "--max-body-bytes",
+        type=positive_int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help=f"the largest request body; a larger one gets 413 (default {DEFAULT_MAX_BODY_BYTES}: 2 MiB)",
+    )
+    serve.add_argument(
+        "--read-timeout",
+        type=positive_float,
+        default=DEFAULT_READ_TIMEOUT_S,
+        metavar="SECONDS",
+        help="how long a client may take to send a request's headers and body; then 408 and the "
+        f"connection closes (default {DEFAULT_READ_TIMEOUT_S:g})",
+    )
+    serve.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="server log detail (default info)"
     )
     add_device_options(serve)
@@ -74,6 +89,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..tokenizer import load_tokenizer
     from .api import create_app
     from .engine import Engine
+    from .limits import Limits, uvicorn_config
 
     sock = listen(args.host, args.port)
     folder, model, _, _ = load_for_inference(args.model, args.device, args.dtype)
@@ -84,10 +100,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tokenizer,
         model_name=name,
         max_new_tokens_limit=args.max_new_tokens_limit,
+        limits=Limits(max_body_bytes=args.max_body_bytes, read_timeout_s=args.read_timeout),
     )
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"gpt2lab serve: {name} at http://{shown}:{port}/ (API under /v1)", file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    uvicorn.Server(uvicorn_config(app, log_level=args.log_level)).run(sockets=[sock])
     return 0

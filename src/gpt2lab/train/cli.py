@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
+from ..files import write_atomic
 from .bench import LADDER, run_ladder
 from .config import PRESETS, resolve_config
 
@@ -190,6 +191,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UserError("--steps, --micro-batch must be >= 1, --warmup >= 0, --seq-len >= 2")
     if args.rungs and not all(1 <= r <= len(LADDER) for r in args.rungs):
         raise UserError(f"--rungs take numbers 1 to {len(LADDER)}")
+    json_path = _checked_output(args.json) if args.json else None
     print(f"| {'rung':<26} | {'ms/step':>10} | {'tokens/s':>12} | {'MFU':>6} | loss first -> last |")
     print(f"|{'-' * 28}|{'-' * 12}:|{'-' * 14}:|{'-' * 7}:|--------------------|")
     results = run_ladder(args)
@@ -198,6 +200,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
             rung = 1 + [name for name, _ in LADDER].index(row["rung"])
             table = (Path(row["profile"]) / "top_ops.txt").read_text()
             print(f"\ntop operators of rung {rung} ({row['rung']}), trace {row['profile']}/trace.json:\n{table}", end="")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    if json_path is not None:
+        write_atomic(json_path, lambda p: p.write_text(json.dumps(results, indent=2) + "\n"))
     return 0
+
+
+def _checked_output(name: str) -> Path:
+    """--json's file, refused before the benchmark runs (minutes) if it cannot be written there."""
+    path = Path(name)
+    if path.is_dir():
+        raise UserError(f"--json {path} is a folder; give a file name, e.g. {path / 'bench.json'}")
+    if not path.parent.is_dir():
+        raise UserError(f"--json {path}: the folder {path.parent} does not exist; create it or write elsewhere")
+    return path

@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..config import GPT2_PADDED_VOCAB_SIZE, GPTConfig, apply_overrides, load_toml, merge_values, to_toml
+from ..config import (
+    GPT2_PADDED_VOCAB_SIZE, GPTConfig, apply_overrides, check_finite_settings, load_toml, merge_values, to_toml,
+)
 from ..errors import UserError
 
 
@@ -148,6 +150,7 @@ class TrainConfig:
 
     def validate(self, world_size: int = 1) -> None:
         """Checks that need no data and no model: everything wrong here is a setting to change."""
+        check_finite_settings(self)
         self.model.validate()
         positive = {
             "batch.micro_batch": self.batch.micro_batch,
@@ -178,6 +181,8 @@ class TrainConfig:
         for key, value in non_negative.items():
             if value < 0:
                 raise UserError(f"{key} must be >= 0, got {value}")
+        if not -(2**63) <= self.system.seed < 2**64:
+            raise UserError(f"system.seed ({self.system.seed}) does not fit in 64 bits; give 0 to {2**64 - 1}")
         if self.checkpoint.keep_last < 1:
             raise UserError(f"checkpoint.keep_last must be at least 1, got {self.checkpoint.keep_last}")
         if not self.max_steps and not self.max_tokens:

@@ -25,6 +25,7 @@ from ..files import write_atomic
 from ..generate import generate
 from ..model import GPT
 from ..prompts import checked_prompt, empty_prompt_start
+from ..runtime import check_fits
 from ..tokenizer import Tokenizer, tokenizer_from_spec
 from .checkpoint import (
     find_resume_checkpoint,
@@ -45,6 +46,8 @@ if TYPE_CHECKING:
     from ..eval.hellaswag import HellaSwag
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Copies of every weight that training holds: the weights, their gradients and the optimizer's state.
+TRAINING_COPIES = {"adamw": 4, "sgd": 3, "muon": 3}
 
 
 def _open_dataset(config: TrainConfig) -> TokenDataset:
@@ -74,6 +77,23 @@ def _configure_torch(system: SystemSettings) -> None:
     if system.precision == "tf32":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+def _check_model_fits(config: TrainConfig, device: torch.device, shards: int) -> None:
+    """Refuse, before building it, a model whose training cannot fit in memory (a mistyped
+    model.block_size=1e9 would otherwise fail inside the allocator); FSDP keeps 1/`shards` of it
+    on each device."""
+    with torch.device("meta"):
+        shapes = dict(GPT(config.model).named_parameters())
+    weights = sum(p.numel() * p.element_size() for p in shapes.values())
+    name, largest = max(shapes.items(), key=lambda item: item[1].numel())
+    count, shape = sum(p.numel() for p in shapes.values()), " x ".join(map(str, largest.shape))
+    what = f"this model of {count:,} parameters (its largest tensor, {name}, is {shape})"
+    fix = "make it smaller: check model.block_size, model.n_embd, model.n_layer and model.vocab_size"
+    if device.type != "cpu":
+        check_fits(weights, torch.device("cpu"), f"building {what}", fix)
+    copies = TRAINING_COPIES.get(config.optim.name, 4)
+    check_fits(weights * copies // shards, device, f"training {what} with its gradients and optimizer state", fix)
 
 
 def _build_model(config: TrainConfig, data_vocab_size: int) -> tuple[GPT, TrainConfig]:
@@ -126,6 +146,9 @@ class Trainer:
         self.tokenizer = tokenizer_from_spec(self.dataset.tokenizer_spec)
         self.hellaswag = _load_hellaswag(config.eval, self.tokenizer)
 
+        if config.init_from == "scratch":
+            fsdp = self.dist.enabled and config.system.parallel == "fsdp"
+            _check_model_fits(config, self.device, self.world_size if fsdp else 1)
         _configure_torch(config.system)
         self.raw_model, config = _build_model(config, self.dataset.vocab_size)
         self.config = config
