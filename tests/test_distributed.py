@@ -50,6 +50,11 @@ def losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["train_loss"] for r in records if "train_loss" in r}
 
 
+def val_losses(run: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+
+
 def weights(run: Path, step: int) -> dict[str, torch.Tensor]:
     return load_file(str(run / "checkpoints" / f"step_{step:08d}" / "model.safetensors"))
 
@@ -63,11 +68,16 @@ def assert_close_relative(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_equal_one_with_twice_the_accumulation(char_data, tmp_path, parallel):
-    train(tmp_path / "one", char_data, 1)
-    train(tmp_path / "two", char_data, 2, f"system.parallel={parallel}")
+    # eval.batches counts over all ranks: 1 and 2 processes score the same validation windows.
+    evaluations = ["eval.interval=10", "eval.batches=6"]
+    train(tmp_path / "one", char_data, 1, *evaluations)
+    train(tmp_path / "two", char_data, 2, f"system.parallel={parallel}", *evaluations)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(two) == list(range(1, 21))
     assert all(abs(one[s] - two[s]) < 1e-5 for s in one), (one, two)
+    val_one, val_two = val_losses(tmp_path / "one"), val_losses(tmp_path / "two")
+    assert sorted(val_one) == sorted(val_two) == [10, 20]
+    assert all(abs(val_one[s] - val_two[s]) < 1e-5 for s in val_one), (val_one, val_two)
     assert_close_relative(weights(tmp_path / "one", 20), weights(tmp_path / "two", 20))
     # The weights moved: the comparison is not between two untouched initialisations.
     first = losses(tmp_path / "one")

@@ -103,3 +103,34 @@ def test_model_card_names_the_data_steps_and_scores_of_a_checkpoint(tmp_path):
     for row in ("| training data | tinyshakespeare (shakespeare) |", "| optimizer steps | 40 |",
                 "| tokens seen | 20480 |", "| validation loss | 4.1235 |", "| HellaSwag (acc_norm) | 0.2625 |"):
         assert row in card
+
+
+@pytest.mark.parametrize("option, module, extra", [
+    ({"tensorboard": True}, "torch.utils.tensorboard", "tensorboard"),
+    ({"wandb_project": "runs"}, "wandb", "wandb"),
+])
+def test_a_missing_logger_names_its_extra_and_the_extra_is_declared(tmp_path, monkeypatch, option, module, extra):
+    import tomllib
+
+    from gpt2lab.errors import UserError
+    from gpt2lab.train.metrics import MetricsLog
+
+    monkeypatch.setitem(__import__("sys").modules, module, None)  # as if not installed
+    with pytest.raises(UserError, match=rf'pip install "gpt2lab\[{extra}\]"'):
+        MetricsLog(tmp_path, **option)
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(req.startswith(extra) for req in extras[extra])
+    assert {"lm-eval", "accelerate"} <= {req.split(">")[0] for req in extras["eval"]}
+
+
+def test_shakespeare_shards_are_one_stream_without_end_of_text_as_documented(tmp_path, capsys):
+    from gpt2lab.data import open_dataset
+
+    with pytest.raises(SystemExit):
+        main(["prepare", "--help"])
+    assert "no end-of-text token" in " ".join(capsys.readouterr().out.split())
+    assert main(["prepare", "shakespeare", "--out", str(tmp_path / "bpe")]) == 0
+    dataset = open_dataset(tmp_path / "bpe")
+    shards = dataset.shards("train") + dataset.shards("val")
+    assert sum(len(dataset.tokens(shard)) for shard in shards) == 338025
+    assert not any((dataset.tokens(shard) == 50256).any() for shard in shards)

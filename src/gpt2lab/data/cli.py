@@ -22,6 +22,10 @@ sources:
   shakespeare-char  Tiny Shakespeare, one token per character (a 65-character vocabulary),
                     first 90% of the text train, the rest validation (nanoGPT's split)
   shakespeare       Tiny Shakespeare in GPT-2 tokens, the same 90/10 split
+                    (both: one stream with no end-of-text token, as nanoGPT prepares it, so
+                    val losses compare with nanoGPT's; llm.c's own shards put one before each
+                    section. For a loader that aligns windows to end-of-text, such as
+                    modded-nanogpt's, use `text` on a .jsonl of one section per line)
   fineweb-edu       FineWeb-EDU sample-10BT (--sample for the larger ones) from the Hugging
                     Face hub, or local parquet files of its schema (--data-files)
   text              your own files (.txt: one document per file; .jsonl: one per line, text

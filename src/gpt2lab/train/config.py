@@ -62,7 +62,7 @@ class ScheduleSettings:
 @dataclass
 class EvalSettings:
     interval: int = 250  # steps between evaluations; 0 disables
-    batches: int = 20  # validation batches per evaluation (0: the whole split)
+    batches: int = 20  # validation batches per evaluation, over all ranks together (0: the whole split)
     at_start: bool = True
     final_full: bool = True  # at the end, the loss over every window of the validation split
     sample_interval: int = 0  # steps between samples written to samples.txt; 0 disables

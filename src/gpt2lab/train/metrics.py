@@ -73,13 +73,15 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise UserError("log.tensorboard is on but tensorboard is not installed: pip install tensorboard") from None
+                raise UserError(
+                    'log.tensorboard is on but tensorboard is not installed: pip install "gpt2lab[tensorboard]"'
+                ) from None
             self.tensorboard = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
         if wandb_project:
             try:
                 import wandb
             except ImportError:
-                raise UserError("log.wandb_project is set but wandb is not installed: pip install wandb") from None
+                raise UserError('log.wandb_project is set but wandb is not installed: pip install "gpt2lab[wandb]"') from None
             self.wandb = wandb.init(project=wandb_project, dir=str(run_dir), config=config, name=run_dir.name)
 
     def truncate_after(self, step: int) -> None:

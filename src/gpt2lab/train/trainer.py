@@ -248,10 +248,14 @@ class Trainer:
         self.echo(f"resumed from {checkpoint} at step {self.step}")
 
     def evaluate(self, max_batches: int | None) -> LossResult:
-        """Validation loss over the first `max_batches` batches (None: every window)."""
+        """Validation loss over the first `max_batches` batches counted over all ranks together
+        (None: every window). Rank r holds windows r, r + world, ...: so each rank's first
+        ceil(max_batches / world) batches are the windows one process scores in its first
+        max_batches, and 1 and N processes report the same loss (max_batches a multiple of N)."""
         assert self.val_loader is not None
+        per_rank = None if max_batches is None else -(-max_batches // self.world_size)
         return loss_over_batches(
-            self.raw_model, self.val_loader, batches=max_batches, autocast_dtype=self.autocast_dtype
+            self.raw_model, self.val_loader, batches=per_rank, autocast_dtype=self.autocast_dtype
         )
 
     def evaluate_hellaswag(self, metrics: MetricsLog, write: Callable[[str], None]) -> None:
