@@ -85,6 +85,14 @@ def _start(folder: Path, recipe: dict) -> dict[str, Any] | None:
     for debris in itertools.chain(folder.glob(".*_??????.bin.*"), folder.glob(f".{DATASET_FILE}.*")):
         debris.unlink(missing_ok=True)
     if not (folder / DATASET_FILE).is_file():
+        # dataset.json is written before the first shard, so anything here is someone else's.
+        others = sorted(path.name for path in folder.iterdir())
+        if others:
+            raise UserError(
+                f"{folder} is not empty and holds no {DATASET_FILE} ({', '.join(others[:3])}"
+                f"{', ...' if len(others) > 3 else ''}): gpt2lab did not write it, and preparing there could "
+                "replace those files; choose a new or empty --out folder"
+            )
         return None
     meta = read_dataset_json(folder)
     if meta.get("recipe") != recipe:
@@ -124,6 +132,7 @@ def _prepare_shakespeare(folder: Path, source: str, input_file, shard_tokens: in
         return meta
     tokenizer: Tokenizer = CharTokenizer.from_text(text) if source == "shakespeare-char" else GPT2Tokenizer()
     meta = _new_meta(source, recipe, tokenizer, command)
+    _save_meta(folder, meta)
     # nanoGPT's split: the first 90% of the characters train, the rest validate.
     cut = int(len(text) * SHAKESPEARE_TRAIN_FRACTION)
     for split, part in (("train", text[:cut]), ("val", text[cut:])):
@@ -239,6 +248,7 @@ def _prepare_documents(
         return meta
     if meta is None:
         meta = _new_meta(source, recipe, GPT2Tokenizer(), command)
+        _save_meta(folder, meta)
     writer = _StreamWriter(folder, meta, shard_tokens, val_tokens, max_tokens)
     resume = meta["progress"]
     if resume["tokens"]:
