@@ -362,3 +362,74 @@ def test_without_periodic_evaluation_checkpoints_claim_no_val_loss(char_data, tm
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000006"]
     state = json.loads((run / "checkpoints" / "step_00000006" / "state.json").read_text())
     assert state["val_loss"] is None
+
+
+# ---- a text corpus without --val-tokens ------------------------------------------------------
+
+
+def test_text_without_val_tokens_keeps_its_progress_on_disk(tmp_path, monkeypatch):
+    """The split sizes wait for the end of the stream, the tokens do not: a kill keeps every
+    shard-sized piece already written, and the resumed folder equals an uninterrupted one."""
+    from gpt2lab.data import shards as shards_module
+    from gpt2lab.data.sources import packaged_shakespeare
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(packaged_shakespeare())
+    options = dict(inputs=[str(corpus)], shard_tokens=40_000, workers=1, progress=False, log=lambda m: None)
+    prepare("text", tmp_path / "clean", **options)
+    clean = json.loads((tmp_path / "clean" / "dataset.json").read_text())
+    assert clean["splits"]["val"]["tokens"] == (clean["splits"]["val"]["tokens"] + clean["splits"]["train"]["tokens"]) // 10
+
+    real, calls = shards_module.write_atomic, []
+
+    def write_atomic(path, write):
+        calls.append(path.name)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        real(path, write)
+
+    monkeypatch.setattr(shards_module, "write_atomic", write_atomic)
+    out = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        prepare("text", out, **options)
+    monkeypatch.undo()
+    progress = json.loads((out / "dataset.json").read_text())["progress"]
+    assert progress["tokens"] == 4 * 40_000 and len(progress["pending"]) == 4
+    assert sorted(p.name for p in out.glob("*.bin")) == [f"pending_{i:06d}.bin" for i in range(4)]
+
+    messages = []
+    prepare("text", out, **{**options, "log": messages.append})
+    assert messages[0].startswith("resuming after 160,000 tokens")
+    resumed = json.loads((out / "dataset.json").read_text())
+    assert resumed["splits"] == clean["splits"] and "progress" not in resumed
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "clean").iterdir())
+    for name in (p.name for p in out.glob("*.bin")):
+        assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
+
+
+def test_text_stream_settles_when_killed_while_cutting_the_pending_files(tmp_path, monkeypatch):
+    from gpt2lab.data import shards as shards_module
+    from gpt2lab.data.sources import packaged_shakespeare
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(packaged_shakespeare())
+    options = dict(inputs=[str(corpus)], shard_tokens=40_000, workers=1, progress=False, log=lambda m: None)
+    prepare("text", tmp_path / "clean", **options)
+    real, calls = shards_module.write_atomic, []
+
+    def write_atomic(path, write):
+        calls.append(path.name)
+        if path.name == "train_000001.bin":  # the second real shard, cut from the pending files
+            raise KeyboardInterrupt
+        real(path, write)
+
+    monkeypatch.setattr(shards_module, "write_atomic", write_atomic)
+    out = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        prepare("text", out, **options)
+    monkeypatch.undo()
+    assert any(name.startswith("pending_") for name in calls) and (out / "val_000000.bin").is_file()
+    prepare("text", out, **options)
+    assert json.loads((out / "dataset.json").read_text())["splits"] == json.loads(
+        (tmp_path / "clean" / "dataset.json").read_text())["splits"]
+    assert not list(out.glob("pending_*"))
