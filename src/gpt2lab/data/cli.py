@@ -193,7 +193,7 @@ def cmd_verify(folder: str) -> int:
     dataset = open_dataset(folder)
     problems = dataset.verify()
     if problems:
-        raise UserError(f"{folder} is damaged; prepare it again:\n  " + "\n  ".join(problems))
+        raise UserError(f"{folder} is damaged, prepare it again: " + "; ".join(problems))
     shards = sum(len(shards) for shards in dataset.splits.values())
     print(f"{folder}: {shards} shards sound (recorded sha256, token counts, ids below the vocabulary of {dataset.vocab_size:,})")
     return 0
