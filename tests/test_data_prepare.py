@@ -264,10 +264,10 @@ def test_fineweb_edu_on_local_parquet_matches_direct_tokenization(tmp_path, parq
 
 
 def test_fineweb_edu_max_tokens_takes_a_sample(tmp_path, parquet_file, documents):
-    meta = prepare_dataset("fineweb-edu", tmp_path, data_files=[str(parquet_file)], max_tokens=200_000,
+    meta = prepare_dataset("fineweb-edu", tmp_path / "d", data_files=[str(parquet_file)], max_tokens=200_000,
                    shard_tokens=50_000, workers=2, progress=False)
     assert meta["splits"]["val"]["tokens"] == 20_000 and meta["splits"]["train"]["tokens"] == 180_000
-    whole = np.concatenate([split_tokens(tmp_path, "val"), split_tokens(tmp_path, "train")])
+    whole = np.concatenate([split_tokens(tmp_path / "d", "val"), split_tokens(tmp_path / "d", "train")])
     assert np.array_equal(whole, stream_of(documents)[:200_000])
 
 
@@ -354,21 +354,24 @@ def test_interrupted_prepare_resumes_to_the_same_result(tmp_path, parquet_file, 
 
 def test_finished_folder_is_left_alone_and_a_different_recipe_refused(tmp_path, parquet_file):
     options = dict(data_files=[str(parquet_file)], shard_tokens=100_000, workers=1, progress=False)
-    prepare_dataset("fineweb-edu", tmp_path, **options)
-    stamp = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    out = tmp_path / "d"
+    prepare_dataset("fineweb-edu", out, **options)
+    stamp = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     messages = []
-    prepare_dataset("fineweb-edu", tmp_path, log=messages.append, **options)
+    prepare_dataset("fineweb-edu", out, log=messages.append, **options)
     assert "already prepared" in messages[0]
-    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == stamp
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamp
     with pytest.raises(UserError, match="already holds a dataset made differently.*another --out"):
-        prepare_dataset("fineweb-edu", tmp_path, **{**options, "shard_tokens": 90_000})
+        prepare_dataset("fineweb-edu", out, **{**options, "shard_tokens": 90_000})
 
 
 def test_leftover_temporary_files_are_removed(tmp_path, parquet_file):
-    tmp_path.joinpath(".train_000003.bin.x1y2z3").write_bytes(b"half")
-    tmp_path.joinpath(".dataset.json.abc").write_text("{")
-    prepare_dataset("fineweb-edu", tmp_path, data_files=[str(parquet_file)], shard_tokens=200_000, workers=1, progress=False)
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    out = tmp_path / "d"
+    out.mkdir()
+    out.joinpath(".train_000003.bin.x1y2z3").write_bytes(b"half")
+    out.joinpath(".dataset.json.abc").write_text("{")
+    prepare_dataset("fineweb-edu", out, data_files=[str(parquet_file)], shard_tokens=200_000, workers=1, progress=False)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
 # ---- the user's files ------------------------------------------------------------------------

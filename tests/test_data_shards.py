@@ -128,8 +128,8 @@ def _described_folder(tmp_path, **changes):
         "format": "gpt2lab-dataset",
         "version": 1,
         "complete": True,
-        "tokenizer": {"type": "char", "chars": "abc"},
-        "vocab_size": 3,
+        "tokenizer": {"type": "char", "chars": "abcdefghij"},
+        "vocab_size": 10,
         "splits": {"train": {"tokens": 10, "shards": [{"file": "train_000000.bin", "tokens": 10, "sha256": digest}]}},
         "command": "gpt2lab prepare text x.txt --out here",
     }
@@ -140,7 +140,7 @@ def _described_folder(tmp_path, **changes):
 
 def test_dataset_json_gives_tokenizer_and_counts(tmp_path):
     dataset = open_dataset(_described_folder(tmp_path))
-    assert dataset.vocab_size == 3 and dataset.tokenizer_spec == {"type": "char", "chars": "abc"}
+    assert dataset.vocab_size == 10 and dataset.tokenizer_spec == {"type": "char", "chars": "abcdefghij"}
     assert np.array_equal(dataset.tokens(dataset.shards("train")[0]), np.arange(10))
 
 

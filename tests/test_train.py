@@ -107,12 +107,14 @@ def test_training_writes_metrics_checkpoints_and_a_usable_model(char_data, tmp_p
 
 
 def test_pruning_keeps_the_last_and_the_best(tmp_path):
-    from gpt2lab.train.checkpoint import prune_checkpoints
+    from gpt2lab.train.checkpoint import CHECKPOINT_FILES, prune_checkpoints
 
     for step, loss in [(10, 2.0), (20, 1.5), (30, 1.7), (40, 1.8)]:
         folder = tmp_path / "checkpoints" / f"step_{step:08d}"
         folder.mkdir(parents=True)
-        (folder / "state.json").write_text(json.dumps({"step": step, "val_loss": loss}))
+        for name in CHECKPOINT_FILES:
+            (folder / name).write_text("{}")
+        (folder / "state.json").write_text(json.dumps({"step": step, "val_loss": loss, "loader": {}, "rng": []}))
     (tmp_path / "checkpoints" / ".tmp-step_00000050-999999").mkdir()
     prune_checkpoints(tmp_path, keep_last=2, keep_best=True)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [

@@ -16,7 +16,7 @@ from .commands.convert import add_convert_parser
 from .commands.report import add_report_parser
 from .commands.sample import add_sample_parser
 from .data.cli import add_prepare_parser
-from .errors import UserError
+from .errors import UserError, disk_fault
 from .eval.cli import add_eval_parser
 from .serve.cli import add_serve_parser
 from .train.cli import add_bench_parser, add_train_parser
@@ -59,11 +59,17 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"gpt2lab {args.verb}: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        return 0
+    except OSError as error:
+        fault = disk_fault(error)
+        if fault is None:
+            raise
+        print(f"gpt2lab {args.verb}: error: {fault}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"gpt2lab {args.verb}: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return 0
 
 
 if __name__ == "__main__":

@@ -38,25 +38,36 @@ HUB_MODELS = {
 HUB_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
 NATIVE_RECORD = "gpt2lab.json"
 CHECKPOINT_NAME = re.compile(r"^step_(\d{8})$")
+# What every model folder gpt2lab writes holds (checkpoints add their training state).
+MODEL_FILES = (NATIVE_RECORD, "model.safetensors")
 
 
 # ---- finding the folder ----------------------------------------------------------------------
 
 
-def newest_checkpoint(run_dir: Path) -> Path | None:
-    """The complete checkpoint with the highest step in `run_dir/checkpoints` (None if there is none).
+def checkpoint_folders(run_dir: Path, required: tuple[str, ...] = MODEL_FILES) -> list[Path]:
+    """The complete checkpoints of `run_dir/checkpoints`, oldest first.
 
-    Only folders under their final name `step_XXXXXXXX` count: they are renamed into place once
-    fully written.
+    Only folders under their final name `step_XXXXXXXX` count (they are renamed into place once
+    fully written), and only those that hold every file in `required`: a folder that a kill left
+    half deleted keeps its name but not all its files.
     """
     folder = run_dir / "checkpoints"
     if not folder.is_dir():
-        return None
-    steps = sorted(
-        (p for p in folder.iterdir() if p.is_dir() and CHECKPOINT_NAME.match(p.name)),
+        return []
+    return sorted(
+        (
+            p for p in folder.iterdir()
+            if p.is_dir() and CHECKPOINT_NAME.match(p.name) and all((p / name).is_file() for name in required)
+        ),
         key=lambda p: p.name,
     )
-    return steps[-1] if steps else None
+
+
+def newest_checkpoint(run_dir: Path, required: tuple[str, ...] = MODEL_FILES) -> Path | None:
+    """The complete checkpoint with the highest step in `run_dir/checkpoints` (None if there is none)."""
+    complete = checkpoint_folders(run_dir, required)
+    return complete[-1] if complete else None
 
 
 def _download_from_hub(repo_id: str) -> Path:

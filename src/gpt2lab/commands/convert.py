@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 from ..cli_options import MODEL_HELP
+from ..errors import UserError
 from ..report import read_metrics
 
 
@@ -31,7 +33,10 @@ size, and GPT-2 tokenizer files are written beside a model of GPT-2's vocabulary
   gpt2lab convert runs/gpt2-124m/checkpoints/step_00019073 --out exported --dtype bfloat16""",
     )
     convert.add_argument("model", help=MODEL_HELP)
-    convert.add_argument("--out", required=True, help="folder to write (created if needed)")
+    convert.add_argument("--out", required=True, help="folder to write (created if needed; must be new or empty)")
+    convert.add_argument(
+        "--force", action="store_true", help="replace what a non-empty --out folder holds (never the model converted)"
+    )
     convert.add_argument(
         "--dtype", default="keep", choices=["keep", "float32", "bfloat16", "float16"], help="precision of the saved weights"
     )
@@ -44,13 +49,35 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from ..tokenizer import load_tokenizer
 
     folder = resolve_model_path(args.model)
+    out = _output_folder(Path(args.out), folder, args.force)
     dtype = None if args.dtype == "keep" else DTYPES[args.dtype]
     model = load_model(folder, dtype=dtype)
     export_layout(model.config)  # a refusal comes before anything else the folder may lack
     spec = load_tokenizer(folder).spec()
-    export_for_transformers(model, args.out, tokenizer_spec=spec, card_facts=training_facts(folder))
+    if args.force and out.exists():
+        shutil.rmtree(out)
+    export_for_transformers(model, out, tokenizer_spec=spec, card_facts=training_facts(folder))
     print(f"wrote {args.out} (config.json, generation_config.json, model.safetensors, tokenizer files, README.md)")
     return 0
+
+
+def _output_folder(out: Path, source: Path, force: bool) -> Path:
+    """`out`, once it is sure that writing there loses nothing: not the model read (a checkpoint
+    rewritten without its padded rows would resume wrongly), not a file, not a folder of other
+    files unless --force says to replace them."""
+    resolved, source = out.resolve(), source.resolve()
+    if resolved == source or source in resolved.parents or resolved in source.parents:
+        raise UserError(
+            f"--out {out} is the model folder being converted, or holds it, or lies inside it; "
+            "write the export to a folder of its own"
+        )
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; name a folder to write the model into")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserError(
+            f"--out {out} is not empty; choose a new or empty folder, or add --force to replace what it holds"
+        )
+    return out
 
 
 def training_facts(folder: Path) -> dict[str, Any]:

@@ -110,7 +110,7 @@ def add_prepare_parser(
         description=PREPARE_DESCRIPTION,
         epilog=PREPARE_EPILOG,
     )
-    parser.add_argument("source", choices=SOURCES, help="what to prepare (see above)")
+    parser.add_argument("source", nargs="?", choices=SOURCES, help="what to prepare (see above)")
     parser.add_argument(
         "inputs", nargs="*", metavar="INPUT", help="text source: files or globs (.txt, .jsonl, .parquet), or one hub dataset name"
     )
@@ -153,6 +153,12 @@ def add_prepare_parser(
     parser.add_argument(
         "--workers", type=_workers, metavar="N", help="tokenizing processes (default: one per available core)"
     )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="write nothing: read every shard of the --out folder in full and check it against dataset.json "
+        "(sha256, token count) and its vocabulary (no id out of range); exit 2 naming each problem",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
     parser.set_defaults(handler=cmd_prepare, option_defaults={dest: parser.get_default(dest) for _, dest in _OPTIONS})
     return parser
@@ -185,7 +191,23 @@ def _shakespeare_file(args: argparse.Namespace) -> str | None:
     return str(sources.download_shakespeare())
 
 
+def cmd_verify(folder: str) -> int:
+    from .dataset import open_dataset
+
+    dataset = open_dataset(folder)
+    problems = dataset.verify()
+    if problems:
+        raise UserError(f"{folder} is damaged, prepare it again: " + "; ".join(problems))
+    shards = sum(len(shards) for shards in dataset.splits.values())
+    print(f"{folder}: {shards} shards sound (recorded sha256, token counts, ids below the vocabulary of {dataset.vocab_size:,})")
+    return 0
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
+    if args.verify:
+        return cmd_verify(args.out)
+    if args.source is None:
+        raise UserError(f"name what to prepare (one of {', '.join(SOURCES)}), or check a folder with --verify")
     prepare(
         args.source,
         args.out,

@@ -3,6 +3,7 @@ modded-nanogpt, build-nanogpt or nanoGPT that has no `dataset.json`."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -59,11 +60,46 @@ class TokenDataset:
                     f"{shard.path} holds {len(array)} tokens, but {self.folder / DATASET_FILE} records "
                     f"{shard.tokens}; the folder changed after it was prepared: prepare it again"
                 )
+            self._check_ids(shard, array)
         return array
+
+    def _check_ids(self, shard: Shard, array: np.ndarray) -> None:
+        """Refuse ids outside the vocabulary once per shard (one pass over the mapped file), so
+        that a damaged shard or one of another tokenizer fails here, not deep in the embedding."""
+        high = int(array.max()) if len(array) else 0
+        if high >= self.vocab_size:
+            raise UserError(
+                f"{shard.path} holds token id {high}, outside the vocabulary of {self.vocab_size} tokens that "
+                f"{self.folder} records; the shard is damaged or from another tokenizer: check the folder with "
+                f"`gpt2lab prepare --verify --out {self.folder}` and prepare it again"
+            )
+
+    def verify(self) -> list[str]:
+        """Every shard read in full: its recorded sha256 (where dataset.json has one) and its ids.
+        Returns one line per problem (empty: the folder is sound)."""
+        problems = []
+        for shards in self.splits.values():
+            for shard in shards:
+                if shard.sha256 is not None and _sha256(shard.path) != shard.sha256:
+                    problems.append(f"{shard.path}: its sha256 differs from the one {DATASET_FILE} records")
+                    continue
+                try:
+                    self.tokens(shard)
+                except UserError as error:
+                    problems.append(str(error))
+        return problems
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{name}={self.split_tokens(name):,}" for name in sorted(self.splits))
         return f"TokenDataset({str(self.folder)!r}, vocab_size={self.vocab_size}, {sizes})"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_dataset_json(folder: Path) -> dict[str, Any]:

@@ -28,13 +28,15 @@ from ..tokenizer import CharTokenizer, GPT2Tokenizer, Tokenizer
 from ..version import __version__
 from . import sources
 from .dataset import DATASET_FILE, FORMAT_NAME, FORMAT_VERSION, read_dataset_json
-from .shards import shard_length, write_shard
+from .shards import read_shard, shard_length, write_shard
 
 SOURCES = ("shakespeare-char", "shakespeare", "fineweb-edu", "text")
 DEFAULT_SHARD_TOKENS = 100_000_000
 # A `text` source holds out a tenth of its tokens for validation, at most this many.
 TEXT_VAL_CAP = 10_000_000
 SHAKESPEARE_TRAIN_FRACTION = 0.9
+# The stream waiting for its cut into splits (see _StreamWriter).
+PENDING_PREFIX = "pending_"
 
 
 def shard_name(split: str, index: int) -> str:
@@ -85,6 +87,14 @@ def _start(folder: Path, recipe: dict) -> dict[str, Any] | None:
     for debris in itertools.chain(folder.glob(".*_??????.bin.*"), folder.glob(f".{DATASET_FILE}.*")):
         debris.unlink(missing_ok=True)
     if not (folder / DATASET_FILE).is_file():
+        # dataset.json is written before the first shard, so anything here is someone else's.
+        others = sorted(path.name for path in folder.iterdir())
+        if others:
+            raise UserError(
+                f"{folder} is not empty and holds no {DATASET_FILE} ({', '.join(others[:3])}"
+                f"{', ...' if len(others) > 3 else ''}): gpt2lab did not write it, and preparing there could "
+                "replace those files; choose a new or empty --out folder"
+            )
         return None
     meta = read_dataset_json(folder)
     if meta.get("recipe") != recipe:
@@ -124,6 +134,7 @@ def _prepare_shakespeare(folder: Path, source: str, input_file, shard_tokens: in
         return meta
     tokenizer: Tokenizer = CharTokenizer.from_text(text) if source == "shakespeare-char" else GPT2Tokenizer()
     meta = _new_meta(source, recipe, tokenizer, command)
+    _save_meta(folder, meta)
     # nanoGPT's split: the first 90% of the characters train, the rest validate.
     cut = int(len(text) * SHAKESPEARE_TRAIN_FRACTION)
     for split, part in (("train", text[:cut]), ("val", text[cut:])):
@@ -143,25 +154,42 @@ class _StreamWriter:
 
     Positions are global token offsets in the stream; the stream's units (documents or pieces of
     long ones) are numbered from 0, so a position maps back to (unit, offset within the unit).
+
+    Until the validation size is known (a `text` source without --val-tokens learns it at the
+    end, or at 10 x TEXT_VAL_CAP tokens) the stream goes to disk as pending files of
+    `shard_tokens`, listed in the progress record; once it is known they are read back
+    (memory-mapped) and cut into the real shards. So memory holds at most a shard, and a kill
+    loses at most the shard being written.
     """
 
     def __init__(self, folder: Path, meta: dict, shard_tokens: int, val_tokens: int | None, max_tokens: int | None):
         self.folder, self.meta = folder, meta
         self.shard_tokens, self.max_tokens = shard_tokens, max_tokens
-        progress = meta.setdefault("progress", {"tokens": 0, "unit": 0, "offset": 0, "val_tokens": val_tokens})
+        progress = meta.setdefault(
+            "progress", {"tokens": 0, "unit": 0, "offset": 0, "val_tokens": val_tokens, "pending": []}
+        )
+        self.pending: list[dict] = progress.setdefault("pending", [])
         self.val_tokens: int | None = progress["val_tokens"]
-        self.written = progress["tokens"]  # stream offset of the first token not yet in a shard
-        self.end = self.written  # stream offset after the last token received
+        # Stream offsets: the first token not yet in a shard, the first not yet on disk (in a
+        # shard or a pending file), and the one after the last token received.
+        self.written = sum(split["tokens"] for split in meta["splits"].values())
+        self.stored = self.end = progress["tokens"]
         self.buffer: collections.deque[np.ndarray] = collections.deque()
         # (stream offset of a task's first unit, its unit number, cumulative token counts of its units)
         self.units: collections.deque[tuple[int, int, np.ndarray]] = collections.deque()
+        listed = {entry["file"] for entry in self.pending}
+        for orphan in folder.glob(f"{PENDING_PREFIX}*.bin"):
+            if orphan.name not in listed:  # consumed, but a kill came before its deletion
+                orphan.unlink()
+        if self.val_tokens is not None:
+            self._settle()
 
     @property
     def full(self) -> bool:
         return self.max_tokens is not None and self.end >= self.max_tokens
 
     def add(self, tokens: np.ndarray, lengths: np.ndarray, first_unit: int, skip: int = 0) -> int:
-        """Take one encoded task (its first `skip` tokens already in shards); return tokens taken."""
+        """Take one encoded task (its first `skip` tokens already on disk); return tokens taken."""
         self.units.append((self.end - skip, first_unit, np.cumsum(lengths)))
         tokens = tokens[skip:]
         if self.max_tokens is not None:
@@ -170,6 +198,10 @@ class _StreamWriter:
         self.end += len(tokens)
         if self.val_tokens is None and self.end >= 10 * TEXT_VAL_CAP:
             self.val_tokens = TEXT_VAL_CAP
+            self._settle()
+        if self.val_tokens is None:
+            while self.end - self.stored >= self.shard_tokens:
+                self._write_pending()
         while self.val_tokens is not None and self.end >= self._shard_end():
             self._write(self._shard_end())
         return len(tokens)
@@ -177,8 +209,19 @@ class _StreamWriter:
     def finish(self) -> None:
         if self.val_tokens is None:
             self.val_tokens = min(TEXT_VAL_CAP, self.end // 10)
+            self._settle()
         while self.written < self.end:
             self._write(min(self._shard_end(), self.end))
+
+    def _settle(self) -> None:
+        """Put the pending files' tokens (from the first not in a shard) in front of the buffer."""
+        arrays = []
+        for entry in self.pending:
+            path = self.folder / entry["file"]
+            if not path.is_file() or shard_length(path) != entry["tokens"]:
+                raise UserError(f"{path}, listed in {self.folder / DATASET_FILE}, is missing or changed; delete {self.folder} and prepare again")
+            arrays.append(read_shard(path)[max(0, self.written - entry["start"]) :])
+        self.buffer.extendleft(reversed(arrays))
 
     def _shard_end(self) -> int:
         if self.written < self.val_tokens:
@@ -206,13 +249,31 @@ class _StreamWriter:
         index = int(np.searchsorted(cumulative, offset - start, side="right"))
         return first_unit + index, offset - start - (int(cumulative[index - 1]) if index else 0)
 
+    def _record(self, stored: int) -> None:
+        """Note in dataset.json that the stream is on disk up to `stored`."""
+        if stored > self.stored:
+            self.stored = stored
+            unit, offset = self._position(stored)
+            self.meta["progress"].update(tokens=stored, unit=unit, offset=offset)
+        self.meta["progress"]["val_tokens"] = self.val_tokens
+        _save_meta(self.folder, self.meta)
+
+    def _write_pending(self) -> None:
+        # Pending files start at multiples of shard_tokens: no shard is cut before them.
+        name = f"{PENDING_PREFIX}{self.stored // self.shard_tokens:06d}.bin"
+        write_shard(self.folder / name, self._take(self.shard_tokens))
+        self.pending.append({"file": name, "start": self.stored, "tokens": self.shard_tokens})
+        self._record(self.stored + self.shard_tokens)
+
     def _write(self, stop: int) -> None:
         split = "val" if self.written < self.val_tokens else "train"
         _add_shard(self.folder, self.meta, split, self._take(stop - self.written))
         self.written = stop
-        unit, offset = self._position(stop)
-        self.meta["progress"].update(tokens=stop, unit=unit, offset=offset, val_tokens=self.val_tokens)
-        _save_meta(self.folder, self.meta)
+        consumed = [entry for entry in self.pending if entry["start"] + entry["tokens"] <= stop]
+        self.pending[:] = [entry for entry in self.pending if entry not in consumed]
+        self._record(stop)
+        for entry in consumed:  # after dataset.json no longer lists them
+            (self.folder / entry["file"]).unlink(missing_ok=True)
 
 
 def _prepare_documents(
@@ -239,10 +300,12 @@ def _prepare_documents(
         return meta
     if meta is None:
         meta = _new_meta(source, recipe, GPT2Tokenizer(), command)
+        _save_meta(folder, meta)
     writer = _StreamWriter(folder, meta, shard_tokens, val_tokens, max_tokens)
     resume = meta["progress"]
     if resume["tokens"]:
-        log(f"resuming after {resume['tokens']:,} tokens in {sum(len(s['shards']) for s in meta['splits'].values())} shards")
+        files = sum(len(s["shards"]) for s in meta["splits"].values()) + len(resume.get("pending", []))
+        log(f"resuming after {resume['tokens']:,} tokens in {files} shards")
     total = min(filter(None, (max_tokens, expected_tokens)), default=None)
     with sources.ParallelEncoder(workers) as encoder, tqdm(
         total=total, initial=resume["tokens"], unit="tok", unit_scale=True, disable=None if progress else True

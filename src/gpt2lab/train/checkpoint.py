@@ -30,10 +30,14 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ..errors import UserError
 from ..model import GPT
-from ..pretrained import CHECKPOINT_NAME, newest_checkpoint, read_state_dict, write_model_folder
+from ..pretrained import (
+    CHECKPOINT_NAME, MODEL_FILES, checkpoint_folders, newest_checkpoint, read_state_dict, write_model_folder,
+)
 
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.pt"
+# A checkpoint that resume and pruning trust holds all of these.
+CHECKPOINT_FILES = (*MODEL_FILES, OPTIMIZER_FILE, STATE_FILE)
 
 
 def _b64(tensor: torch.Tensor) -> str:
@@ -108,7 +112,7 @@ def save_checkpoint(
             os.fsync(handle.fileno())
     if final.exists():
         # The same step saved again (an interrupt right after a scheduled save): replace it.
-        stale = folder / f".stale-{final.name}-{os.getpid()}"
+        stale = folder / f".tmp-stale-{final.name}-{os.getpid()}"
         os.rename(final, stale)
         os.rename(temp, final)
         shutil.rmtree(stale, ignore_errors=True)
@@ -117,10 +121,18 @@ def save_checkpoint(
     return final
 
 
+def _delete(path: Path) -> None:
+    """Rename first, then delete: a kill during the deletion leaves a `.tmp-*` folder, which no
+    one trusts and the next pruning removes, never a half-empty `step_*` one."""
+    doomed = path.with_name(f".tmp-deleting-{path.name}-{os.getpid()}")
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def prune_checkpoints(run_dir: Path, keep_last: int, keep_best: bool) -> None:
     """Delete all but the newest `keep_last` checkpoints and, if asked, the best by validation loss."""
     folder = run_dir / "checkpoints"
-    complete = sorted(p for p in folder.iterdir() if p.is_dir() and CHECKPOINT_NAME.match(p.name))
+    complete = checkpoint_folders(run_dir, CHECKPOINT_FILES)
     keep = set(complete[-keep_last:])
     if keep_best:
         scored = [(read_state(p).get("val_loss"), p) for p in complete]
@@ -129,21 +141,46 @@ def prune_checkpoints(run_dir: Path, keep_last: int, keep_best: bool) -> None:
             keep.add(min(scored, key=lambda item: item[0])[1])
     for path in complete:
         if path not in keep:
-            shutil.rmtree(path, ignore_errors=True)
-    for leftover in folder.glob(".tmp-*"):
-        # Temporary folders of processes that died mid-save.
-        if not leftover.name.endswith(f"-{os.getpid()}"):
+            _delete(path)
+    for leftover in folder.iterdir():
+        # Temporary folders of processes that died mid-save or mid-delete, and step folders that
+        # such a delete left without all their files (written by older versions).
+        temporary = leftover.name.startswith(".tmp-") and not leftover.name.endswith(f"-{os.getpid()}")
+        incomplete = CHECKPOINT_NAME.match(leftover.name) and leftover.is_dir() and leftover not in complete
+        if temporary or incomplete:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
 def read_state(checkpoint: Path) -> dict[str, Any]:
     path = checkpoint / STATE_FILE
     try:
-        return json.loads(path.read_bytes())
+        state = json.loads(path.read_bytes())
     except FileNotFoundError:
         raise UserError(f"{checkpoint} has no {STATE_FILE}: it is a model folder, not a training checkpoint") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UserError(f"{path} is damaged ({error}); resume from an earlier checkpoint") from None
+    problem = _state_problem(state)
+    if problem:
+        raise UserError(f"{path} is not a training state gpt2lab wrote ({problem}); resume from an earlier checkpoint")
+    return state
+
+
+def _state_problem(state: Any) -> str | None:
+    """What is wrong with the shape of a parsed state.json, if anything."""
+    if not isinstance(state, dict):
+        return f"a JSON {type(state).__name__}, not an object"
+    expected = {"step": int, "loader": dict, "rng": list}
+    for key, kind in expected.items():
+        if key not in state:
+            return f"no {key!r}"
+        if not isinstance(state[key], kind) or isinstance(state[key], bool):
+            return f"{key!r} is {state[key]!r}"
+    if state["step"] < 0 or not all(isinstance(r, dict) and isinstance(r.get("torch"), str) for r in state["rng"]):
+        return "its step or RNG states are malformed"
+    for key in ("val_loss", "best_val_loss", "elapsed_s"):
+        if state.get(key) is not None and not isinstance(state[key], (int, float)):
+            return f"{key!r} is {state[key]!r}"
+    return None
 
 
 def find_resume_checkpoint(run_dir: Path, resume: str | None) -> Path | None:
@@ -151,7 +188,7 @@ def find_resume_checkpoint(run_dir: Path, resume: str | None) -> Path | None:
     if resume is None:
         return None
     if resume == "auto":
-        return newest_checkpoint(run_dir)
+        return newest_checkpoint(run_dir, CHECKPOINT_FILES)
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
         raise UserError(f"--resume {resume}: not a checkpoint folder (no {STATE_FILE}); use --resume auto or a checkpoints/step_* folder")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,16 @@ def peak_flops_for(device: torch.device, override: float = 0.0) -> float | None:
     return None
 
 
+def _record_step(line: str) -> int | None:
+    """The step of one metrics.jsonl line; None if it is not a record."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
 class MetricsLog:
     """Appends events to metrics.jsonl; mirrors scalars to TensorBoard / W&B when asked."""
 
@@ -88,7 +99,17 @@ class MetricsLog:
         """Drop events past `step` (written by a run that died after its last checkpoint)."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        kept = []
+        for number, line in enumerate(self.path.read_text(errors="replace").splitlines(), 1):
+            record_step = _record_step(line)
+            if record_step is None:
+                if line.strip():
+                    # A torn write (a kill mid-line, a full disk) or an edit: one bad line must not
+                    # stop the run, and nothing reads it.
+                    print(f"warning: {self.path} line {number} is not a metrics record; dropped: {line[:80]!r}",
+                          file=sys.stderr)
+            elif record_step <= step:
+                kept.append(line)
         write_atomic(self.path, lambda p: p.write_text("".join(line + "\n" for line in kept)))
 
     def log(self, step: int, tokens: int, elapsed_s: float, **measures: Any) -> None:

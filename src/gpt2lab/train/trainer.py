@@ -21,7 +21,7 @@ from ..data.dataset import TokenDataset, open_dataset
 from ..data.loader import TokenLoader
 from ..errors import UserError
 from ..eval.loss import LossResult, loss_over_batches
-from ..files import write_atomic
+from ..files import FolderLock, write_atomic
 from ..generate import generate
 from ..model import GPT
 from ..prompts import checked_prompt, empty_prompt_start
@@ -173,9 +173,32 @@ class Trainer:
         self.best_val_loss: float | None = None
         self.last_val_loss: float | None = None
         self.stop_signal: int | None = None
-        checkpoint = find_resume_checkpoint(self.run_dir, resume)
-        if checkpoint is not None:
-            self._resume(checkpoint)
+        self._lock = self._lock_run_dir()
+        try:
+            checkpoint = find_resume_checkpoint(self.run_dir, resume)
+            if checkpoint is not None:
+                self._resume(checkpoint)
+        except BaseException:
+            self.release()
+            raise
+
+    def _lock_run_dir(self) -> FolderLock | None:
+        """Rank 0 holds the run folder from here to the end of `run()`: a second run there would
+        prune this one's checkpoints and interleave its metrics. Every rank stops if it cannot."""
+        lock, problem = None, None
+        if self.is_main:
+            try:
+                lock = FolderLock(self.run_dir, "run folder")
+            except UserError as error:
+                problem = error
+        if all_reduce_max(float(problem is not None), self.device) > 0:
+            raise problem or UserError(f"rank 0 could not take the run folder {self.run_dir}; see its message")
+        return lock
+
+    def release(self) -> None:
+        """Let another run use the folder (`run()` does this when it ends)."""
+        if self._lock is not None:
+            self._lock.release()
 
     def _train_loader(self, config: TrainConfig) -> TokenLoader:
         batch = config.batch
@@ -382,6 +405,7 @@ class Trainer:
             if bar is not None:
                 bar.close()
             metrics.close()
+            self.release()
             for signum, handler in previous_handlers.items():
                 signal.signal(signum, handler)
 
@@ -400,8 +424,9 @@ class Trainer:
 
     def _validate_at_start(self, metrics: MetricsLog, write: Callable[[str], None]) -> None:
         vocab_size = self.config.model.vocab_size
+        # Not kept as last_val_loss: checkpoints record the loss of their own training, and with
+        # eval.interval=0 every one would claim the untrained model's (keep_best kept the first).
         val_loss = self.evaluate(self.config.eval.batches or None).loss
-        self.last_val_loss = val_loss
         metrics.log(0, 0, 0.0, val_loss=val_loss)
         write(
             f"step 0: val loss {val_loss:.4f} (a uniform guess over {vocab_size} tokens "
