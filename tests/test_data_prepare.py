@@ -176,10 +176,22 @@ def test_shakespeare_input_takes_the_users_copy(tmp_path, offline):
 
 
 def test_shakespeare_small_shards(tmp_path):
-    prepare_dataset("shakespeare", tmp_path, shard_tokens=100_000, progress=False)
+    notes = []
+    prepare_dataset("shakespeare", tmp_path, shard_tokens=100_000, progress=False, log=notes.append)
     dataset = open_dataset(tmp_path)
     assert [s.tokens for s in dataset.shards("train")] == [100_000, 100_000, 100_000, 1_966]
     assert [s.path.name for s in dataset.shards("val")] == ["val_000000.bin"]
+    # A 1,966-token tail is too short for llm.c's loader: the summary says so, for train only.
+    summary = notes[-1].splitlines()
+    assert len(summary) == 2 and summary[1].startswith("note: the last train shard holds only 1,966 tokens")
+    assert "--shard-tokens" in summary[1]
+
+
+def test_whole_splits_in_one_shard_each_get_no_note(tmp_path):
+    notes = []
+    prepare_dataset("shakespeare", tmp_path, progress=False, log=notes.append)
+    assert len(open_dataset(tmp_path).shards("train")) == 1
+    assert len(notes[-1].splitlines()) == 1 and "note:" not in notes[-1]
 
 
 def test_shakespeare_download_goes_into_the_cache_once(tmp_path, monkeypatch):

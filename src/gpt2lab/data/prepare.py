@@ -110,12 +110,26 @@ def _start(folder: Path, recipe: dict) -> dict[str, Any] | None:
     return meta
 
 
+# llm.c's loader needs every shard to hold a whole step of every process plus one token; its
+# GPT-2 (124M) recipe on 8 GPUs reads 8 x 64 x 1024 tokens a step.
+LLMC_STEP_TOKENS = 8 * 64 * 1024 + 1
+
+
 def _summary(folder: Path, meta: dict[str, Any]) -> str:
     parts = [
         f"{name} {split['tokens']:,} tokens in {len(split['shards'])} shard{'s' * (len(split['shards']) != 1)}"
         for name, split in meta["splits"].items()
     ]
-    return f"{folder}: {', '.join(parts)}; vocabulary of {meta['vocab_size']:,} ({meta['source']})"
+    lines = [f"{folder}: {', '.join(parts)}; vocabulary of {meta['vocab_size']:,} ({meta['source']})"]
+    for name, split in meta["splits"].items():
+        shards = split["shards"]
+        if len(shards) > 1 and shards[-1]["tokens"] < min(LLMC_STEP_TOKENS, shards[0]["tokens"]):
+            lines.append(
+                f"note: the last {name} shard holds only {shards[-1]['tokens']:,} tokens; llm.c's loader needs "
+                "processes x B x T + 1 tokens in every shard (524,289 for its 8-GPU GPT-2 run), so choose a "
+                "--shard-tokens that leaves a larger tail for llm.c (gpt2lab reads across shards and needs none)"
+            )
+    return "\n".join(lines)
 
 
 # ---- Tiny Shakespeare ------------------------------------------------------------------------
