@@ -276,4 +276,5 @@ class GPT(nn.Module):
             return None, self.loss(hidden, targets)
         return self._head(hidden), None
 
+
 __all__ = ["GPT", "GPTConfig", "plain_attention"]
