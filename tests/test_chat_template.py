@@ -6,7 +6,7 @@ from gpt2lab.chat_template import ChatTemplate, validate_messages
 from gpt2lab.config import GPTConfig
 from gpt2lab.errors import UserError
 from gpt2lab.prompts import checked_prompt
-from gpt2lab.tokenizer import CharTokenizer, GPT2Tokenizer, gpt2_encoding, load_tokenizer, tokenizer_from_spec
+from gpt2lab.tokenizer import CharTokenizer, GPT2Tokenizer, gpt2_encoding, is_gpt2_spec, load_tokenizer, tokenizer_from_spec
 
 SYSTEM, USER, ASSISTANT, END, EOT = 50257, 50258, 50259, 50260, 50256
 
@@ -131,3 +131,9 @@ def test_padded_gpt2_config_accepts_the_ids_and_unpadded_is_refused(template):
         template.check_vocab(GPTConfig().vocab_size)
     with pytest.raises(UserError, match="outside the vocabulary"):
         checked_prompt(ids, GPTConfig().vocab_size)
+
+
+@pytest.mark.parametrize("spec, expected", [("gpt2", True), ({"type": "gpt2", "chat": "gpt2lab-chat-v1"}, True),
+                                            ({"type": "char", "chars": "ab"}, False), (None, False)])
+def test_is_gpt2_spec(spec, expected):
+    assert is_gpt2_spec(spec) is expected
