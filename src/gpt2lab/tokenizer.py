@@ -25,6 +25,14 @@ GPT2_EOT_TOKEN = 50256
 GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 
+# Chat formats by the name a tokenizer record carries: their special tokens, in the rows that
+# padding GPT-2's vocabulary to 50304 leaves spare, so the BPE and OpenAI's weights stay as
+# they are. A format, once published, never changes; a new one gets a new name.
+CHAT_FORMATS: dict[str, dict[str, int]] = {
+    "gpt2lab-chat-v1": {"<|system|>": 50257, "<|user|>": 50258, "<|assistant|>": 50259, "<|end|>": 50260},
+}
+DEFAULT_CHAT_FORMAT = "gpt2lab-chat-v1"
+
 
 class Tokenizer(Protocol):
     name: str
@@ -113,14 +121,26 @@ def gpt2_encoding() -> tiktoken.Encoding:
 
 
 class GPT2Tokenizer:
-    """GPT-2 byte-level BPE. `encode` treats `<|endoftext|>` in the text as plain text."""
+    """GPT-2 byte-level BPE. `encode` treats `<|endoftext|>` in the text as plain text.
+
+    With `chat` (a name of `CHAT_FORMATS`) it also knows that format's special tokens: they
+    widen `vocab_size` and decode to their names, but `encode` still never produces them (text
+    that looks like one is text); only `chat_template.ChatTemplate` places them.
+    """
 
     name = "gpt2"
     eot_token = GPT2_EOT_TOKEN
 
-    def __init__(self, encoding: tiktoken.Encoding | None = None):
+    def __init__(self, encoding: tiktoken.Encoding | None = None, chat: str | None = None):
         self.encoding = encoding or gpt2_encoding()
-        self.vocab_size = self.encoding.n_vocab
+        if chat is not None and chat not in CHAT_FORMATS:
+            raise UserError(
+                f"unknown chat format {chat!r}: this gpt2lab knows {', '.join(sorted(CHAT_FORMATS))}; "
+                "upgrade gpt2lab or use one of those"
+            )
+        self.chat = chat
+        self.special_names = {i: n for n, i in CHAT_FORMATS[chat].items()} if chat else {}
+        self.vocab_size = max([self.encoding.n_vocab - 1, *self.special_names]) + 1
 
     def encode(self, text: str) -> list[int]:
         return self.encoding.encode_ordinary(text)
@@ -136,14 +156,28 @@ class GPT2Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         ids = list(ids)
         self._check_ids(ids)
-        return self.encoding.decode(ids, errors="replace")
+        if not self.special_names:
+            return self.encoding.decode(ids, errors="replace")
+        # BPE runs are decoded whole, so a character split over several tokens comes out intact.
+        parts: list[str] = []
+        run: list[int] = []
+        for t in ids:
+            if t in self.special_names:
+                parts += [self.encoding.decode(run, errors="replace"), self.special_names[t]]
+                run = []
+            else:
+                run.append(t)
+        return "".join(parts) + self.encoding.decode(run, errors="replace")
 
     def token_bytes(self, token: int) -> bytes:
         self._check_ids([token])
+        if token in self.special_names:
+            return self.special_names[token].encode("utf-8")
         return self.encoding.decode_single_token_bytes(token)
 
     def spec(self) -> Any:
-        return "gpt2"
+        # Without a chat format the record stays the plain "gpt2" older gpt2lab versions wrote.
+        return {"type": "gpt2", "chat": self.chat} if self.chat else "gpt2"
 
 
 class CharTokenizer:
@@ -195,9 +229,20 @@ def tokenizer_from_spec(spec: Any) -> Tokenizer:
     """Inverse of `Tokenizer.spec()`."""
     if spec == "gpt2":
         return GPT2Tokenizer()
+    if isinstance(spec, dict) and spec.get("type") == "gpt2" and set(spec) <= {"type", "chat"}:
+        chat = spec.get("chat")
+        if chat is None or isinstance(chat, str):
+            return GPT2Tokenizer(chat=chat)
     if isinstance(spec, dict) and spec.get("type") == "char" and isinstance(spec.get("chars"), str):
         return CharTokenizer(list(spec["chars"]))
-    raise UserError(f"unknown tokenizer {spec!r}: expected 'gpt2' or a character vocabulary")
+    raise UserError(
+        f"unknown tokenizer {spec!r}: expected 'gpt2', {{'type': 'gpt2', 'chat': NAME}} or a character vocabulary"
+    )
+
+
+def is_gpt2_spec(spec: Any) -> bool:
+    """Whether a tokenizer record is GPT-2's BPE, with or without a chat format."""
+    return spec == "gpt2" or (isinstance(spec, dict) and spec.get("type") == "gpt2")
 
 
 # Files that may record which tokenizer a folder's tokens or weights use.
