@@ -134,3 +134,17 @@ def test_shakespeare_shards_are_one_stream_without_end_of_text_as_documented(tmp
     shards = dataset.shards("train") + dataset.shards("val")
     assert sum(len(dataset.tokens(shard)) for shard in shards) == 338025
     assert not any((dataset.tokens(shard) == 50256).any() for shard in shards)
+
+
+def test_a_chat_models_export_carries_its_role_tokens_at_their_ids(tmp_path):
+    from gpt2lab.tokenizer import CHAT_FORMATS
+
+    spec = {"type": "gpt2", "chat": "gpt2lab-chat-v1"}
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=50261)).eval()
+    export(save_pretrained(model, tmp_path / "model", tokenizer_spec=spec), tmp_path / "hf")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for name, token_id in CHAT_FORMATS["gpt2lab-chat-v1"].items():
+        assert tokenizer.convert_ids_to_tokens(token_id) == name
+    assert tokenizer.eos_token_id == 50256 and (tmp_path / "hf" / "vocab.json").is_file()
+    assert "| tokenizer | GPT-2 BPE |" in (tmp_path / "hf" / "README.md").read_text()

@@ -31,6 +31,7 @@ from .formats import (
 from .model import GPT
 from .quantize import quantize_int8
 from .runtime import resolve_device, resolve_dtype
+from .tokenizer import is_gpt2_spec
 
 HUB_MODELS = {
     name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -350,7 +351,8 @@ def export_for_transformers(
     directory = write_model_folder(
         model.state_dict(), model.config, directory, tokenizer_spec=tokenizer_spec, layout=layout
     )
-    facts = {"tokenizer": "GPT-2 BPE" if tokenizer_spec in (None, "gpt2") else "characters", **(card_facts or {})}
+    gpt2 = tokenizer_spec is None or is_gpt2_spec(tokenizer_spec)
+    facts = {"tokenizer": "GPT-2 BPE" if gpt2 else "characters", **(card_facts or {})}
     hub_files.write_model_card(directory, model.config, architecture_name(layout), facts)
     return directory
 
@@ -378,10 +380,10 @@ def write_model_folder(
     stored_config = dataclasses.replace(
         config, padded_vocab_size=config.padded_vocab_size if keep_padded_vocab else None
     )
-    gpt2_tokens = tokenizer_spec == "gpt2" or (tokenizer_spec is None and config.vocab_size == 50257)
+    gpt2_tokens = is_gpt2_spec(tokenizer_spec) or (tokenizer_spec is None and config.vocab_size == 50257)
     if layout is None:
         layout = transformers_layout(config) or native.LAYOUT
-    tokens = "gpt2" if gpt2_tokens else tokenizer_spec
+    tokens = "gpt2" if tokenizer_spec is None and gpt2_tokens else tokenizer_spec
     if layout == transformers_gpt2.LAYOUT:
         transformers_gpt2.write(model_state, config, directory, rows=rows, tokenizer_spec=tokens)
     elif layout in transformers_llama.ARCHITECTURES:

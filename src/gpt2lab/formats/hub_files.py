@@ -15,7 +15,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 
 from ..config import GPTConfig
 from ..files import write_atomic
-from ..tokenizer import GPT2_EOT_TOKEN, packaged_vocabulary
+from ..tokenizer import CHAT_FORMATS, GPT2_EOT_TOKEN, is_gpt2_spec, packaged_vocabulary
 
 GPT2_EOT_TEXT = "<|endoftext|>"
 # Written as `transformers_version` where transformers is not installed: the oldest release the
@@ -33,18 +33,23 @@ def transformers_version() -> str:
 def special_token_ids(tokenizer_spec: Any) -> dict[str, int]:
     """bos/eos ids for config.json and generation_config.json: GPT-2's end-of-text; a character
     vocabulary has no such token, so none (transformers' GPT-2 default of 50256 would be wrong)."""
-    if tokenizer_spec == "gpt2":
+    if is_gpt2_spec(tokenizer_spec):
         return {"bos_token_id": GPT2_EOT_TOKEN, "eos_token_id": GPT2_EOT_TOKEN}
     return {"bos_token_id": None, "eos_token_id": None}
 
 
-def _gpt2_tokenizer() -> Tokenizer:
+def _gpt2_tokenizer(chat_tokens: dict[str, int]) -> Tokenizer:
     encoder_json, vocab_bpe = packaged_vocabulary()
     tokenizer = Tokenizer(models.BPE.from_file(str(encoder_json), str(vocab_bpe)))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     tokenizer.add_special_tokens([AddedToken(GPT2_EOT_TEXT, special=True)])
+    # A chat format's tokens follow end-of-text in the padded rows; added in id order, they get
+    # exactly their ids.
+    for name, token_id in sorted(chat_tokens.items(), key=lambda item: item[1]):
+        tokenizer.add_special_tokens([AddedToken(name, special=True)])
+        assert tokenizer.token_to_id(name) == token_id, (name, token_id)
     return tokenizer
 
 
@@ -67,8 +72,9 @@ def dtype_entries(dtype: Any) -> dict[str, str]:
 def write_tokenizer_files(directory: Path, tokenizer_spec: Any, block_size: int) -> None:
     """tokenizer.json, tokenizer_config.json and special_tokens_map.json (and GPT-2's
     vocab.json / merges.txt, which the slow tokenizer reads) for the model's own tokenizer."""
-    if tokenizer_spec == "gpt2":
-        tokenizer = _gpt2_tokenizer()
+    if is_gpt2_spec(tokenizer_spec):
+        chat = tokenizer_spec.get("chat") if isinstance(tokenizer_spec, dict) else None
+        tokenizer = _gpt2_tokenizer(CHAT_FORMATS[chat] if chat else {})
         encoder_json, vocab_bpe = packaged_vocabulary()
         write_atomic(directory / "vocab.json", lambda p: shutil.copyfile(encoder_json, p))
         write_atomic(directory / "merges.txt", lambda p: shutil.copyfile(vocab_bpe, p))
