@@ -259,11 +259,13 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Without targets: (logits (B, T, embedding rows) for every position, None). With targets:
         (None, the mean cross-entropy over the targets that are not -1), computed without the full
-        logits (`loss`); `model(idx)` or `model.logits(model.hidden_states(idx))` give those."""
+        logits (`loss`); `model(idx)` or `model.logits(model.hidden_states(idx))` give those.
+        position_ids and attn_mask as `hidden_states` takes them (packed conversations)."""
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape (batch, time), got {tuple(idx.shape)}")
         T = idx.size(1)
@@ -271,7 +273,7 @@ class GPT(nn.Module):
             raise ValueError(
                 f"cannot forward a sequence of {T} tokens: the block size is {self.config.block_size}"
             )
-        hidden = self.hidden_states(idx)
+        hidden = self.hidden_states(idx, position_ids=position_ids, attn_mask=attn_mask)
         if targets is not None:
             return None, self.loss(hidden, targets)
         return self._head(hidden), None

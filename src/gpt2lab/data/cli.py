@@ -9,7 +9,11 @@ from typing import Any
 
 from ..errors import UserError
 from . import sources
+from .chat_prepare import DEFAULT_CONTEXT, DEFAULT_VAL_EVERY, prepare_chat
 from .prepare import DEFAULT_SHARD_TOKENS, SOURCES, prepare
+
+CHAT_SOURCE = "chat"
+VERB_SOURCES = (*SOURCES, CHAT_SOURCE)
 
 SHAKESPEARE_SOURCES = ("shakespeare-char", "shakespeare")
 
@@ -31,6 +35,20 @@ sources:
   text              your own files (.txt: one document per file; .jsonl: one per line, text
                     in --field; .parquet: text in --column), globs of them, or one dataset
                     name on the hub (with --config, --split, --column)
+  chat              conversations for instruction fine-tuning (--preset sft): .jsonl files of
+                    OpenAI-style {"messages": [{"role", "content"}, ...]} lines or Alpaca
+                    records {"instruction", "input", "output"}, or one hub dataset of either
+                    kind (HuggingFaceTB/smol-smoltalk, tatsu-lab/alpaca; --split, --config,
+                    --field names the messages column, default messages). Each conversation is
+                    rendered by the chat template (docs/chat.md) with its loss mask, which
+                    goes beside each shard as {split}_{index:06d}.mask.npy (1 = trained on:
+                    the assistant's turns). Every --val-every-th conversation (default 20th)
+                    is validation. One longer than --context tokens (default 1024) is cut
+                    after its last answer that fits, or dropped if none does; a bad record
+                    (invalid JSON, unknown role, non-string content, no assistant turn) is
+                    named with its line and skipped; the run fails if nothing is usable.
+                    Shards end on conversation boundaries; re-running continues after the
+                    last complete write.
 
 Tiny Shakespeare (1.1 MB, public domain) ships with gpt2lab: by default the shakespeare
 sources read that copy, checked against its sha256, and need no network. --input FILE reads
@@ -54,6 +72,9 @@ PREPARE_EPILOG = """examples:
   gpt2lab prepare fineweb-edu --out data/edu-local --data-files 'fineweb/*.parquet'
   gpt2lab prepare text 'books/*.txt' notes.jsonl --out data/mine --field body
   gpt2lab prepare text lucadiliello/bookcorpusopen --split train --column text --out data/books
+  gpt2lab prepare chat conversations.jsonl more/*.jsonl --out data/chat
+  gpt2lab prepare chat HuggingFaceTB/smol-smoltalk --out data/smoltalk --context 2048
+  gpt2lab prepare chat tatsu-lab/alpaca --out data/alpaca --val-every 50
 
 Token counts accept suffixes: 100M, 10k, 1B. The folder works as the data of training and as
 a tokenizer name (its dataset.json records the tokenizer)."""
@@ -96,6 +117,9 @@ _OPTIONS = (
     ("--shard-tokens", "shard_tokens"),
     ("--val-tokens", "val_tokens"),
     ("--max-tokens", "max_tokens"),
+    ("--context", "context"),
+    ("--val-every", "val_every"),
+    ("--max-conversations", "max_conversations"),
 )
 
 
@@ -110,9 +134,11 @@ def add_prepare_parser(
         description=PREPARE_DESCRIPTION,
         epilog=PREPARE_EPILOG,
     )
-    parser.add_argument("source", nargs="?", choices=SOURCES, help="what to prepare (see above)")
+    parser.add_argument("source", nargs="?", choices=VERB_SOURCES, help="what to prepare (see above)")
     parser.add_argument(
-        "inputs", nargs="*", metavar="INPUT", help="text source: files or globs (.txt, .jsonl, .parquet), or one hub dataset name"
+        "inputs", nargs="*", metavar="INPUT",
+        help="text source: files or globs (.txt, .jsonl, .parquet), or one hub dataset name; chat: .jsonl files "
+        "or globs, or one hub dataset name",
     )
     parser.add_argument("--out", required=True, help="dataset folder to write (created if needed)")
     parser.add_argument(
@@ -126,7 +152,10 @@ def add_prepare_parser(
     )
     parser.add_argument("--config", help="text source, hub dataset: its configuration name")
     parser.add_argument("--split", default="train", help="text source, hub dataset: the split to read (default train)")
-    parser.add_argument("--field", default="text", help=".jsonl files: the field that holds the text (default text)")
+    parser.add_argument(
+        "--field", help=".jsonl files: the field that holds the text (default text); chat, hub dataset: the column "
+        "of messages (default messages)"
+    )
     parser.add_argument(
         "--column", default="text", help=".parquet files and hub datasets: the column that holds the text (default text)"
     )
@@ -158,6 +187,18 @@ def add_prepare_parser(
         action="store_true",
         help="write nothing: read every shard of the --out folder in full and check it against dataset.json "
         "(sha256, token count) and its vocabulary (no id out of range); exit 2 naming each problem",
+    )
+    parser.add_argument(
+        "--context", type=_token_count, default=DEFAULT_CONTEXT, metavar="N",
+        help="chat: the most tokens a conversation keeps (default 1024; longer ones are cut after their last "
+        "answer that fits)",
+    )
+    parser.add_argument(
+        "--val-every", type=int, default=DEFAULT_VAL_EVERY, metavar="N",
+        help="chat: every N-th usable conversation goes to the validation split (default 20; 0: none)",
+    )
+    parser.add_argument(
+        "--max-conversations", type=_token_count, metavar="N", help="chat: stop after N usable conversations"
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
     parser.set_defaults(handler=cmd_prepare, option_defaults={dest: parser.get_default(dest) for _, dest in _OPTIONS})
@@ -207,7 +248,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if args.verify:
         return cmd_verify(args.out)
     if args.source is None:
-        raise UserError(f"name what to prepare (one of {', '.join(SOURCES)}), or check a folder with --verify")
+        raise UserError(f"name what to prepare (one of {', '.join(VERB_SOURCES)}), or check a folder with --verify")
+    if args.source == CHAT_SOURCE:
+        return cmd_prepare_chat(args)
+    _refuse_chat_options(args)
     prepare(
         args.source,
         args.out,
@@ -217,13 +261,53 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         data_files=args.data_files,
         split=args.split,
         config=args.config,
-        field=args.field,
+        field=args.field or "text",
         column=args.column,
         streaming=not args.download,
         shard_tokens=args.shard_tokens,
         val_tokens=args.val_tokens,
         max_tokens=args.max_tokens,
         workers=args.workers,
+        command=_command_line(args, args.option_defaults),
+        progress=not args.quiet,
+        log=(lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr)),
+    )
+    return 0
+
+
+_CHAT_ONLY = (("--context", "context"), ("--val-every", "val_every"), ("--max-conversations", "max_conversations"))
+_NOT_FOR_CHAT = (("--input", "input_file"), ("--data-files", "data_files"), ("--column", "column"),
+                 ("--val-tokens", "val_tokens"), ("--max-tokens", "max_tokens"))
+
+
+def _misplaced(args: argparse.Namespace, options) -> list[str]:
+    return [flag for flag, dest in options if getattr(args, dest) != args.option_defaults[dest]]
+
+
+def _refuse_chat_options(args: argparse.Namespace) -> None:
+    misplaced = _misplaced(args, _CHAT_ONLY)
+    if misplaced:
+        raise UserError(f"{misplaced[0]} applies to the chat source only; drop it for {args.source}")
+
+
+def cmd_prepare_chat(args: argparse.Namespace) -> int:
+    misplaced = _misplaced(args, _NOT_FOR_CHAT)
+    if misplaced:
+        raise UserError(
+            f"{misplaced[0]} does not apply to the chat source; chat takes .jsonl files or a hub dataset "
+            "(--split, --config, --field), --context, --val-every, --max-conversations and --shard-tokens"
+        )
+    prepare_chat(
+        args.inputs,
+        args.out,
+        split=args.split,
+        config=args.config,
+        field=args.field or "messages",
+        context=args.context,
+        shard_tokens=args.shard_tokens,
+        val_every=args.val_every,
+        max_conversations=args.max_conversations,
+        streaming=not args.download,
         command=_command_line(args, args.option_defaults),
         progress=not args.quiet,
         log=(lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr)),

@@ -29,16 +29,23 @@ class Shard:
     path: Path
     tokens: int
     sha256: str | None = None
+    # A chat dataset's loss mask beside the shard: one uint8 per token, 1 where it is trained on.
+    mask: Path | None = None
+    mask_sha256: str | None = None
 
 
 class TokenDataset:
     """Shards per split, the tokenizer that made them, and memory-mapped access to their tokens."""
 
-    def __init__(self, folder: Path, splits: dict[str, list[Shard]], tokenizer_spec: Any, vocab_size: int):
+    def __init__(
+        self, folder: Path, splits: dict[str, list[Shard]], tokenizer_spec: Any, vocab_size: int, kind: str = "tokens"
+    ):
         self.folder = folder
         self.splits = splits
         self.tokenizer_spec = tokenizer_spec
         self.vocab_size = vocab_size
+        # "tokens": one stream to learn every token of; "chat": conversations with loss masks.
+        self.kind = kind
         self._arrays: dict[Path, np.ndarray] = {}
 
     def shards(self, split: str) -> list[Shard]:
@@ -63,6 +70,24 @@ class TokenDataset:
             self._check_ids(shard, array)
         return array
 
+    def mask(self, shard: Shard) -> np.ndarray:
+        """A chat shard's loss mask (uint8, one per token), memory-mapped once and kept open."""
+        if shard.mask is None:
+            raise UserError(f"{shard.path} has no loss mask: {self.folder} is not a chat dataset")
+        array = self._arrays.get(shard.mask)
+        if array is None:
+            try:
+                array = np.load(shard.mask, mmap_mode="r", allow_pickle=False)
+            except (ValueError, OSError, EOFError) as error:
+                raise UserError(f"{shard.mask} is not a readable mask ({error}); prepare the data again") from None
+            if array.shape != (shard.tokens,) or array.dtype != np.uint8:
+                raise UserError(
+                    f"{shard.mask} holds {array.dtype} of shape {array.shape}, not one uint8 for each of the "
+                    f"{shard.tokens} tokens of {shard.path.name}; prepare the data again"
+                )
+            self._arrays[shard.mask] = array
+        return array
+
     def _check_ids(self, shard: Shard, array: np.ndarray) -> None:
         """Refuse ids outside the vocabulary once per shard (one pass over the mapped file), so
         that a damaged shard or one of another tokenizer fails here, not deep in the embedding."""
@@ -82,6 +107,9 @@ class TokenDataset:
             for shard in shards:
                 if shard.sha256 is not None and _sha256(shard.path) != shard.sha256:
                     problems.append(f"{shard.path}: its sha256 differs from the one {DATASET_FILE} records")
+                    continue
+                if shard.mask_sha256 is not None and _sha256(shard.mask) != shard.mask_sha256:
+                    problems.append(f"{shard.mask}: its sha256 differs from the one {DATASET_FILE} records")
                     continue
                 try:
                     self.tokens(shard)
@@ -127,23 +155,31 @@ def _from_dataset_json(folder: Path) -> TokenDataset:
         )
     try:
         splits = {
-            name: [Shard(folder / entry["file"], int(entry["tokens"]), entry.get("sha256")) for entry in split["shards"]]
-            for name, split in meta["splits"].items()
+            name: [_shard_entry(folder, entry) for entry in split["shards"]] for name, split in meta["splits"].items()
         }
         tokenizer_spec, vocab_size = meta["tokenizer"], int(meta["vocab_size"])
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise UserError(f"{path} lacks or misstates an entry ({error!r}); prepare the data again") from None
     for shards in splits.values():
         for shard in shards:
-            if not shard.path.is_file():
-                raise UserError(f"{shard.path}, listed in {path}, is missing; prepare the data again")
+            for listed in (shard.path, shard.mask):
+                if listed is not None and not listed.is_file():
+                    raise UserError(f"{listed}, listed in {path}, is missing; prepare the data again")
             on_disk = shard_length(shard.path)
             if on_disk != shard.tokens:
                 raise UserError(
                     f"{shard.path} holds {on_disk} tokens, but {path} records {shard.tokens}; "
                     "the folder changed after it was prepared: prepare it again"
                 )
-    return TokenDataset(folder, splits, tokenizer_spec, vocab_size)
+    return TokenDataset(folder, splits, tokenizer_spec, vocab_size, kind=meta.get("kind", "tokens"))
+
+
+def _shard_entry(folder: Path, entry: dict[str, Any]) -> Shard:
+    mask = entry.get("mask")
+    return Shard(
+        folder / entry["file"], int(entry["tokens"]), entry.get("sha256"),
+        None if mask is None else folder / mask, entry.get("mask_sha256"),
+    )
 
 
 def _from_shard_files(folder: Path) -> TokenDataset:

@@ -84,7 +84,9 @@ def _start(folder: Path, recipe: dict) -> dict[str, Any] | None:
     except OSError as error:
         raise UserError(f"cannot create the output folder {folder}: {error.strerror}") from None
     # Temporary files of an interrupted write: never complete, never listed.
-    for debris in itertools.chain(folder.glob(".*_??????.bin.*"), folder.glob(f".{DATASET_FILE}.*")):
+    for debris in itertools.chain(
+        folder.glob(".*_??????.bin.*"), folder.glob(".*_??????.mask.npy.*"), folder.glob(f".{DATASET_FILE}.*")
+    ):
         debris.unlink(missing_ok=True)
     if not (folder / DATASET_FILE).is_file():
         # dataset.json is written before the first shard, so anything here is someone else's.

@@ -10,6 +10,7 @@ import torch
 from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
 
+from ..data.chat_loader import ChatLoader
 from ..data.dataset import TokenDataset, open_dataset
 from ..data.loader import TokenLoader
 from ..errors import UserError
@@ -55,14 +56,16 @@ def evaluate_loss(
     if seq_len > config.block_size:
         raise UserError(f"sequence length {seq_len} exceeds the model's block size {config.block_size}; lower it")
     device = next(model.parameters()).device
-    loader = TokenLoader(
+    # A chat dataset is scored on the assistant's tokens only, conversations packed as in training.
+    loader_class = ChatLoader if dataset.kind == "chat" else TokenLoader
+    loader = loader_class(
         dataset, split=split, batch_size=batch_size, seq_len=seq_len, rank=rank, world_size=world_size,
         shuffle=False, pin_memory=device.type == "cuda",
     )
     return loss_over_batches(model, loader, batches=batches, autocast_dtype=autocast_dtype, progress=progress)
 
 
-def _batch_count(loader: TokenLoader, rank: int, batches: int | None) -> int:
+def _batch_count(loader: TokenLoader | ChatLoader, rank: int, batches: int | None) -> int:
     """How many batches `loader.iter_batches(batches)` yields on `rank`: the full batches, then
     one of the windows left over, if any."""
     leftover = len(range(rank, loader.total_windows, loader.world_size)) > loader.windows_per_epoch
@@ -73,7 +76,7 @@ def _batch_count(loader: TokenLoader, rank: int, batches: int | None) -> int:
 @torch.no_grad()
 def loss_over_batches(
     model,
-    loader: TokenLoader,
+    loader: TokenLoader | ChatLoader,
     *,
     batches: int | None = None,
     autocast_dtype: torch.dtype | None = None,
@@ -100,12 +103,14 @@ def loss_over_batches(
     bar = tqdm(total=expected, unit="batch", desc=f"loss on {loader.split}",
                disable=None if progress and loader.rank == 0 else True, leave=False)
     try:
-        for x, y in loader.iter_batches(batches):
-            x, y = x.to(device, non_blocking=loader.pin_memory), y.to(device, non_blocking=loader.pin_memory)
+        for batch in loader.iter_batches(batches):
+            batch = [t.to(device, non_blocking=loader.pin_memory) for t in batch]
+            # A chat batch's targets are -1 off the mask: the loss is the mean over the others.
+            counted = (batch[1] != -1).sum()
             with autocast(device, dtype):
-                _, loss = model(x, y)
-            total += loss.double() * y.numel()
-            tokens += y.numel()
+                _, loss = model(*batch)
+            total += loss.double() * counted
+            tokens += counted
             count += 1
             bar.update(1)
         for _ in range(idle_passes):

@@ -17,6 +17,9 @@ TRAIN_EPILOG = """presets:
   gpt2-124m              build-nanogpt's GPT-2 (124M) on FineWeb-EDU 10B: 0.5M tokens/step, 19,073 steps
   gpt2-350m, gpt2-774m, gpt2-1558m   llm.c's larger GPT-2 runs
   finetune-shakespeare   OpenAI's gpt2 weights fine-tuned on Tiny Shakespeare (BPE), constant lr
+  sft                    instruction fine-tuning of OpenAI's gpt2 on a `prepare chat` folder
+                         (data/chat): loss on the assistant's tokens only, 3 epochs, lr 2e-5;
+                         docs/chat.md
   speedrun-char-cpu      the modern recipe (RoPE, RMSNorm, QK-norm, ReLU², Muon, WSD) at the CPU run's size
   speedrun-124m          the modern recipe at 124M on FineWeb-EDU, one GPU (8: add --nproc 8); docs/recipes.md
 
@@ -30,7 +33,8 @@ settings (--set key=value, or the same keys in a TOML file given with --config):
   data.*         path (a folder made by `gpt2lab prepare`) train_split val_split shuffle
                  random_offset
   batch.*        total_tokens (per optimizer step; 0 = one micro-batch) micro_batch seq_len
-  max_steps | max_tokens
+  max_steps | max_tokens | max_epochs   how long to train (one of them; max_epochs counts
+                 passes over the training split)
   optim.*        name (adamw|sgd|muon) lr min_lr weight_decay beta1 beta2 eps momentum fused grad_clip
                  muon_lr muon_momentum muon_weight_decay muon_ns_steps (Muon on the hidden
                  matrices, AdamW at lr on embeddings, head, gains and biases)

@@ -12,6 +12,7 @@ from ..config import (
     GPT2_PADDED_VOCAB_SIZE, GPTConfig, apply_overrides, check_finite_settings, load_toml, merge_values, to_toml,
 )
 from ..errors import UserError
+from ..tokenizer import CHAT_FORMATS, DEFAULT_CHAT_FORMAT
 
 
 @dataclass
@@ -112,6 +113,7 @@ class TrainConfig:
     batch: BatchSettings = field(default_factory=BatchSettings)
     max_steps: int = 0
     max_tokens: int = 0  # alternative to max_steps: stop after this many tokens
+    max_epochs: int = 0  # or after this many passes over the training split (its first epoch's steps)
     optim: OptimSettings = field(default_factory=OptimSettings)
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
@@ -142,9 +144,19 @@ class TrainConfig:
     def tokens_per_step(self, world_size: int = 1) -> int:
         return self.tokens_per_micro_batch() * world_size * self.grad_accum_steps(world_size)
 
-    def total_steps(self, world_size: int = 1) -> int:
+    def total_steps(self, world_size: int = 1, steps_per_epoch: int | None = None) -> int:
+        """Optimizer steps of the run; with max_epochs, `steps_per_epoch` (optimizer steps in one
+        pass over the training split) must be given."""
         if self.max_steps:
             return self.max_steps
+        if self.max_epochs:
+            if not steps_per_epoch:
+                raise UserError(
+                    f"the training split of {self.data.path} is shorter than one optimizer step of "
+                    f"{self.tokens_per_step(world_size):,} tokens, so max_epochs counts no step; lower "
+                    "batch.total_tokens or batch.micro_batch, or use max_steps"
+                )
+            return self.max_epochs * steps_per_epoch
         per_step = self.tokens_per_step(world_size)
         return -(-self.max_tokens // per_step)
 
@@ -163,6 +175,7 @@ class TrainConfig:
             "batch.total_tokens": self.batch.total_tokens,
             "max_steps": self.max_steps,
             "max_tokens": self.max_tokens,
+            "max_epochs": self.max_epochs,
             "schedule.warmup_steps": self.schedule.warmup_steps,
             "schedule.decay_steps": self.schedule.decay_steps,
             "eval.interval": self.eval.interval,
@@ -185,10 +198,14 @@ class TrainConfig:
             raise UserError(f"system.seed ({self.system.seed}) does not fit in 64 bits; give 0 to {2**64 - 1}")
         if self.checkpoint.keep_last < 1:
             raise UserError(f"checkpoint.keep_last must be at least 1, got {self.checkpoint.keep_last}")
-        if not self.max_steps and not self.max_tokens:
-            raise UserError("set max_steps or max_tokens (e.g. --set max_steps=1000)")
-        if self.max_steps and self.max_tokens:
-            raise UserError("set only one of max_steps and max_tokens")
+        lengths = [key for key in ("max_steps", "max_tokens", "max_epochs") if getattr(self, key)]
+        if not lengths:
+            raise UserError("set max_steps, max_tokens or max_epochs (e.g. --set max_steps=1000)")
+        if len(lengths) > 1:
+            raise UserError(
+                f"set only one of max_steps, max_tokens and max_epochs (given: {', '.join(lengths)}); "
+                "set the others to 0"
+            )
         if self.batch.seq_len > self.model.block_size:
             raise UserError(
                 f"batch.seq_len ({self.batch.seq_len}) exceeds model.block_size ({self.model.block_size}); "
@@ -224,6 +241,9 @@ class TrainConfig:
         if not 0 < self.schedule.decay_fraction <= 1:
             raise UserError(f"schedule.decay_fraction must be in (0, 1], got {self.schedule.decay_fraction}")
 
+
+# GPT-2's vocabulary with the default chat format's role and end-of-turn tokens after it.
+CHAT_VOCAB_SIZE = max(CHAT_FORMATS[DEFAULT_CHAT_FORMAT].values()) + 1
 
 MODERN_OPTIONS = dict(position="rope", norm="rmsnorm", qk_norm=True, activation="relu2", tie_embeddings=False,
                       zero_init_proj=True)
@@ -337,6 +357,23 @@ PRESETS: dict[str, TrainConfig] = {
         eval=EvalSettings(interval=250, batches=20, sample_interval=5000, sample_prompt="Hello, I'm a language model,"),
         checkpoint=CheckpointSettings(interval=2000),
         system=SystemSettings(precision="bf16", compile=True, parallel="fsdp"),
+    ),
+    # Instruction fine-tuning of OpenAI's gpt2 on a `prepare chat` folder (docs/chat.md): loss on
+    # the assistant's tokens only, conversations packed without attending across them; the chat
+    # tokens take GPT-2's spare padded rows. A small constant-then-cosine rate, as SFT of a
+    # pretrained model wants (nanochat and litgpt use 1e-5 to 3e-5), for a few epochs.
+    "sft": TrainConfig(
+        model=GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=CHAT_VOCAB_SIZE,
+                        padded_vocab_size=GPT2_PADDED_VOCAB_SIZE),
+        init_from="gpt2",
+        data=DataSettings(path="data/chat", random_offset=False),
+        batch=BatchSettings(total_tokens=16_384, micro_batch=4, seq_len=1024),
+        max_epochs=3,
+        optim=OptimSettings(lr=2e-5, min_lr=2e-6, weight_decay=0.0, beta2=0.95),
+        schedule=ScheduleSettings(warmup_steps=10),
+        eval=EvalSettings(interval=100, batches=0, sample_interval=0),
+        checkpoint=CheckpointSettings(interval=500),
+        system=SystemSettings(precision="bf16"),
     ),
     # nanoGPT's config/finetune_shakespeare.py: OpenAI's gpt2 weights, constant small lr.
     "finetune-shakespeare": TrainConfig(

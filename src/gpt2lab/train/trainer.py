@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from ..data.chat_loader import ChatLoader
 from ..data.dataset import TokenDataset, open_dataset
 from ..data.loader import TokenLoader
 from ..errors import UserError
@@ -109,6 +110,8 @@ def _build_model(config: TrainConfig, data_vocab_size: int) -> tuple[GPT, TrainC
         attention=config.model.attention,
         padded_vocab_size=config.model.padded_vocab_size,
     )
+    if model.config.vocab_size < data_vocab_size <= model.config.embedding_rows:
+        _take_spare_rows(model, data_vocab_size, config.system.seed)
     config = dataclasses.replace(config, model=model.config)
     if data_vocab_size > config.model.vocab_size:
         raise UserError(
@@ -116,6 +119,21 @@ def _build_model(config: TrainConfig, data_vocab_size: int) -> tuple[GPT, TrainC
             f"{config.init_from} ({config.model.vocab_size}); prepare the data with the model's tokenizer"
         )
     return model, config
+
+
+def _take_spare_rows(model: GPT, vocab_size: int, seed: int) -> None:
+    """Give the ids [vocab_size of the model, vocab_size) of a loaded model (the chat tokens in
+    GPT-2's padded rows) embeddings of their own: a padded row holds zeros, and zero rows would
+    make the role tokens indistinguishable. Each new row is the mean embedding plus noise of the
+    rows' spread, so it starts as a typical, distinct token."""
+    known = model.config.vocab_size
+    weight = model.transformer.wte.weight
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        rows = weight[:known].float()
+        noise = torch.randn(vocab_size - known, weight.size(1), generator=generator)
+        weight[known:vocab_size] = (rows.mean(0) + rows.std(0) * noise).to(weight.device, weight.dtype)
+    model.config.vocab_size = vocab_size
 
 
 class Trainer:
@@ -142,7 +160,7 @@ class Trainer:
         self.val_loader = self._val_loader(config)
         self.grad_accum = config.grad_accum_steps(self.world_size)
         self.tokens_per_step = config.tokens_per_step(self.world_size)
-        self.total_steps = config.total_steps(self.world_size)
+        self.total_steps = config.total_steps(self.world_size, self.train_loader.steps_per_epoch // self.grad_accum)
         self.tokenizer = tokenizer_from_spec(self.dataset.tokenizer_spec)
         self.hellaswag = _load_hellaswag(config.eval, self.tokenizer)
 
@@ -200,20 +218,18 @@ class Trainer:
         if self._lock is not None:
             self._lock.release()
 
-    def _train_loader(self, config: TrainConfig) -> TokenLoader:
+    def _train_loader(self, config: TrainConfig) -> TokenLoader | ChatLoader:
         batch = config.batch
-        loader = TokenLoader(
-            self.dataset,
-            split=config.data.train_split,
-            batch_size=batch.micro_batch,
-            seq_len=batch.seq_len,
-            rank=self.rank,
-            world_size=self.world_size,
-            seed=config.system.seed,
-            shuffle=config.data.shuffle,
-            random_offset=config.data.random_offset,
+        common = dict(
+            split=config.data.train_split, batch_size=batch.micro_batch, seq_len=batch.seq_len, rank=self.rank,
+            world_size=self.world_size, seed=config.system.seed, shuffle=config.data.shuffle,
             pin_memory=self.device.type == "cuda",
         )
+        if self.dataset.kind == "chat":
+            loader = ChatLoader(self.dataset, **common)
+            self._note_cut_conversations(loader)
+        else:
+            loader = TokenLoader(self.dataset, random_offset=config.data.random_offset, **common)
         if loader.windows_per_epoch < batch.micro_batch:
             raise UserError(
                 f"the {config.data.train_split} split of {config.data.path} is too short for one batch of "
@@ -221,14 +237,22 @@ class Trainer:
             )
         return loader
 
-    def _val_loader(self, config: TrainConfig) -> TokenLoader | None:
+    def _note_cut_conversations(self, loader: ChatLoader) -> None:
+        if loader.truncated or loader.dropped:
+            self.echo(
+                f"{loader.split}: {loader.truncated:,} conversations longer than batch.seq_len + 1 tokens cut at "
+                f"a turn boundary, {loader.dropped:,} dropped (no answer fits); raise batch.seq_len to keep them"
+            )
+
+    def _val_loader(self, config: TrainConfig) -> TokenLoader | ChatLoader | None:
         """None when no evaluation is asked for, or the split is shorter than one window."""
         settings, batch = config.eval, config.batch
         if not (settings.interval or settings.final_full or settings.at_start):
             return None
         if self.dataset.split_tokens(config.data.val_split) <= batch.seq_len:
             return None
-        return TokenLoader(
+        loader_class = ChatLoader if self.dataset.kind == "chat" else TokenLoader
+        return loader_class(
             self.dataset, split=config.data.val_split, batch_size=batch.micro_batch,
             seq_len=batch.seq_len, rank=self.rank, world_size=self.world_size, shuffle=False,
             pin_memory=self.device.type == "cuda",
@@ -250,10 +274,11 @@ class Trainer:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
-    def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _to_device(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """(x, y), or a chat batch's (x, y, position_ids, attn_mask), on the training device."""
         # Only a copy from pinned memory is asynchronous: it overlaps the work already queued.
         non_blocking = self.train_loader.pin_memory
-        return x.to(self.device, non_blocking=non_blocking), y.to(self.device, non_blocking=non_blocking)
+        return tuple(t.to(self.device, non_blocking=non_blocking) for t in batch)
 
     def _resume(self, checkpoint: Path) -> None:
         state = load_checkpoint(checkpoint, model=self.raw_model, optimizer=self.optimizer, scaler=self.scaler)
@@ -347,9 +372,9 @@ class Trainer:
                 self.model.require_backward_grad_sync = sync
             elif self.fsdp:
                 self.raw_model.set_requires_gradient_sync(sync)
-            x, y = self._to_device(*self.train_loader.next_batch())
+            batch = self._to_device(self.train_loader.next_batch())
             with self.autocast():
-                _, loss = self.model(x, y)
+                _, loss = self.model(*batch)
             loss = loss / self.grad_accum
             loss_sum += loss.detach()
             if self.scaler is not None:
