@@ -19,7 +19,7 @@ STAGES = [
                "data.chat_prepare", "data.chat_loader"]),
     ("model", ["model", "formats", "formats.hub_files", "formats.native", "formats.transformers_gpt2", "formats.transformers_llama", "quantize",
                "pretrained"]),
-    ("model libraries", ["generate", "eval", "eval.loss", "eval.hellaswag"]),
+    ("model libraries", ["generate", "chat", "eval", "eval.loss", "eval.hellaswag", "eval.chat"]),
     ("train", ["train", "train.config", "train.muon", "train.optim", "train.distributed", "train.metrics", "train.checkpoint",
                "train.profiling", "train.trainer"]),
     ("api", ["api", ""]),

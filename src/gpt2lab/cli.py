@@ -3,7 +3,7 @@
 This module only assembles the verbs and runs the one asked for. Each verb is an
 `add_<verb>_parser(verbs)` and its runner in the CLI module of its stage: data/cli.py (prepare),
 train/cli.py (train, bench), eval/cli.py (eval), serve/cli.py (serve), and commands/ for the
-verbs over top-level modules (sample, convert, report). Options they share are in cli_options.py.
+verbs over top-level modules (sample, chat, convert, report). Options they share are in cli_options.py.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from . import __version__
+from .commands.chat import add_chat_parser
 from .commands.convert import add_convert_parser
 from .commands.report import add_report_parser
 from .commands.sample import add_sample_parser
@@ -24,6 +25,7 @@ from .train.cli import add_bench_parser, add_train_parser
 # In the order `gpt2lab --help` lists them.
 VERB_PARSERS = (
     add_sample_parser,
+    add_chat_parser,
     add_convert_parser,
     add_prepare_parser,
     add_train_parser,
@@ -37,7 +39,7 @@ VERB_PARSERS = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpt2lab",
-        description="GPT-2 from scratch: prepare data, train, sample, convert, benchmark. "
+        description="GPT-2 from scratch: prepare data, train, sample, chat, convert, benchmark. "
         "Run `gpt2lab VERB --help` for the manual of each verb.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")

@@ -1,13 +1,15 @@
-"""The `eval` verb: `eval hellaswag` and `eval loss`."""
+"""The `eval` verb: `eval hellaswag`, `eval loss` and `eval chat`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import time
+from pathlib import Path
 
-from ..cli_options import MODEL_HELP, add_device_options, positive_int
+from ..cli_options import MODEL_HELP, add_device_options, non_negative_int, positive_int
 from ..errors import UserError
+from ..files import write_atomic
 from .hellaswag import SPLITS, URL
 
 HELLASWAG_DESCRIPTION = f"""Score a model on HellaSwag (10,042 validation examples: a context and four endings,
@@ -50,6 +52,31 @@ LOSS_EPILOG = """examples:
   gpt2lab eval loss --model runs/shakespeare-char --data data/shakespeare-char --batches 20
   gpt2lab eval loss --model runs/gpt2-124m --data data/fineweb-edu --seq-len 1024 --json"""
 
+CHAT_DESCRIPTION = """Evaluate a chat model (one whose tokenizer record carries the chat format; a base model
+is refused with exit status 2).
+
+--data FILE: exact-match accuracy on a JSONL file of prompts with expected answers, one
+example a line, either form:
+
+  {"messages": [{"role": "user", "content": "2+2?"}], "answer": "4"}
+  {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
+
+(earlier turns and a leading system message may come first; the messages before the expected
+answer must end with a user turn). Each prompt is answered greedily, as `gpt2lab chat
+--temperature 0 --prompt` answers it, until <|end|> or --max-new-tokens; an answer is right
+when it equals the expected one after stripping whitespace at both ends. Prompts of similar
+length are answered together, --batch-size at a time. A bad line is reported with its number.
+
+--data DIR: the loss over the assistant tokens of a chat dataset folder (`gpt2lab prepare chat`)."""
+
+CHAT_EPILOG = """examples:
+  gpt2lab eval chat --model runs/sft --data heldout.jsonl
+  gpt2lab eval chat --model runs/sft --data heldout.jsonl --limit 100 --json results.json
+  gpt2lab eval chat --model runs/sft --data heldout.jsonl --max-new-tokens 32 --batch-size 64
+
+--json FILE writes one object: chat_exact_match, correct, examples, and under "results" each
+example's line, expected answer, the model's answer and whether it matched."""
+
 
 def add_eval_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """The `eval` verb and its tasks, added to the CLI's subparsers."""
@@ -61,10 +88,12 @@ def add_eval_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) 
         epilog="""tasks:
   hellaswag   HellaSwag accuracy, scored as build-nanogpt and as lm-evaluation-harness
   loss        mean loss and perplexity over a split of a prepared dataset
+  chat        a chat model's exact-match accuracy on prompts with expected answers
 
 examples:
   gpt2lab eval hellaswag --model gpt2
-  gpt2lab eval loss --model runs/gpt2-124m --data data/fineweb-edu""",
+  gpt2lab eval loss --model runs/gpt2-124m --data data/fineweb-edu
+  gpt2lab eval chat --model runs/sft --data heldout.jsonl""",
     )
     evaluate.set_defaults(handler=lambda args: _missing_task(evaluate))
     tasks = evaluate.add_subparsers(dest="task", metavar="TASK")
@@ -115,6 +144,33 @@ examples:
     loss.add_argument("--json", action="store_true", help="print the results as one JSON object")
     add_device_options(loss)
     loss.set_defaults(handler=cmd_loss)
+    _add_chat_task(tasks)
+
+
+def _add_chat_task(tasks: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    chat = tasks.add_parser(
+        "chat",
+        help="a chat model's exact-match accuracy on prompts with expected answers",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=CHAT_DESCRIPTION,
+        epilog=CHAT_EPILOG,
+    )
+    chat.add_argument("--model", required=True, help=MODEL_HELP + "; it must be a chat model")
+    chat.add_argument(
+        "--data", required=True, metavar="FILE|DIR",
+        help="a JSONL file of prompts with expected answers, or a chat dataset folder",
+    )
+    chat.add_argument("--limit", type=positive_int, metavar="N", help="score only the first N examples")
+    chat.add_argument(
+        "--max-new-tokens", type=non_negative_int, default=256, metavar="N",
+        help="the longest answer, in tokens (default 256)",
+    )
+    chat.add_argument(
+        "--batch-size", type=positive_int, default=16, metavar="N", help="prompts answered at once (default 16)"
+    )
+    chat.add_argument("--json", metavar="FILE", help="also write the results, example by example, to this JSON file")
+    add_device_options(chat)
+    chat.set_defaults(handler=cmd_chat)
 
 
 def _missing_task(parser: argparse.ArgumentParser) -> int:
@@ -182,4 +238,52 @@ def cmd_loss(args: argparse.Namespace) -> int:
         f"{args.split} loss {result.loss:.4f}, perplexity {result.perplexity:.2f} over {result.tokens:,} tokens "
         f"of {args.data} (model {args.model}, {device.type}, {precision}, {seconds:.1f} s)"
     )
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    if Path(args.data).is_dir():
+        return _chat_loss(args)
+    return _chat_exact_match(args)
+
+
+def _chat_exact_match(args: argparse.Namespace) -> int:
+    from ..chat import Chat
+    from ..tokenizer import load_tokenizer
+    from .chat import exact_match, load_chat_examples
+
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise UserError(f"the folder of --json {args.json} does not exist; create it or write the file elsewhere")
+    examples = load_chat_examples(args.data, args.limit)
+    folder, model, device, precision = _load(args)
+    chat = Chat(model, load_tokenizer(folder), model_name=f"model {args.model}")
+    started = time.perf_counter()
+    result = exact_match(chat, examples, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    seconds = time.perf_counter() - started
+    if args.json:
+        record = {
+            "chat_exact_match": result.accuracy, "correct": result.correct, "examples": result.examples,
+            "max_new_tokens": args.max_new_tokens, "seconds": round(seconds, 3), "model": str(args.model),
+            "data": str(args.data),
+            "results": [
+                {"line": ex.line, "expected": ex.answer, "answer": got, "correct": right}
+                for ex, got, right in zip(examples, result.answers, result.matches)
+            ],
+        }
+        write_atomic(Path(args.json), lambda p: p.write_text(json.dumps(record, ensure_ascii=False, indent=1) + "\n"))
+    print(
+        f"exact match {result.accuracy:.4f}: {result.correct} of {result.examples} answers right, "
+        f"{result.examples - result.correct} wrong ({args.data}, model {args.model}, {device.type}, {precision}, "
+        f"{seconds:.1f} s)"
+    )
+    return 0
+
+
+def _chat_loss(args: argparse.Namespace) -> int:
+    """INTEGRATION POINT: `--data DIR`, the loss over a chat dataset folder, is
+    `eval.chat.chat_loss_report`'s, which its engineer fills in (with the options it needs)."""
+    from .chat import chat_loss_report
+
+    folder, model, device, precision = _load(args)
+    print(chat_loss_report(model, args.data, batch_size=args.batch_size, limit=args.limit))
     return 0

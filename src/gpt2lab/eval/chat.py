@@ -1,0 +1,116 @@
+"""Chat evaluation: exact-match accuracy of greedy answers to a file of prompts.
+
+A prompts file is JSONL, one example a line: `{"messages": [..., a user turn], "answer": "..."}`,
+or `{"messages": [..., a user turn, an assistant turn]}` whose last message is the expected
+answer. An answer is right when it equals the expected one after stripping whitespace at both
+ends. The loss over a prepared chat dataset folder is `chat_loss_report`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..chat import Chat
+from ..chat_template import validate_messages
+from ..errors import UserError
+
+LINE_FORM = '{"messages": [{"role": "user", "content": "..."}], "answer": "..."}'
+
+
+@dataclass
+class ChatExample:
+    line: int  # 1-based line of the prompts file
+    messages: list[dict[str, str]]
+    answer: str
+
+
+@dataclass
+class ExactMatchResult:
+    examples: int
+    correct: int
+    answers: list[str] = field(default_factory=list)  # the model's, in the file's order
+    matches: list[bool] = field(default_factory=list)  # whether each answer is right
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.examples if self.examples else 0.0
+
+
+def _example(record: Any, where: str, line: int) -> ChatExample:
+    if not isinstance(record, dict) or "messages" not in record:
+        raise UserError(f"{where} is not an object with a 'messages' list; write each line as {LINE_FORM}")
+    try:
+        messages = validate_messages(record["messages"])
+    except UserError as error:
+        raise UserError(f"{where}: {error}") from None
+    if "answer" in record:
+        answer = record["answer"]
+        if not isinstance(answer, str):
+            raise UserError(f"{where} has an 'answer' of type {type(answer).__name__}; the answer must be a string")
+    elif messages[-1]["role"] == "assistant":
+        messages, answer = messages[:-1], messages[-1]["content"]
+    else:
+        raise UserError(
+            f"{where} has no expected answer: add \"answer\": \"...\", or end its messages with the "
+            "assistant's expected message"
+        )
+    if not messages or messages[-1]["role"] != "user":
+        raise UserError(
+            f"{where}: the messages before the expected answer must end with a user turn, for the "
+            "model to answer it"
+        )
+    return ChatExample(line, messages, answer)
+
+
+def load_chat_examples(path: str | Path, limit: int | None = None) -> list[ChatExample]:
+    """The examples of a prompts file (the first `limit` of them), or a UserError naming the line
+    that is wrong and the fix."""
+    path = Path(path)
+    examples: list[ChatExample] = []
+    try:
+        handle = path.open(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"prompts file {path} does not exist; check the path given to --data") from None
+    except OSError as error:
+        raise UserError(f"cannot read prompts file {path} ({error.strerror}); check its permissions") from None
+    with handle:
+        try:
+            for number, text in enumerate(handle, start=1):
+                if limit is not None and len(examples) >= limit:
+                    break
+                if not text.strip():
+                    continue
+                where = f"{path} line {number}"
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError as error:
+                    raise UserError(f"{where} is not valid JSON ({error.msg}); write each line as {LINE_FORM}") from None
+                examples.append(_example(record, where, number))
+        except UnicodeDecodeError:
+            raise UserError(f"prompts file {path} is not UTF-8 text; save it as UTF-8") from None
+    if not examples:
+        raise UserError(f"prompts file {path} holds no examples; write one per line as {LINE_FORM}")
+    return examples
+
+
+def exact_match(
+    chat: Chat, examples: list[ChatExample], max_new_tokens: int = 256, batch_size: int = 16
+) -> ExactMatchResult:
+    """Greedy answers to every example, compared with the expected ones after stripping."""
+    answers = chat.greedy_replies([example.messages for example in examples], max_new_tokens, batch_size)
+    matches = [got.strip() == example.answer.strip() for got, example in zip(answers, examples)]
+    return ExactMatchResult(examples=len(examples), correct=sum(matches), answers=answers, matches=matches)
+
+
+def chat_loss_report(model: Any, folder: str | Path, **options: Any) -> Any:
+    """The loss over the assistant tokens of a prepared chat dataset folder (`gpt2lab prepare chat`).
+
+    INTEGRATION POINT (issue 12, item 5): `gpt2lab eval chat --data DIR` routes a folder here; the
+    loader of conversations and their masks is built with training, and its engineer fills this in.
+    """
+    raise NotImplementedError(
+        "the loss over a chat dataset folder is not built yet (gpt2lab.eval.chat.chat_loss_report)"
+    )
