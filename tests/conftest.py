@@ -47,3 +47,46 @@ def make_model_folder(tmp_path_factory) -> Callable[..., Path]:
         return save_pretrained(tiny_gpt(**model_options), folder, tokenizer_spec=tokenizer_spec)
 
     return make
+
+
+CHAT_TOKENIZER = {"type": "gpt2", "chat": "gpt2lab-chat-v1"}
+CHAT_END = 50260  # <|end|>
+
+
+def chat_gpt(end_at: int | None = None, seed: int = 0, **config: Any) -> GPT:
+    """A peaked tiny GPT with the chat vocabulary (50261 ids in 50304 rows) whose every answer
+    ends with <|end|> at position `end_at` (0-based, the prompt included), greedy or sampled;
+    before it <|end|> is never the greedy choice. `end_at=None`: answers run on.
+
+    Two dimensions of the residual stream are kept clear: the embeddings and every block's output
+    projections write zeros there, except <|end|>'s embedding, c * (e0 - e1), and the position
+    embeddings from `end_at - 1` on, A * (e0 - e1). Before that position <|end|>'s logit is then
+    exactly 0, below the best of 50k random logits; from it on, those two dimensions dominate the
+    final LayerNorm and <|end|>'s logit (about 8c) is far above every other (about 1).
+    """
+    model = tiny_gpt(seed, peaked=True, **{"vocab_size": 50261, "padded_vocab_size": 50304, "block_size": 128, **config})
+    with torch.no_grad():
+        wte, wpe = model.transformer.wte.weight, model.transformer.wpe.weight
+        wte[:, :2] = 0
+        wte[CHAT_END] = 0
+        wte[CHAT_END, :2] = torch.tensor([5.0, -5.0])
+        wpe[:, :2] = 0
+        if end_at is not None:
+            wpe[max(end_at - 1, 0) :, :2] = torch.tensor([100.0, -100.0])
+        for block in model.transformer.h:
+            for projection in (block.attn.c_proj, block.mlp.c_proj):
+                projection.weight[:2] = 0
+                projection.bias[:2] = 0
+    return model
+
+
+@pytest.fixture(scope="session")
+def make_chat_model_folder(tmp_path_factory) -> Callable[..., Path]:
+    """`make_chat_model_folder(name, end_at=None, **config)`: `chat_gpt` saved as a model folder
+    whose tokenizer record carries the chat format; returns the folder."""
+
+    def make(name: str = "chat", *, end_at: int | None = None, **config: Any) -> Path:
+        folder = tmp_path_factory.mktemp(name) / "tiny-chat"
+        return save_pretrained(chat_gpt(end_at, **config), folder, tokenizer_spec=CHAT_TOKENIZER)
+
+    return make

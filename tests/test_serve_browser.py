@@ -1,4 +1,5 @@
-"""The web playground in headless Chromium (Debian's, driven by Playwright): text streams in."""
+"""The web playground in headless Chromium (Debian's, driven by Playwright): text streams in, in
+the completion view and in the chat view."""
 
 from pathlib import Path
 
@@ -13,6 +14,7 @@ if not CHROMIUM.exists():
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
 
 from gpt2lab import load_model, load_tokenizer  # noqa: E402
+from gpt2lab.chat_template import ChatTemplate  # noqa: E402
 from gpt2lab.serve import Engine, create_app  # noqa: E402
 from gpt2lab.serve.api import serve_in_thread  # noqa: E402
 
@@ -90,3 +92,90 @@ def test_stop_button_ends_the_generation_and_its_compute(served, page):
         page.wait_for_timeout(50)
     assert engine.active_count == 0 and engine.sequences_cancelled == cancelled + 1
     assert page.locator("#generate").is_enabled()
+
+
+def test_a_base_model_gets_no_chat_view(served, page):
+    page.goto(served[0] + "/")
+    sync_api.expect(page.locator("#model")).to_have_text("model: tiny")
+    assert page.locator("#views").is_hidden() and page.locator("#chat-view").is_hidden()
+    assert page.locator("#complete-view").is_visible()
+
+
+# ---- the chat view ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chat_served(make_chat_model_folder):
+    folder = make_chat_model_folder("browser-chat", block_size=1024)  # answers never end by themselves
+    model, tokenizer = load_model(folder), load_tokenizer(folder)
+    engine = Engine(model, tokenizer)
+    with serve_in_thread(create_app(engine, tokenizer, model_name="tiny-chat")) as url:
+        yield url, engine, model, ChatTemplate(tokenizer)
+
+
+def greedy_answer(model, template, messages, max_tokens):
+    ids = template.render_prompt(messages)
+    return template.tokenizer.decode(model.generate([ids], max_tokens, temperature=0)[0][len(ids) :])
+
+
+def ask(page, text, tokens):
+    """Send a message and wait for its whole answer; returns the lengths the answer's bubble had."""
+    page.evaluate(
+        """() => { window.lengths = [];
+        new MutationObserver(() => {
+          const answers = document.querySelectorAll("#conversation .assistant");
+          if (answers.length) window.lengths.push(answers[answers.length - 1].textContent.length);
+        }).observe(document.getElementById("conversation"), {childList: true, subtree: true, characterData: true}); }"""
+    )
+    page.locator("#message").fill(text)
+    page.locator("#message").press("Enter")
+    sync_api.expect(page.locator("#chat-status")).to_contain_text(f"done (length): {tokens} tokens", timeout=60_000)
+    return page.evaluate("window.lengths")
+
+
+def test_chat_streams_answers_keeps_the_conversation_and_starts_anew(chat_served, page, tmp_path):
+    url, engine, model, template = chat_served
+    page.goto(url + "/")
+    sync_api.expect(page.locator("#chat-view")).to_be_visible()
+    assert page.locator("#complete-view").is_hidden()
+    page.locator("#temperature").fill("0")
+    page.locator("#max-tokens").fill("40")
+    first = [{"role": "user", "content": "Tell me a story."}]
+    lengths = ask(page, first[0]["content"], 40)
+    answer = greedy_answer(model, template, first, 40)
+    bubbles = page.locator("#conversation .bubble")
+    assert bubbles.all_text_contents() == [first[0]["content"], answer]
+    assert len({n for n in lengths if 0 < n < len(answer)}) >= 2, "the answer arrived all at once, not streamed"
+    # The second question is asked with the first exchange before it.
+    second = [*first, {"role": "assistant", "content": answer}, {"role": "user", "content": "And then?"}]
+    ask(page, "And then?", 40)
+    second_answer = greedy_answer(model, template, second, 40)
+    assert bubbles.all_text_contents() == [first[0]["content"], answer, "And then?", second_answer]
+    assert second_answer != greedy_answer(model, template, second[-1:], 40)
+    shot = tmp_path / "chat.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    page.locator("#new-chat").click()
+    assert bubbles.count() == 0 and page.locator("#chat-status").text_content() == ""
+    ask(page, first[0]["content"], 40)  # no earlier turns now: the first answer again
+    assert bubbles.all_text_contents() == [first[0]["content"], answer]
+
+
+def test_chat_stop_ends_the_answer_and_its_compute(chat_served, page):
+    url, engine, _, _ = chat_served
+    page.goto(url + "/")
+    page.locator("#max-tokens").fill("1000")
+    cancelled = engine.sequences_cancelled
+    page.locator("#message").fill("Talk for a long time.")
+    page.locator("#send").click()
+    answer = page.locator("#conversation .assistant")
+    sync_api.expect(answer).not_to_be_empty(timeout=30_000)
+    page.locator("#chat-stop").click()
+    sync_api.expect(page.locator("#chat-status")).to_have_text("stopped")
+    for _ in range(400):  # 20 s at most
+        if engine.active_count == 0 and engine.sequences_cancelled == cancelled + 1:
+            break
+        page.wait_for_timeout(50)
+    assert engine.active_count == 0 and engine.sequences_cancelled == cancelled + 1
+    assert page.locator("#send").is_enabled() and page.locator("#chat-stop").is_disabled()
+    assert answer.text_content()  # what arrived stays in the conversation

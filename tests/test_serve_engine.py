@@ -219,6 +219,20 @@ def test_end_of_text_stops_and_is_not_in_the_text(model, run_engine):
     assert sequence.tokens == free[: end + 1]
 
 
+def test_stop_token_ids_end_a_sequence_like_end_of_text(model, run_engine):
+    """A chat answer's end of turn: a token of the request's own, kept out of the text."""
+    engine, collector = run_engine()
+    prompt = prompts_of((4,), seed=8)[0]
+    free = model.generate([prompt], 20, temperature=0)[0][len(prompt) :]
+    end = free.index(free[6])
+    stopped = engine.submit(prompt, SamplingParams(max_tokens=20, temperature=0, stop_token_ids=(49999, free[6])))
+    plain = engine.submit(prompt, SamplingParams(max_tokens=20, temperature=0))
+    [(text, reason), (free_text, free_reason)] = collector.results([stopped, plain])
+    assert (text, reason) == (engine.tokenizer.decode(free[:end]), "stop")
+    assert stopped.tokens == free[: end + 1]
+    assert (free_text, free_reason) == (engine.tokenizer.decode(free), "length")  # only its own request stops
+
+
 def test_cancel_frees_the_slot_at_the_next_step(run_engine, peaked_model):
     long_model = peaked_model(block_size=1024)
     engine, collector = run_engine(engine_model=long_model)
@@ -246,6 +260,8 @@ def test_zero_max_tokens_finishes_without_decoding(run_engine):
         ([1], SamplingParams(temperature=-1.0), "temperature"),
         ([1], SamplingParams(top_k=0), "top_k"),
         ([1], SamplingParams(stop=("",)), "stop strings"),
+        ([1], SamplingParams(stop_token_ids=(50257,)), "stop_token_ids"),
+        ([1], SamplingParams(stop_token_ids=(True,)), "stop_token_ids"),
     ],
 )
 def test_bad_submissions_are_refused(model, prompt, params, message):

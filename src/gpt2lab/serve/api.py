@@ -1,5 +1,10 @@
-"""The HTTP layer: OpenAI's /v1/completions (streamed and not), /v1/models, /health and the web
-page, over an `Engine` that decodes every running request together.
+"""The HTTP layer: OpenAI's /v1/completions and /v1/chat/completions (streamed and not),
+/v1/models, /health and the web page, over an `Engine` that decodes every running request together.
+
+Both completion endpoints parse into one `_Job` (prompts, n, sampling) and share its submission,
+collection and streaming; only the parsing of the prompt and the shape of the answer differ.
+A chat request is a conversation rendered by the served model's chat template, whose answer ends
+at the end-of-turn token.
 
 Every client mistake gets a 4xx with OpenAI's error body
 ``{"error": {"message", "type", "param", "code"}}`` and leaves the server as it was: a `UserError`
@@ -18,16 +23,17 @@ import time
 import uuid
 from contextlib import asynccontextmanager, contextmanager
 from importlib import resources
-from typing import AsyncIterator, Iterator, Union
+from typing import Any, AsyncIterator, Callable, ClassVar, Iterator, Union
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..chat_template import ChatTemplate
 from ..errors import UserError
 from ..prompts import checked_prompt, empty_prompt_start
-from ..tokenizer import Tokenizer
+from ..tokenizer import GPT2Tokenizer, Tokenizer
 from .engine import Engine, SamplingParams, Sequence, Update
 from .limits import Limits, RequestLimits, error_body, uvicorn_config
 from .sockets import listen
@@ -45,6 +51,16 @@ UNSUPPORTED = {
     "logit_bias": {},
     "best_of": 1,
 }
+UNSUPPORTED_IN_CHAT = {
+    "logprobs": False,
+    "top_logprobs": None,
+    "presence_penalty": 0,
+    "frequency_penalty": 0,
+    "logit_bias": {},
+    "tools": [],
+    "tool_choice": "none",
+    "response_format": {"type": "text"},
+}
 # Messages for fields whose type is a union, where pydantic's first message names one member only.
 TYPE_HINTS = {
     "prompt": "must be a string, a list of strings, a list of token ids or a list of lists of token ids",
@@ -57,13 +73,13 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class CompletionRequest(BaseModel):
-    """The body of POST /v1/completions. `top_k` is an extension; null means the default."""
+class _SamplingRequest(BaseModel):
+    """The fields both completion endpoints take. `top_k` is an extension; null means the default."""
 
     model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+    unsupported: ClassVar[dict[str, Any]] = UNSUPPORTED
 
     model: str | None = None
-    prompt: Union[str, list[str], list[int], list[list[int]]]
     max_tokens: int | None = Field(None, ge=0)
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -78,11 +94,27 @@ class CompletionRequest(BaseModel):
     @classmethod
     def _refuse_unsupported(cls, data):
         if isinstance(data, dict):
-            for name, off in UNSUPPORTED.items():
+            for name, off in cls.unsupported.items():
                 value = data.get(name)
                 if value is not None and value != off and not (name == "best_of" and value == data.get("n")):
                     raise _BadRequest(f"{name} is not supported by this server; leave it out", name, "unsupported_parameter")
         return data
+
+
+class CompletionRequest(_SamplingRequest):
+    """The body of POST /v1/completions."""
+
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """The body of POST /v1/chat/completions; `messages` is checked by the chat template, whose
+    messages name the bad message. `max_completion_tokens` is OpenAI's newer name of `max_tokens`."""
+
+    unsupported: ClassVar[dict[str, Any]] = UNSUPPORTED_IN_CHAT
+
+    messages: Any
+    max_completion_tokens: int | None = Field(None, ge=0)
 
 
 class _BadRequest(Exception):
@@ -124,6 +156,60 @@ class _Completion:
         self.sequences: list[Sequence] = []
 
 
+class _TextShape:
+    """The objects of /v1/completions: a choice holds its `text`."""
+
+    id_prefix = "cmpl-"
+    object = chunk_object = "text_completion"
+
+    @staticmethod
+    def choice(index: int, text: str, finish_reason: str | None) -> dict:
+        return {"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}
+
+    chunk_choice = choice
+
+    @staticmethod
+    def opening(index: int) -> dict | None:
+        return None
+
+
+class _ChatShape:
+    """The objects of /v1/chat/completions: a choice holds the assistant's `message`; streamed,
+    each choice opens with a chunk naming the role, then `delta`s carry the content."""
+
+    id_prefix = "chatcmpl-"
+    object = "chat.completion"
+    chunk_object = "chat.completion.chunk"
+
+    @staticmethod
+    def choice(index: int, text: str, finish_reason: str | None) -> dict:
+        message = {"role": "assistant", "content": text}
+        return {"index": index, "message": message, "logprobs": None, "finish_reason": finish_reason}
+
+    @staticmethod
+    def chunk_choice(index: int, text: str, finish_reason: str | None) -> dict:
+        delta = {"content": text} if text else {}
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+    @staticmethod
+    def opening(index: int) -> dict | None:
+        return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """A parsed request of either endpoint: `n` choices for each prompt, sampled with `params`,
+    answered in the objects of `shape`; `head` holds the answer's id, created and model."""
+
+    shape: type
+    head: dict
+    prompts: list[list[int]]
+    n: int
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+
+
 @dataclasses.dataclass(frozen=True)
 class _Served:
     """What the handlers serve: `create_app` keeps it on `app.state.served`."""
@@ -134,10 +220,24 @@ class _Served:
     block_size: int
     max_new_tokens_limit: int
     created: int
+    chat: ChatTemplate | None  # None: a base model, for the reason in `no_chat`
+    no_chat: str = ""
 
 
 def _served(request: Request) -> _Served:
     return request.app.state.served
+
+
+def _chat_support(tokenizer: Tokenizer, vocab_size: int) -> tuple[ChatTemplate | None, str]:
+    """The served model's chat template, or None and why it has none."""
+    if not isinstance(tokenizer, GPT2Tokenizer):
+        return None, "it has a character vocabulary, which holds no chat tokens"
+    if tokenizer.chat is None:
+        return None, f"its tokenizer record is {tokenizer.spec()!r}, without a chat format"
+    template = ChatTemplate(tokenizer)
+    if vocab_size < template.vocab_needed:
+        return None, f"its vocabulary has {vocab_size} ids and the chat tokens need {template.vocab_needed}"
+    return template, ""
 
 
 def create_app(
@@ -151,9 +251,12 @@ def create_app(
     """The server around a not-yet-started engine; the app starts it on startup and stops it on
     shutdown. A prompt must leave room for one new token in the model's context (else 400);
     prompt + max_tokens beyond the context stops at its end; max_tokens above
-    `max_new_tokens_limit` (default: the context length) is a 400. `limits` (kept on
-    `app.state.limits`) caps every request's body and the time it may take to arrive."""
+    `max_new_tokens_limit` (default: the context length) is a 400. /v1/chat/completions answers
+    when the tokenizer carries a chat format and the model's vocabulary holds its tokens (else
+    400). `limits` (kept on `app.state.limits`) caps every request's body and the time it may
+    take to arrive."""
     app = FastAPI(title="gpt2lab", summary=f"OpenAI-compatible completions from {model_name}", lifespan=_lifespan)
+    chat, no_chat = _chat_support(tokenizer, engine.vocab_size)
     app.state.served = _Served(
         engine=engine,
         tokenizer=tokenizer,
@@ -161,6 +264,8 @@ def create_app(
         block_size=engine.block_size,
         max_new_tokens_limit=engine.block_size if max_new_tokens_limit is None else max_new_tokens_limit,
         created=int(time.time()),
+        chat=chat,
+        no_chat=no_chat,
     )
     app.state.limits = limits or Limits()
     app.add_middleware(RequestLimits, max_body_bytes=app.state.limits.max_body_bytes)
@@ -172,6 +277,7 @@ def create_app(
     app.add_api_route("/v1/models", list_models, methods=["GET"])
     app.add_api_route("/v1/models/{name:path}", get_model, methods=["GET"])
     app.add_api_route("/v1/completions", completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
     return app
 
 
@@ -205,7 +311,9 @@ async def _server_error(request: Request, error: Exception) -> JSONResponse:
 
 
 def _model_card(served: _Served) -> dict:
-    return {"id": served.model_name, "object": "model", "created": served.created, "owned_by": "gpt2lab"}
+    # `chat` (an extension) tells clients such as the page whether /v1/chat/completions answers.
+    card = {"id": served.model_name, "object": "model", "created": served.created, "owned_by": "gpt2lab"}
+    return {**card, "chat": served.chat is not None}
 
 
 def _unknown_model(name: str, served: _Served) -> _BadRequest:
@@ -226,6 +334,7 @@ async def health(request: Request) -> dict:
         "model": served.model_name,
         "context_length": served.block_size,
         "max_new_tokens_limit": served.max_new_tokens_limit,
+        "chat": served.chat is not None,
         "active_sequences": served.engine.active_count,
         "queued_sequences": served.engine.queued_count,
     }
@@ -244,22 +353,36 @@ async def get_model(name: str, request: Request):
 
 
 async def completions(request: Request):
+    return await _serve(request, _parse_completion)
+
+
+async def chat_completions(request: Request):
+    return await _serve(request, _parse_chat)
+
+
+async def _serve(request: Request, parse: Callable[[bytes, _Served], _Job]):
     served = _served(request)
     raw = await request.body()
     try:
-        body, prompts, n, params = await asyncio.to_thread(_parse, raw, served)
+        job = await asyncio.to_thread(parse, raw, served)
     except _BadRequest as error:
         return error_response(error.status, error.message, param=error.param, code=error.code)
-    request_id = f"cmpl-{uuid.uuid4().hex}"
-    head = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": served.model_name}
-    if body.stream:
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
+    if job.stream:
         return StreamingResponse(
-            _stream(served, head, prompts, n, params, include_usage),
+            _stream(served, job),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    return await _complete(request, served, head, prompts, n, params)
+    return await _complete(request, served, job)
+
+
+def _too_long(what: str, length: int, block_size: int, param: str, fix: str) -> _BadRequest:
+    return _BadRequest(
+        f"{what} has {length} tokens; this model's context is {block_size} tokens, so a prompt "
+        f"may have at most {block_size - 1} (one position is left for a new token). {fix}",
+        param,
+        "context_length_exceeded",
+    )
 
 
 def _prompts(body: CompletionRequest, served: _Served) -> list[list[int]]:
@@ -278,42 +401,32 @@ def _prompts(body: CompletionRequest, served: _Served) -> list[list[int]]:
         except UserError as error:
             raise _BadRequest(str(error), "prompt") from None
         if len(ids) >= block_size:
-            raise _BadRequest(
-                f"prompt {index} has {len(ids)} tokens; this model's context is {block_size} tokens, so a prompt "
-                f"may have at most {block_size - 1} (one position is left for a new token). Shorten the prompt",
-                "prompt",
-                "context_length_exceeded",
-            )
+            raise _too_long(f"prompt {index}", len(ids), block_size, "prompt", "Shorten the prompt")
         rows.append(ids)
     return rows
 
 
-def _parse(raw: bytes, served: _Served) -> tuple[CompletionRequest, list[list[int]], int, SamplingParams]:
+def _validated(kind: type[_SamplingRequest], raw: bytes, served: _Served) -> Any:
     try:
-        body = CompletionRequest.model_validate_json(raw)
+        body = kind.model_validate_json(raw)
     except ValidationError as error:
         raise _describe_validation_error(error) from None
     if body.model is not None and body.model != served.model_name:
         raise _unknown_model(body.model, served)
+    return body
+
+
+def _sampling(body: _SamplingRequest, served: _Served, max_tokens: int, field: str) -> SamplingParams:
+    """The settings both endpoints share; `max_tokens` arrives in the request's `field`."""
     limit = served.max_new_tokens_limit
-    max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
     if max_tokens > limit:
         raise _BadRequest(
-            f"max_tokens is {max_tokens}, above this server's limit of {limit} (set by --max-new-tokens-limit)",
-            "max_tokens",
+            f"{field} is {max_tokens}, above this server's limit of {limit} (set by --max-new-tokens-limit)", field
         )
     stop = body.stop if isinstance(body.stop, list) else [body.stop] if body.stop is not None else []
     if len(stop) > MAX_STOP_STRINGS or any(not s for s in stop):
         raise _BadRequest(f"stop must be a non-empty string or a list of at most {MAX_STOP_STRINGS} non-empty strings", "stop")
-    n = body.n or 1
-    prompts = _prompts(body, served)
-    if len(prompts) * n > MAX_COMPLETIONS_PER_REQUEST:
-        raise _BadRequest(
-            f"{len(prompts)} prompts x n={n} asks for {len(prompts) * n} completions; "
-            f"at most {MAX_COMPLETIONS_PER_REQUEST} per request",
-            "n",
-        )
-    params = SamplingParams(
+    return SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_k=body.top_k,
@@ -321,16 +434,63 @@ def _parse(raw: bytes, served: _Served) -> tuple[CompletionRequest, list[list[in
         stop=tuple(stop),
         seed=body.seed,
     )
-    return body, prompts, n, params
 
 
-def _submit(served: _Served, prompts: list[list[int]], n: int, params: SamplingParams) -> _Completion:
+def _job(shape: type, body: _SamplingRequest, served: _Served, prompts: list[list[int]], params: SamplingParams) -> _Job:
+    n = body.n or 1
+    if len(prompts) * n > MAX_COMPLETIONS_PER_REQUEST:
+        raise _BadRequest(
+            f"{len(prompts)} prompts x n={n} asks for {len(prompts) * n} completions; "
+            f"at most {MAX_COMPLETIONS_PER_REQUEST} per request",
+            "n",
+        )
+    head = {"id": f"{shape.id_prefix}{uuid.uuid4().hex}", "created": int(time.time()), "model": served.model_name}
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    return _Job(shape, head, prompts, n, params, bool(body.stream), include_usage)
+
+
+def _parse_completion(raw: bytes, served: _Served) -> _Job:
+    body = _validated(CompletionRequest, raw, served)
+    max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+    params = _sampling(body, served, max_tokens, "max_tokens")
+    return _job(_TextShape, body, served, _prompts(body, served), params)
+
+
+def _parse_chat(raw: bytes, served: _Served) -> _Job:
+    body = _validated(ChatCompletionRequest, raw, served)
+    template = served.chat
+    if template is None:
+        raise _BadRequest(
+            f"{served.model_name!r} is a base model without the chat tokens ({served.no_chat}), so it cannot "
+            "answer messages: use /v1/completions with it, or make a chat model with `gpt2lab prepare chat "
+            "FILE... --out DIR` and `gpt2lab train --preset sft --set data.path=DIR`, and serve that",
+            "model",
+        )
+    # Unset, the answer may run to the end of the context (as OpenAI's chat does), within the limit.
+    given = [(f, getattr(body, f)) for f in ("max_completion_tokens", "max_tokens") if getattr(body, f) is not None]
+    if len({value for _, value in given}) > 1:
+        raise _BadRequest("max_tokens and max_completion_tokens differ; give one of them", "max_completion_tokens")
+    field, max_tokens = given[0] if given else ("max_tokens", served.max_new_tokens_limit)
+    params = _sampling(body, served, max_tokens, field)
+    params = dataclasses.replace(params, stop_token_ids=tuple(template.stop_tokens()))
+    try:
+        prompt = template.render_prompt(body.messages)
+    except UserError as error:
+        raise _BadRequest(f"messages: {error}", "messages") from None
+    if len(prompt) >= served.block_size:
+        raise _too_long(
+            "the conversation", len(prompt), served.block_size, "messages", "Shorten it or leave out earlier messages"
+        )
+    return _job(_ChatShape, body, served, [prompt], params)
+
+
+def _submit(served: _Served, job: _Job) -> _Completion:
     """Queue every choice: choice j of a prompt continues it with the generator seeded seed + j,
     and a prompt + max_tokens beyond the context stops at the context's end."""
     completion = _Completion()
-    for prompt in prompts:
-        capped = dataclasses.replace(params, max_tokens=min(params.max_tokens, served.block_size - len(prompt)))
-        for j in range(n):
+    for prompt in job.prompts:
+        capped = dataclasses.replace(job.params, max_tokens=min(job.params.max_tokens, served.block_size - len(prompt)))
+        for j in range(job.n):
             completion.sequences.append(served.engine.submit(prompt, capped, owner=completion, seed_offset=j))
     return completion
 
@@ -351,10 +511,8 @@ async def _client_gone(request: Request) -> None:
         pass
 
 
-async def _complete(
-    request: Request, served: _Served, head: dict, prompts: list[list[int]], n: int, params: SamplingParams
-) -> Response:
-    completion = _submit(served, prompts, n, params)
+async def _complete(request: Request, served: _Served, job: _Job) -> Response:
+    completion = _submit(served, job)
     index = {s: i for i, s in enumerate(completion.sequences)}
     texts = [[] for _ in completion.sequences]
     reasons: list[str | None] = [None] * len(completion.sequences)
@@ -387,26 +545,26 @@ async def _complete(
     if error is not None:
         _cancel(served.engine, completion)
         return error_response(500, error)
-    choices = [
-        {"text": "".join(texts[i]), "index": i, "logprobs": None, "finish_reason": reasons[i]}
-        for i in range(len(completion.sequences))
-    ]
-    return JSONResponse({**head, "choices": choices, "usage": _usage(prompts, completion)})
+    choices = [job.shape.choice(i, "".join(texts[i]), reasons[i]) for i in range(len(completion.sequences))]
+    head = {**job.head, "object": job.shape.object}
+    return JSONResponse({**head, "choices": choices, "usage": _usage(job.prompts, completion)})
 
 
 def _event(payload: dict) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
-async def _stream(
-    served: _Served, head: dict, prompts: list[list[int]], n: int, params: SamplingParams, include_usage: bool
-) -> AsyncIterator[bytes]:
+async def _stream(served: _Served, job: _Job) -> AsyncIterator[bytes]:
     # The sequences are queued here, not in the handler, so that the finally below (run when
     # the client disconnects and the server cancels this generator) always covers them.
-    completion = _submit(served, prompts, n, params)
+    completion = _submit(served, job)
     index = {s: i for i, s in enumerate(completion.sequences)}
     remaining = len(completion.sequences)
+    head = {**job.head, "object": job.shape.chunk_object}
     try:
+        openings = [c for c in map(job.shape.opening, range(len(completion.sequences))) if c is not None]
+        if openings:
+            yield b"".join(_event({**head, "choices": [choice]}) for choice in openings)
         while remaining:
             updates = [await completion.queue.get()]
             while not completion.queue.empty():
@@ -420,11 +578,11 @@ async def _stream(
                     remaining -= 1
                 elif not update.text:
                     continue
-                choice = {"text": update.text, "index": index[update.sequence], "logprobs": None, "finish_reason": update.finish_reason}
+                choice = job.shape.chunk_choice(index[update.sequence], update.text, update.finish_reason)
                 out.append(_event({**head, "choices": [choice]}))
             yield b"".join(out)
-        if include_usage:
-            yield _event({**head, "choices": [], "usage": _usage(prompts, completion)})
+        if job.include_usage:
+            yield _event({**head, "choices": [], "usage": _usage(job.prompts, completion)})
         yield b"data: [DONE]\n\n"
     finally:
         _cancel(served.engine, completion)

@@ -44,7 +44,9 @@ INITIAL_SLOTS = 8
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one sequence is generated. `stop` strings end it (they are not part of the text)."""
+    """How one sequence is generated. `stop` strings end it (they are not part of the text);
+    so does a token of `stop_token_ids` (a chat answer's end of turn), as end-of-text always does:
+    such a token counts as generated but adds no text, and the sequence finishes with "stop"."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -52,6 +54,7 @@ class SamplingParams:
     top_p: float | None = None
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -147,6 +150,9 @@ class Engine:
             )
         if any(not s for s in params.stop):
             raise UserError("stop strings must not be empty")
+        stop_ids = params.stop_token_ids
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size for t in stop_ids):
+            raise UserError(f"stop_token_ids must be token ids in [0, {self.vocab_size}), got {params.stop_token_ids!r}")
         generator = None
         if params.temperature > 0 and params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed + seed_offset)
@@ -319,11 +325,11 @@ class Engine:
         return drawn
 
     def _accept(self, sequence: Sequence, token: int, updates: list[Update]) -> None:
-        """Record a new token and emit its text; finish the sequence at end-of-text, a stop string
-        or its length."""
+        """Record a new token and emit its text; finish the sequence at end-of-text, a stop token,
+        a stop string or its length."""
         sequence.tokens.append(token)
         self.tokens_generated += 1
-        eos = token == self.eos_token_id
+        eos = token == self.eos_token_id or token in sequence.params.stop_token_ids
         last = eos or len(sequence.tokens) == sequence.params.max_tokens
         text = "" if eos else sequence.decoder.push(token)
         if last:
