@@ -17,7 +17,7 @@ STAGES = [
     ("base", ["errors", "files", "config", "cache", "runtime", "version", "tokenizer", "ops", "kv_cache", "prompts", "chat_template"]),
     ("data", ["data", "data.dataset", "data.loader", "data.prepare", "data.shards", "data.sources", "data.chat_records"]),
     ("model", ["model", "formats", "formats.hub_files", "formats.native", "formats.transformers_gpt2", "formats.transformers_llama", "quantize",
-               "pretrained"]),
+               "lora", "pretrained"]),
     ("model libraries", ["generate", "eval", "eval.loss", "eval.hellaswag"]),
     ("train", ["train", "train.config", "train.muon", "train.optim", "train.distributed", "train.metrics", "train.checkpoint",
                "train.profiling", "train.trainer"]),
