@@ -18,7 +18,7 @@ STAGES = [
     ("data", ["data", "data.dataset", "data.loader", "data.prepare", "data.shards", "data.sources", "data.chat_records",
                "data.chat_prepare", "data.chat_loader"]),
     ("model", ["model", "formats", "formats.hub_files", "formats.native", "formats.transformers_gpt2", "formats.transformers_llama", "quantize",
-               "pretrained"]),
+               "lora", "pretrained"]),
     ("model libraries", ["generate", "chat", "eval", "eval.loss", "eval.hellaswag", "eval.chat"]),
     ("train", ["train", "train.config", "train.muon", "train.optim", "train.distributed", "train.metrics", "train.checkpoint",
                "train.profiling", "train.trainer"]),

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from .config import GPTConfig
 from .errors import UserError
@@ -28,6 +28,7 @@ from .formats import (
     ARCHITECTURES, hub_files, native, options_without_transformers_equivalent, transformers_gpt2, transformers_layout,
     transformers_llama,
 )
+from .lora import LoRAConfig, apply_lora, lora_config, lora_state_dict, merge_adapters, split_adapters
 from .model import GPT
 from .quantize import quantize_int8
 from .runtime import resolve_device, resolve_dtype
@@ -41,6 +42,8 @@ NATIVE_RECORD = "gpt2lab.json"
 CHECKPOINT_NAME = re.compile(r"^step_(\d{8})$")
 # What every model folder gpt2lab writes holds (checkpoints add their training state).
 MODEL_FILES = (NATIVE_RECORD, "model.safetensors")
+# The adapters of a LoRA checkpoint, beside its frozen base; gpt2lab.json's "lora" says it is one.
+ADAPTERS_FILE = "adapters.safetensors"
 
 
 # ---- finding the folder ----------------------------------------------------------------------
@@ -50,8 +53,9 @@ def checkpoint_folders(run_dir: Path, required: tuple[str, ...] = MODEL_FILES) -
     """The complete checkpoints of `run_dir/checkpoints`, oldest first.
 
     Only folders under their final name `step_XXXXXXXX` count (they are renamed into place once
-    fully written), and only those that hold every file in `required`: a folder that a kill left
-    half deleted keeps its name but not all its files.
+    fully written), and only those that hold every file in `required`, plus the adapters where
+    gpt2lab.json records LoRA: a folder that a kill left half deleted keeps its name but not all
+    its files.
     """
     folder = run_dir / "checkpoints"
     if not folder.is_dir():
@@ -59,10 +63,21 @@ def checkpoint_folders(run_dir: Path, required: tuple[str, ...] = MODEL_FILES) -
     return sorted(
         (
             p for p in folder.iterdir()
-            if p.is_dir() and CHECKPOINT_NAME.match(p.name) and all((p / name).is_file() for name in required)
+            if p.is_dir() and CHECKPOINT_NAME.match(p.name)
+            and all((p / name).is_file() for name in (*required, *_recorded_files(p)))
         ),
         key=lambda p: p.name,
     )
+
+
+def _recorded_files(folder: Path) -> tuple[str, ...]:
+    """The files a folder's own gpt2lab.json says it holds beyond MODEL_FILES: the adapters of a
+    LoRA checkpoint. A record that cannot be read adds none (loading it reports the damage)."""
+    try:
+        record = json.loads((folder / NATIVE_RECORD).read_bytes())
+    except (OSError, ValueError):
+        return ()
+    return (ADAPTERS_FILE,) if isinstance(record, dict) and record.get("lora") is not None else ()
 
 
 def newest_checkpoint(run_dir: Path, required: tuple[str, ...] = MODEL_FILES) -> Path | None:
@@ -271,6 +286,51 @@ def checked_state_dict(state: dict[str, torch.Tensor], config: GPTConfig, *, sou
     return state
 
 
+# ---- LoRA adapters ---------------------------------------------------------------------------
+
+
+def read_lora_config(folder: Path) -> LoRAConfig | None:
+    """The LoRA settings a checkpoint's gpt2lab.json records (None: a plain model folder)."""
+    record = folder / NATIVE_RECORD
+    if not record.is_file():
+        return None
+    values = _read_json(record).get("lora")
+    if values is None:
+        return None
+    if not isinstance(values, dict):
+        raise UserError(f"{record}: 'lora' should be a table of settings; the folder is damaged")
+    return LoRAConfig.from_dict(values, where=str(record))
+
+
+def read_adapters(folder: Path, config: GPTConfig, lora: LoRAConfig) -> dict[str, torch.Tensor]:
+    """The adapters of a LoRA checkpoint, checked against those `lora` gives GPT(config)."""
+    path = folder / ADAPTERS_FILE
+    if not path.is_file():
+        raise UserError(
+            f"{folder} records LoRA adapters but has no {ADAPTERS_FILE}; the folder is incomplete: "
+            "use an earlier checkpoint"
+        )
+    tensors = _load_safetensors(path)
+    with torch.device("meta"):
+        expected = {k: t.shape for k, t in lora_state_dict(apply_lora(GPT(config), *_lora_args(lora))).items()}
+    wrong = sorted(set(expected) ^ set(tensors)) or [k for k in expected if tensors[k].shape != expected[k]]
+    if wrong:
+        raise UserError(
+            f"{path} does not hold the adapters its gpt2lab.json describes (rank {lora.rank} on "
+            f"{', '.join(lora.targets)}; first mismatch: {wrong[0]}); the folder is damaged"
+        )
+    return tensors
+
+
+def _lora_args(lora: LoRAConfig) -> tuple:
+    return lora.rank, lora.alpha, lora.dropout, lora.targets
+
+
+def write_adapters(adapters: dict[str, torch.Tensor], directory: Path) -> None:
+    tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in adapters.items()}
+    write_atomic(directory / ADAPTERS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+
+
 def load_model(
     spec: str | Path,
     *,
@@ -280,7 +340,8 @@ def load_model(
     **config_overrides: Any,
 ) -> GPT:
     """The one resolver every command uses: a `model_class` built from a hub name, a transformers
-    folder, a checkpoint folder or a run folder (its newest checkpoint).
+    folder, a checkpoint folder or a run folder (its newest checkpoint). A LoRA checkpoint's
+    adapters are merged into its base weights: the model is a plain one.
 
     config_overrides change options that don't alter the weights' shapes (dropout, attention,
     padded_vocab_size).
@@ -293,6 +354,10 @@ def load_model(
         except TypeError as error:
             raise UserError(f"unknown model option: {error}") from None
     state = read_state_dict(folder, config)
+    lora = read_lora_config(folder)
+    if lora is not None:
+        # A LoRA checkpoint: its frozen base with the adapters folded in, a plain model.
+        state = merge_adapters(state, read_adapters(folder, config, lora), lora)
     model = model_class(config)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -314,11 +379,22 @@ def save_pretrained(
     extra_record: dict[str, Any] | None = None,
 ) -> Path:
     """Write `model` as a model folder (gpt2lab.json + model.safetensors, with config.json where
-    transformers has the model's architecture); see `write_model_folder`."""
+    transformers has the model's architecture), a LoRA model's adapters merged; see
+    `write_model_folder`."""
     return write_model_folder(
-        model.state_dict(), model.config, directory, keep_padded_vocab=keep_padded_vocab,
+        plain_state_dict(model), model.config, directory, keep_padded_vocab=keep_padded_vocab,
         tokenizer_spec=tokenizer_spec, extra_record=extra_record,
     )
+
+
+def plain_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """`model.state_dict()`, with a LoRA model's adapters folded into its weights (the model
+    itself keeps them)."""
+    state = model.state_dict()
+    lora = lora_config(model)
+    if lora is None:
+        return state
+    return merge_adapters(*split_adapters(state), lora)
 
 
 def export_layout(config: GPTConfig) -> str:
@@ -349,7 +425,7 @@ def export_for_transformers(
     (training data, steps, tokens, val loss, HellaSwag: whatever is known)."""
     layout = export_layout(model.config)
     directory = write_model_folder(
-        model.state_dict(), model.config, directory, tokenizer_spec=tokenizer_spec, layout=layout
+        plain_state_dict(model), model.config, directory, tokenizer_spec=tokenizer_spec, layout=layout
     )
     gpt2 = tokenizer_spec is None or is_gpt2_spec(tokenizer_spec)
     facts = {"tokenizer": "GPT-2 BPE" if gpt2 else "characters", **(card_facts or {})}

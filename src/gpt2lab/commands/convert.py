@@ -27,10 +27,12 @@ the architecture that computes exactly what the model computes:
   Qwen3ForCausalLM  the same with qk_norm=true
 Other options (relu2, logit_softcap, learned positions with rmsnorm, ...) are refused, naming
 them; such a model folder stays a gpt2lab model. A padded vocabulary is cut back to its real
-size, and GPT-2 tokenizer files are written beside a model of GPT-2's vocabulary.""",
+size, and GPT-2 tokenizer files are written beside a model of GPT-2's vocabulary. A LoRA
+checkpoint's adapters are merged into its weights: the export is a plain model.""",
         epilog="""examples:
   gpt2lab convert runs/gpt2-124m --out exported/gpt2-124m
-  gpt2lab convert runs/gpt2-124m/checkpoints/step_00019073 --out exported --dtype bfloat16""",
+  gpt2lab convert runs/gpt2-124m/checkpoints/step_00019073 --out exported --dtype bfloat16
+  gpt2lab convert runs/lora --out exported/lora      # base + adapters, merged""",
     )
     convert.add_argument("model", help=MODEL_HELP)
     convert.add_argument("--out", required=True, help="folder to write (created if needed; must be new or empty)")
@@ -44,7 +46,7 @@ size, and GPT-2 tokenizer files are written beside a model of GPT-2's vocabulary
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from ..pretrained import export_for_transformers, export_layout, load_model, resolve_model_path
+    from ..pretrained import export_for_transformers, export_layout, load_model, read_lora_config, resolve_model_path
     from ..runtime import DTYPES
     from ..tokenizer import load_tokenizer
 
@@ -57,7 +59,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.force and out.exists():
         shutil.rmtree(out)
     export_for_transformers(model, out, tokenizer_spec=spec, card_facts=training_facts(folder))
-    print(f"wrote {args.out} (config.json, generation_config.json, model.safetensors, tokenizer files, README.md)")
+    lora = read_lora_config(folder)
+    merged = f"; LoRA rank {lora.rank} adapters merged into the weights" if lora else ""
+    print(f"wrote {args.out} (config.json, generation_config.json, model.safetensors, tokenizer files, README.md){merged}")
     return 0
 
 
@@ -82,14 +86,20 @@ def _output_folder(out: Path, source: Path, force: bool) -> Path:
 
 def training_facts(folder: Path) -> dict[str, Any]:
     """What the model card can say of a checkpoint: its step, tokens and validation loss
-    (state.json), its training data (the training config), and its last HellaSwag score before
-    that step (the run's metrics.jsonl). A plain model folder has none of these."""
+    (state.json), its training data (the training config), its LoRA adapters, and its last
+    HellaSwag score before that step (the run's metrics.jsonl). A plain model folder has none of
+    these."""
     facts: dict[str, Any] = {"name": folder.parent.parent.name if folder.parent.name == "checkpoints" else folder.name}
     state = _json_object(folder / "state.json")
     for key in ("step", "tokens", "val_loss"):
         if isinstance(state.get(key), (int, float)):
             facts["steps" if key == "step" else key] = round(state[key], 4) if key == "val_loss" else state[key]
-    train_config = _json_object(folder / "gpt2lab.json").get("train_config")
+    record = _json_object(folder / "gpt2lab.json")
+    lora = record.get("lora")
+    if isinstance(lora, dict):
+        targets = ", ".join(map(str, lora.get("targets", [])))
+        facts["finetuning"] = f"LoRA rank {lora.get('rank')} (alpha {lora.get('alpha')}) on {targets}, merged"
+    train_config = record.get("train_config")
     if isinstance(train_config, dict) and isinstance(train_config.get("data"), dict):
         data = Path(str(train_config["data"].get("path", "")))
         source = _json_object(data / "dataset.json").get("source")

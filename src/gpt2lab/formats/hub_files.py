@@ -125,6 +125,7 @@ MODEL_CARD_FACTS = (
     ("steps", "optimizer steps"),
     ("tokens", "tokens seen"),
     ("val_loss", "validation loss"),
+    ("finetuning", "fine-tuning"),
     ("hellaswag_acc_norm", "HellaSwag (acc_norm)"),
     ("tokenizer", "tokenizer"),
 )

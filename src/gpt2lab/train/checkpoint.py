@@ -3,7 +3,11 @@
     checkpoints/step_00000250/
         model.safetensors                the model, padded vocabulary kept: transformers' layout
         config.json                      where it has GPT-2's, Llama's or Qwen3's shape, else gpt2lab's own
-        gpt2lab.json                     native model config, weights layout, tokenizer, training config
+        adapters.safetensors             a LoRA run's adapters; model.safetensors is then its frozen
+                                         base in gpt2lab's layout (no config.json: transformers would
+                                         load the base alone)
+        gpt2lab.json                     native model config, weights layout, tokenizer, training
+                                         config, LoRA settings
         optimizer.pt                     optimizer (and grad scaler) state, read with weights_only=True
         state.json                       step, tokens, loader position, RNG states, validation loss
 """
@@ -29,14 +33,18 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ..errors import UserError
+from ..formats import native
+from ..lora import LoRAConfig, lora_config, split_adapters
 from ..model import GPT
 from ..pretrained import (
-    CHECKPOINT_NAME, MODEL_FILES, checkpoint_folders, newest_checkpoint, read_state_dict, write_model_folder,
+    CHECKPOINT_NAME, MODEL_FILES, checkpoint_folders, newest_checkpoint, read_adapters, read_lora_config,
+    read_state_dict, write_adapters, write_model_folder,
 )
 
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.pt"
-# A checkpoint that resume and pruning trust holds all of these.
+# A checkpoint that resume and pruning trust holds all of these (and, where its gpt2lab.json
+# records LoRA, pretrained.ADAPTERS_FILE: `checkpoint_folders` adds it).
 CHECKPOINT_FILES = (*MODEL_FILES, OPTIMIZER_FILE, STATE_FILE)
 
 
@@ -98,10 +106,7 @@ def save_checkpoint(
     temp = folder / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(temp, ignore_errors=True)
     temp.mkdir()
-    write_model_folder(
-        model_state, model.config, temp, keep_padded_vocab=True, tokenizer_spec=tokenizer_spec,
-        extra_record={"train_config": train_config},
-    )
+    _write_model(model, model_state, temp, tokenizer_spec, train_config)
     torch.save(
         {"optimizer": optimizer_state, "scaler": scaler.state_dict() if scaler is not None else None},
         temp / OPTIMIZER_FILE,
@@ -119,6 +124,21 @@ def save_checkpoint(
     else:
         os.rename(temp, final)
     return final
+
+
+def _write_model(model: GPT, model_state: dict[str, torch.Tensor], folder: Path, tokenizer_spec: Any,
+                 train_config: dict[str, Any]) -> None:
+    """The weights of a checkpoint: the model, or a LoRA model's frozen base and its adapters."""
+    lora = lora_config(model)
+    record: dict[str, Any] = {"train_config": train_config}
+    if lora is not None:
+        model_state, adapters = split_adapters(model_state)
+        write_adapters(adapters, folder)
+        record["lora"] = lora.to_dict()
+    write_model_folder(
+        model_state, model.config, folder, keep_padded_vocab=True, tokenizer_spec=tokenizer_spec,
+        extra_record=record, layout=native.LAYOUT if lora is not None else None,
+    )
 
 
 def _delete(path: Path) -> None:
@@ -195,6 +215,29 @@ def find_resume_checkpoint(run_dir: Path, resume: str | None) -> Path | None:
     return path
 
 
+def _read_model(checkpoint: Path, model: GPT) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights as `model.state_dict()` names them, adapters included: its LoRA
+    settings must be the run's."""
+    saved, wanted = read_lora_config(checkpoint), lora_config(model)
+    if saved != wanted:
+        raise UserError(
+            f"{checkpoint} was trained with {_described(saved)} but this run has {_described(wanted)}; "
+            "resume with the run's own finetune.* settings (its config.toml)"
+        )
+    state = read_state_dict(checkpoint, model.config)
+    if model.config.tie_embeddings:
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+    if saved is not None:
+        state.update(read_adapters(checkpoint, model.config, saved))
+    return state
+
+
+def _described(lora: LoRAConfig | None) -> str:
+    if lora is None:
+        return "no LoRA"
+    return f"LoRA rank {lora.rank}, alpha {lora.alpha:g}, dropout {lora.dropout:g} on {', '.join(lora.targets)}"
+
+
 def load_checkpoint(
     checkpoint: Path,
     *,
@@ -210,9 +253,7 @@ def load_checkpoint(
     optimizer_state: dict[str, Any] = {}
     saved: dict[str, Any] = {}
     if not distributed or dist.get_rank() == 0:
-        model_state = read_state_dict(checkpoint, model.config)
-        if model.config.tie_embeddings:
-            model_state["lm_head.weight"] = model_state["transformer.wte.weight"]
+        model_state = _read_model(checkpoint, model)
         try:
             saved = torch.load(checkpoint / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
             optimizer_state = saved["optimizer"]

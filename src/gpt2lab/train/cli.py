@@ -48,6 +48,11 @@ settings (--set key=value, or the same keys in a TOML file given with --config):
   system.*       device (auto|cpu|cuda|mps) precision (fp32|tf32|bf16|fp16) parallel (ddp|fsdp)
                  compile seed peak_flops deterministic profile_steps (torch.profiler trace of N
                  steps after the first into profile/trace.json, top operators printed; 0 = off)
+  finetune.*     lora_rank (0 = off: every parameter trains) lora_alpha (the update is scaled by
+                 alpha / rank) lora_dropout lora_targets (comma-separated, default
+                 c_attn,c_proj,c_fc; attn.c_proj or mlp.c_proj name one of the two c_proj): LoRA
+                 adapters train, all else is frozen; checkpoints hold the base and
+                 adapters.safetensors, and sample/eval/serve/convert merge them (docs/chat.md)
 
 The run folder (--out) gets config.toml (the resolved settings; reload with --config),
 metrics.jsonl, samples.txt and checkpoints/step_XXXXXXXX/. Ctrl-C or SIGTERM finish the
@@ -59,6 +64,7 @@ examples:
   gpt2lab train --preset gpt2-124m --set batch.micro_batch=32 --out runs/gpt2-124m
   gpt2lab train --config runs/gpt2-124m/config.toml --out runs/gpt2-124m --resume auto
   gpt2lab train --preset gpt2-124m --set model.n_layer=2 --set max_steps=10 --print-config
+  gpt2lab train --preset finetune-shakespeare --set finetune.lora_rank=8 --set optim.lr=1e-4 --out runs/lora
   gpt2lab train --preset gpt2-124m --nproc 8 --out runs/gpt2-124m        # DDP on 8 GPUs
   torchrun --nproc_per_node=8 -m gpt2lab train --preset gpt2-774m       # FSDP2 (the preset's choice)
 

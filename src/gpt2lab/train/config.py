@@ -13,6 +13,7 @@ from ..config import (
 )
 from ..errors import UserError
 from ..tokenizer import CHAT_FORMATS, DEFAULT_CHAT_FORMAT
+from ..lora import check_lora_settings
 
 
 @dataclass
@@ -105,6 +106,23 @@ class SystemSettings:
     profile_steps: int = 0
 
 
+MUON_WITH_LORA = (
+    "optim.name=muon does not train LoRA adapters: Muon's orthogonalized steps are made for whole hidden "
+    "matrices, not rank-r factors; use optim.name=adamw (or sgd) with finetune.lora_rank"
+)
+
+
+@dataclass
+class FinetuneSettings:
+    # LoRA adapters of this rank on lora_targets; only they train, the rest is frozen.
+    # 0: off (every parameter trains: full fine-tuning).
+    lora_rank: int = 0
+    lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0  # on the adapters' input
+    # c_attn (q, k, v), c_proj (attention's and the MLP's output; attn.c_proj / mlp.c_proj for one), c_fc
+    lora_targets: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])
+
+
 @dataclass
 class TrainConfig:
     model: GPTConfig = field(default_factory=GPTConfig)
@@ -120,6 +138,7 @@ class TrainConfig:
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
     log: LogSettings = field(default_factory=LogSettings)
     system: SystemSettings = field(default_factory=SystemSettings)
+    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -220,7 +239,14 @@ class TrainConfig:
             if not 0 <= value < 1:
                 raise UserError(f"optim.{key} must be in [0, 1), got {value}")
         self._validate_muon_and_schedule()
+        self._validate_finetune()
         self.grad_accum_steps(world_size)
+
+    def _validate_finetune(self) -> None:
+        finetune = self.finetune
+        check_lora_settings(finetune.lora_rank, finetune.lora_alpha, finetune.lora_dropout, finetune.lora_targets)
+        if finetune.lora_rank and self.optim.name == "muon":
+            raise UserError(MUON_WITH_LORA)
 
     def _validate_muon_and_schedule(self) -> None:
         optim = self.optim

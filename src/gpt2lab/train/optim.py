@@ -8,7 +8,9 @@ import math
 
 import torch
 
-from .config import OptimSettings, ScheduleSettings
+from ..errors import UserError
+from ..lora import lora_config
+from .config import MUON_WITH_LORA, OptimSettings, ScheduleSettings
 from .muon import Muon
 
 
@@ -64,7 +66,10 @@ def muon_groups(model: torch.nn.Module, settings: OptimSettings) -> list[dict]:
 
 
 def build_optimizer(model: torch.nn.Module, settings: OptimSettings, device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer over the parameters that train (a LoRA model's adapters alone)."""
     if settings.name == "muon":
+        if lora_config(model) is not None:
+            raise UserError(MUON_WITH_LORA)
         return Muon(muon_groups(model, settings))
     groups = decay_groups(model, settings.weight_decay)
     if settings.name == "sgd":

@@ -24,6 +24,7 @@ from ..errors import UserError
 from ..eval.loss import LossResult, loss_over_batches
 from ..files import FolderLock, write_atomic
 from ..generate import generate
+from ..lora import apply_lora, parameter_counts
 from ..model import GPT
 from ..prompts import checked_prompt, empty_prompt_start
 from ..runtime import check_fits
@@ -35,7 +36,7 @@ from .checkpoint import (
     restore_rng_states,
     save_checkpoint,
 )
-from .config import EvalSettings, SystemSettings, TrainConfig
+from .config import EvalSettings, FinetuneSettings, SystemSettings, TrainConfig
 from .distributed import all_reduce_max, finish_together, init_distributed, shard_model
 from .metrics import MetricsLog, peak_flops_for
 from .optim import build_optimizer, learning_rate, set_learning_rate
@@ -136,6 +137,18 @@ def _take_spare_rows(model: GPT, vocab_size: int, seed: int) -> None:
     model.config.vocab_size = vocab_size
 
 
+def _add_adapters(model: GPT, settings: FinetuneSettings, echo: Callable[[str], None]) -> None:
+    """LoRA adapters on the model (all else frozen) when finetune.lora_rank asks for them."""
+    if not settings.lora_rank:
+        return
+    apply_lora(model, settings.lora_rank, settings.lora_alpha, settings.lora_dropout, settings.lora_targets)
+    trainable, total = parameter_counts(model)
+    echo(
+        f"LoRA rank {settings.lora_rank} on {', '.join(settings.lora_targets)}: {trainable:,} of {total:,} "
+        f"parameters train ({trainable / total:.2%})"
+    )
+
+
 class Trainer:
     """One training run in `run_dir`. Everything that can be wrong with the settings or the data is
     checked in the constructor, before the model is built."""
@@ -170,6 +183,7 @@ class Trainer:
         _configure_torch(config.system)
         self.raw_model, config = _build_model(config, self.dataset.vocab_size)
         self.config = config
+        _add_adapters(self.raw_model, config.finetune, self.echo)
         self.raw_model.to(self.device)
         # Equal initial weights on every rank, then a dropout stream of each rank's own.
         torch.manual_seed(config.system.seed + self.rank)
