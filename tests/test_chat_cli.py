@@ -446,13 +446,12 @@ def test_eval_chat_refuses_an_empty_file_and_a_json_path_without_folder(capsys, 
     assert code == 2 and "the folder of --json" in err
 
 
-def test_eval_chat_sends_a_folder_to_the_loss_report(capsys, tmp_path, monkeypatch, paris):
-    from gpt2lab.eval import chat as eval_chat
+def test_eval_chat_of_a_token_folder_says_to_use_eval_loss(capsys, tmp_path, paris):
+    from gpt2lab.data.prepare import prepare
 
-    calls = []
-    monkeypatch.setattr(eval_chat, "chat_loss_report", lambda model, folder, **options: calls.append(folder) or "LOSS")
-    code, out, _ = run_cli(capsys, "eval", "chat", "--model", paris, "--data", tmp_path, "--device", "cpu")
-    assert (code, out, calls) == (0, "LOSS\n", [str(tmp_path)])
+    prepare("shakespeare", tmp_path / "bpe", progress=False, log=lambda m: None)
+    code, _, err = run_cli(capsys, "eval", "chat", "--model", paris, "--data", tmp_path / "bpe", "--device", "cpu")
+    assert code == 2 and "gpt2lab eval loss" in err
 
 
 # ---- manuals and the library ---------------------------------------------------------------

@@ -209,7 +209,7 @@ def _sft_config(data, *extra):
     ])
 
 
-def test_sft_trains_on_the_assistant_tokens_and_resumes_exactly(chat_data, tmp_path):
+def test_sft_trains_on_the_assistant_tokens_and_resumes_exactly(chat_data, tmp_path, capsys):
     config = _sft_config(chat_data, "max_epochs=1", "checkpoint.interval=10", "checkpoint.keep_last=5")
     run = tmp_path / "run"
     summary = Trainer(config, run).run()
@@ -226,6 +226,10 @@ def test_sft_trains_on_the_assistant_tokens_and_resumes_exactly(chat_data, tmp_p
     assert result.loss == pytest.approx(summary["val_loss_full"], abs=1e-5)
     assert result.tokens == sum(int((ChatLoader(chat_data, "val", 4, 64, shuffle=False)._gather(np.arange(r, r + 1))[1] != -1).sum())
                                 for r in range(ChatLoader(chat_data, "val", 4, 64, shuffle=False).total_windows))
+    # ... and so does `eval chat` of the folder (rows of the model's 64 tokens, as in training).
+    capsys.readouterr()
+    assert main(["eval", "chat", "--model", str(run), "--data", str(chat_data), "--device", "cpu"]) == 0
+    assert f"val loss {summary['val_loss_full']:.4f} over {result.tokens:,} assistant tokens" in capsys.readouterr().out
     # Resume from step 10 repeats the later losses bit for bit.
     resumed = tmp_path / "resumed"
     resumed.mkdir()

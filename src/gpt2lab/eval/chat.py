@@ -15,7 +15,9 @@ from typing import Any
 
 from ..chat import Chat
 from ..chat_template import validate_messages
+from ..data.dataset import open_dataset
 from ..errors import UserError
+from .loss import LossResult, evaluate_loss
 
 LINE_FORM = '{"messages": [{"role": "user", "content": "..."}], "answer": "..."}'
 
@@ -105,12 +107,19 @@ def exact_match(
     return ExactMatchResult(examples=len(examples), correct=sum(matches), answers=answers, matches=matches)
 
 
-def chat_loss_report(model: Any, folder: str | Path, **options: Any) -> Any:
-    """The loss over the assistant tokens of a prepared chat dataset folder (`gpt2lab prepare chat`).
-
-    INTEGRATION POINT (issue 12, item 5): `gpt2lab eval chat --data DIR` routes a folder here; the
-    loader of conversations and their masks is built with training, and its engineer fills this in.
-    """
-    raise NotImplementedError(
-        "the loss over a chat dataset folder is not built yet (gpt2lab.eval.chat.chat_loss_report)"
+def chat_loss_report(
+    model: Any, folder: str | Path, *, split: str = "val", batch_size: int = 16, batches: int | None = None,
+    seq_len: int | None = None, progress: bool = False,
+) -> LossResult:
+    """The loss over the assistant tokens of a prepared chat dataset folder (`gpt2lab prepare
+    chat`), conversations packed as training packs them (`data.chat_loader`); the first
+    `batches` batches, or all (None)."""
+    dataset = open_dataset(folder)
+    if dataset.kind != "chat":
+        raise UserError(
+            f"{folder} holds a token stream, not conversations: score it with `gpt2lab eval loss --data {folder}`, "
+            "or give a chat dataset folder (`gpt2lab prepare chat`) or a JSONL file of prompts with answers"
+        )
+    return evaluate_loss(
+        model, dataset, split=split, batches=batches, batch_size=batch_size, seq_len=seq_len, progress=progress
     )

@@ -67,12 +67,16 @@ answer must end with a user turn). Each prompt is answered greedily, as `gpt2lab
 when it equals the expected one after stripping whitespace at both ends. Prompts of similar
 length are answered together, --batch-size at a time. A bad line is reported with its number.
 
---data DIR: the loss over the assistant tokens of a chat dataset folder (`gpt2lab prepare chat`)."""
+--data DIR: the loss over the assistant tokens of a chat dataset folder (`gpt2lab prepare chat`),
+its --split (default val), conversations packed into rows of the model's context as training
+packs them (attention never crosses two); the mean cross-entropy per assistant token and its
+perplexity. --json FILE writes them too."""
 
 CHAT_EPILOG = """examples:
   gpt2lab eval chat --model runs/sft --data heldout.jsonl
   gpt2lab eval chat --model runs/sft --data heldout.jsonl --limit 100 --json results.json
   gpt2lab eval chat --model runs/sft --data heldout.jsonl --max-new-tokens 32 --batch-size 64
+  gpt2lab eval chat --model runs/sft --data data/chat --split val
 
 --json FILE writes one object: chat_exact_match, correct, examples, and under "results" each
 example's line, expected answer, the model's answer and whether it matched."""
@@ -160,7 +164,11 @@ def _add_chat_task(tasks: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "--data", required=True, metavar="FILE|DIR",
         help="a JSONL file of prompts with expected answers, or a chat dataset folder",
     )
-    chat.add_argument("--limit", type=positive_int, metavar="N", help="score only the first N examples")
+    chat.add_argument(
+        "--limit", type=positive_int, metavar="N",
+        help="score only the first N examples (a folder: the first N packed rows, rounded up to whole batches)",
+    )
+    chat.add_argument("--split", default="val", help="a folder: the split to score (default val)")
     chat.add_argument(
         "--max-new-tokens", type=non_negative_int, default=256, metavar="N",
         help="the longest answer, in tokens (default 256)",
@@ -280,10 +288,24 @@ def _chat_exact_match(args: argparse.Namespace) -> int:
 
 
 def _chat_loss(args: argparse.Namespace) -> int:
-    """INTEGRATION POINT: `--data DIR`, the loss over a chat dataset folder, is
-    `eval.chat.chat_loss_report`'s, which its engineer fills in (with the options it needs)."""
+    """`--data DIR`: the loss over the assistant tokens of a chat dataset folder."""
+    from ..chat import chat_template_for
+    from ..tokenizer import load_tokenizer
     from .chat import chat_loss_report
 
     folder, model, device, precision = _load(args)
-    print(chat_loss_report(model, args.data, batch_size=args.batch_size, limit=args.limit))
+    chat_template_for(load_tokenizer(folder), model.config.vocab_size)
+    batches = None if args.limit is None else -(-args.limit // args.batch_size)
+    started = time.perf_counter()
+    result = chat_loss_report(model, args.data, split=args.split, batch_size=args.batch_size, batches=batches,
+                              progress=True)
+    seconds = time.perf_counter() - started
+    if args.json:
+        record = {"split": args.split, "loss": result.loss, "perplexity": result.perplexity, "tokens": result.tokens,
+                  "seconds": round(seconds, 3), "model": str(args.model), "data": str(args.data)}
+        write_atomic(Path(args.json), lambda p: p.write_text(json.dumps(record, indent=1) + "\n"))
+    print(
+        f"{args.split} loss {result.loss:.4f} over {result.tokens:,} assistant tokens of {args.data}, perplexity "
+        f"{result.perplexity:.2f} (model {args.model}, {device.type}, {precision}, {seconds:.1f} s)"
+    )
     return 0
