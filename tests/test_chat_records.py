@@ -54,6 +54,8 @@ def test_unreadable_files_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="cannot read"):
         parse_chat_records(tmp_path / "missing.jsonl")
     bad = tmp_path / "latin1.jsonl"
-    bad.write_bytes(b'{"instruction": "caf\xe9", "output": "x"}\n')
-    with pytest.raises(UserError, match="not UTF-8"):
-        parse_chat_records(bad)
+    # A line that is not UTF-8 is one bad record, named by its line, not the loss of the file.
+    bad.write_bytes(b'{"instruction": "caf\xe9", "output": "x"}\n{"instruction": "ok", "output": "y"}\n')
+    conversations, problems = parse_chat_records(bad)
+    assert len(conversations) == 1 and len(problems) == 1
+    assert problems[0].startswith(f"{bad}:1: not UTF-8")

@@ -170,6 +170,11 @@ def test_chat_stop_ends_the_answer_and_its_compute(chat_served, page):
     page.locator("#send").click()
     answer = page.locator("#conversation .assistant")
     sync_api.expect(answer).not_to_be_empty(timeout=30_000)
+    # The streaming answer must not move the button (a click would land on the wrong place).
+    stop_at = page.locator("#chat-stop").bounding_box()
+    so_far = len(answer.text_content())
+    page.wait_for_function(f"document.querySelector('#conversation .assistant').textContent.length > {so_far + 200}")
+    assert page.locator("#chat-stop").bounding_box() == stop_at
     page.locator("#chat-stop").click()
     sync_api.expect(page.locator("#chat-status")).to_have_text("stopped")
     for _ in range(400):  # 20 s at most

@@ -253,6 +253,12 @@ class GPT(nn.Module):
         """Mean cross-entropy over the targets that are not -1, from hidden states (B, T, n_embd),
         chunk by chunk (`ops.linear_cross_entropy`): the (B, T, rows) logits are never built. The
         padded rows take part in the softmax, as they did in the loss over the full logits."""
+        if hidden.device.type == "cpu" and not torch.compiler.is_compiling():
+            # A chat batch ignores most targets (prompts, padding): their rows need no logits. On
+            # a GPU, finding them would cost a sync and, compiled, a graph break.
+            kept = targets != -1
+            if not kept.all():
+                hidden, targets = hidden[kept], targets[kept]
         if isinstance(self.lm_head, nn.Linear):
             return linear_cross_entropy(hidden, self.lm_head.weight, targets, self.config.logit_softcap)
         logits = self._head(hidden)  # an int8 head (quantize) has no weight matrix to chunk
