@@ -276,3 +276,35 @@ def test_prepare_chat_options_are_checked(tmp_path, chat_file, capsys):
         assert message in capsys.readouterr().err
     assert main(["prepare", "shakespeare", "--out", str(tmp_path / "y"), "--context", "10"]) == 2
     assert "chat source only" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sft_on_two_processes_follows_one_with_twice_the_accumulation(chat_data, tmp_path):
+    # Packed rows count different numbers of targets: the step must weigh each by its targets
+    # (the mean over all of the step's targets) for two ranks to equal one, as here.
+    import os
+    import subprocess
+    import sys
+
+    settings = [
+        f"data.path={chat_data}", "init_from=scratch", "model.n_layer=2", "model.n_head=2", "model.n_embd=32",
+        "model.block_size=64", "model.dropout=0.0", "batch.seq_len=64", "batch.micro_batch=4",
+        "batch.total_tokens=512", "max_epochs=0", "max_steps=8", "optim.lr=3e-3", "eval.interval=4",
+        "eval.batches=0", "system.precision=fp32", "log.interval=0", "log.progress_bar=false",
+        "checkpoint.interval=0",
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+
+    def run(out: Path, nproc: int) -> dict[str, dict[int, float]]:
+        args = [sys.executable, "-m", "gpt2lab", "train", "--preset", "sft", "--out", str(out), "--nproc", str(nproc),
+                "--set", "system.parallel=ddp", *[f"--set={s}" for s in settings]]
+        result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+        assert result.returncode == 0, result.stdout + result.stderr
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return {key: {r["step"]: r[key] for r in records if key in r} for key in ("train_loss", "val_loss")}
+
+    one, two = run(tmp_path / "one", 1), run(tmp_path / "two", 2)
+    assert sorted(two["train_loss"]) == list(range(1, 9)) and sorted(two["val_loss"]) == [0, 4, 8]
+    for key in one:
+        for step, loss in one[key].items():
+            assert two[key][step] == pytest.approx(loss, abs=1e-5), (key, step)

@@ -379,17 +379,18 @@ class Trainer:
         lr = learning_rate(self.step, self.config.optim, self.config.schedule, self.total_steps)
         set_learning_rate(self.optimizer, lr)
         loss_sum = torch.zeros((), device=self.device)
-        for micro_step in range(self.grad_accum):
+        batches = [self.train_loader.next_batch() for _ in range(self.grad_accum)]
+        weights = self._micro_batch_weights(batches)
+        for micro_step, (batch, weight) in enumerate(zip(batches, weights)):
             # Gradients are averaged across ranks once, on the last micro-step.
             sync = micro_step == self.grad_accum - 1
             if self.ddp:
                 self.model.require_backward_grad_sync = sync
             elif self.fsdp:
                 self.raw_model.set_requires_gradient_sync(sync)
-            batch = self._to_device(self.train_loader.next_batch())
             with self.autocast():
-                _, loss = self.model(*batch)
-            loss = loss / self.grad_accum
+                _, loss = self.model(*self._to_device(batch))
+            loss = loss * weight
             loss_sum += loss.detach()
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
@@ -412,6 +413,21 @@ class Trainer:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
             loss_sum /= self.world_size
         return loss_sum.item(), grad_norm.item()
+
+    def _micro_batch_weights(self, batches: list[tuple[torch.Tensor, ...]]) -> list[float]:
+        """What each micro-batch's mean loss is multiplied by, so that the step's gradient (summed
+        over micro-batches, averaged over ranks) is that of the mean over all its targets. Windows
+        of a token stream all count the same targets: 1 / grad_accum. Packed conversations do not
+        (a row of long answers counts more than one of short ones), so each micro-batch weighs by
+        its share of the targets of the whole step on every rank, as one batch of them would."""
+        if not isinstance(self.train_loader, ChatLoader):
+            return [1.0 / self.grad_accum] * len(batches)
+        counts = [int((batch[1] != -1).sum()) for batch in batches]
+        total = torch.tensor(sum(counts), dtype=torch.int64, device=self.device)
+        if self.dist.enabled:
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        # Every row of a packed batch holds a whole answer at least, so the total is never 0.
+        return [count * self.world_size / int(total) for count in counts]
 
     def _stop_agreed(self) -> bool:
         """Whether any rank was asked to stop: all ranks must leave the loop at the same step."""
