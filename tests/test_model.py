@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2lab import GPT, GPTConfig
-from gpt2lab.ops import ONEDNN_LINEAR, linear
+from gpt2lab.ops import ONEDNN_AVAILABLE, onednn_linear
 
 
 def tiny_config(**overrides):
@@ -102,7 +102,7 @@ def test_sdpa_and_plain_attention_agree_with_dropout_off():
     assert torch.allclose(sdpa(idx)[0], plain(idx)[0], atol=1e-5)
 
 
-@pytest.mark.skipif(not ONEDNN_LINEAR, reason="this PyTorch has no oneDNN linear")
+@pytest.mark.skipif(not ONEDNN_AVAILABLE, reason="this PyTorch has no oneDNN linear")
 @pytest.mark.parametrize("bias", [True, False])
 def test_onednn_linear_matches_torch_forward_and_backward(bias):
     torch.manual_seed(0)
@@ -110,7 +110,7 @@ def test_onednn_linear_matches_torch_forward_and_backward(bias):
     weight = torch.randn(40, 24, requires_grad=True)
     b = torch.randn(40, requires_grad=True) if bias else None
     grad_out = torch.randn(3, 5, 40)
-    ours = linear(x, weight, b)
+    ours = onednn_linear(x, weight, b)
     ours.backward(grad_out)
     grads = [x.grad.clone(), weight.grad.clone()] + ([b.grad.clone()] if bias else [])
     for t in [x, weight] + ([b] if bias else []):

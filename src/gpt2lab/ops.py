@@ -1,17 +1,31 @@
 """Low-level kernels the model is built from.
 
-oneDNN's matmul is about twice as fast as the default BLAS for float32 on some x86 CPUs (AMD's
-among them, where MKL takes a slow path), so float32/bfloat16 linear layers on the CPU go through
-it. Autocast and torch.compile choose their own kernels, so inside them this is plain F.linear.
+MKL picks its float32 kernels by the CPU's vendor and takes a slow path on AMD's, where oneDNN's
+matmul is about twice as fast; so on an AMD CPU float32/bfloat16 linear layers go through oneDNN.
+Elsewhere MKL is as fast or faster (on an Intel Xeon with AMX, a float32 linear layer's forward
+and backward took 1.3x longer through oneDNN), so they stay F.linear. Autocast and torch.compile
+choose their own kernels, so inside them this is plain F.linear everywhere.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+def _cpu_is_amd() -> bool:
+    try:
+        return "AuthenticAMD" in Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:  # not Linux: no such file
+        return False
+
+
+ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# Whether `linear` routes CPU layers to oneDNN here.
+ONEDNN_LINEAR = ONEDNN_AVAILABLE and _cpu_is_amd()
 
 
 def _onednn_matmul_t(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -52,13 +66,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
     ):
-        x = x.contiguous()
-        if torch.is_grad_enabled() and (
-            x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-        ):
-            return _OneDNNLinear.apply(x, weight, bias)
-        return _onednn_matmul_t(x, weight, bias)
+        return onednn_linear(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear through oneDNN (CPU tensors of one float dtype), differentiable."""
+    x = x.contiguous()
+    if torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    ):
+        return _OneDNNLinear.apply(x, weight, bias)
+    return _onednn_matmul_t(x, weight, bias)
 
 
 class Linear(nn.Linear):
@@ -107,6 +126,20 @@ def _chunk_rows(vocab: int, rows_in_all: int) -> int:
     return max(rows, -(-rows_in_all // MAX_CHUNKS))
 
 
+def _uses_onednn(x: torch.Tensor) -> bool:
+    return ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+
+
+def _add_weight_gradient(grad_w: torch.Tensor, grad: torch.Tensor, h: torch.Tensor) -> None:
+    """grad_w += grad.T @ h, in place where the dtypes allow (no (rows, n_embd) temporary)."""
+    if _uses_onednn(h):
+        grad_w += linear(grad.t(), _transposed(h))
+    elif grad.dtype == grad_w.dtype:
+        grad_w.addmm_(grad.t(), h)
+    else:
+        grad_w += grad.t() @ h
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of softcap(hidden @ weight.T) over the rows whose target is not -1,
     computed a chunk of rows at a time. The gradients a chunk owes (hidden's with need_h, the
@@ -127,7 +160,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=acc, device=h.device)
         grad_h = torch.empty(h.shape, dtype=acc, device=h.device) if need_h else None
         grad_w = torch.zeros(w.shape, dtype=acc, device=h.device) if need_w else None
-        w_t = _transposed(w) if need_h else None
+        # oneDNN takes the weight of grad @ w transposed and contiguous; BLAS reads w as it is.
+        w_t = _transposed(w) if need_h and _uses_onednn(w) else None
         rows = _chunk_rows(w.size(0), h.size(0))
         for start in range(0, h.size(0), rows):
             part = slice(start, start + rows)
@@ -145,9 +179,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad *= 1 - (logits / softcap).square()
                 grad = grad.to(dtype)
                 if need_h:
-                    grad_h[part] = linear(grad, w_t)
+                    grad_h[part] = linear(grad, w_t) if w_t is not None else grad @ w
                 if need_w:
-                    grad_w += linear(grad.t(), _transposed(h[part]))
+                    _add_weight_gradient(grad_w, grad, h[part])
         ctx.save_for_backward(grad_h, grad_w)
         ctx.input_types = (hidden.shape, hidden.dtype, weight.dtype)
         return total * scale
