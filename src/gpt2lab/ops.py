@@ -56,16 +56,22 @@ class _OneDNNLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, routed to oneDNN for float32/bfloat16 CPU tensors outside autocast and compile."""
-    if (
+def _uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear(x, weight)` goes through oneDNN: float32/bfloat16 CPU tensors of one dtype,
+    outside autocast and compile, on a CPU where it is the faster kernel."""
+    return (
         ONEDNN_LINEAR
         and x.device.type == "cpu"
         and x.dtype == weight.dtype
         and x.dtype in (torch.float32, torch.bfloat16)
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
-    ):
+    )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, routed to oneDNN where `_uses_onednn` says so."""
+    if _uses_onednn(x, weight):
         return onednn_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
@@ -126,14 +132,10 @@ def _chunk_rows(vocab: int, rows_in_all: int) -> int:
     return max(rows, -(-rows_in_all // MAX_CHUNKS))
 
 
-def _uses_onednn(x: torch.Tensor) -> bool:
-    return ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-
-
 def _add_weight_gradient(grad_w: torch.Tensor, grad: torch.Tensor, h: torch.Tensor) -> None:
     """grad_w += grad.T @ h, in place where the dtypes allow (no (rows, n_embd) temporary)."""
-    if _uses_onednn(h):
-        grad_w += linear(grad.t(), _transposed(h))
+    if _uses_onednn(grad, h):
+        grad_w += onednn_linear(grad.t(), _transposed(h))
     elif grad.dtype == grad_w.dtype:
         grad_w.addmm_(grad.t(), h)
     else:
@@ -161,7 +163,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty(h.shape, dtype=acc, device=h.device) if need_h else None
         grad_w = torch.zeros(w.shape, dtype=acc, device=h.device) if need_w else None
         # oneDNN takes the weight of grad @ w transposed and contiguous; BLAS reads w as it is.
-        w_t = _transposed(w) if need_h and _uses_onednn(w) else None
+        w_t = _transposed(w) if need_h and _uses_onednn(h, w) else None
         rows = _chunk_rows(w.size(0), h.size(0))
         for start in range(0, h.size(0), rows):
             part = slice(start, start + rows)
@@ -179,7 +181,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad *= 1 - (logits / softcap).square()
                 grad = grad.to(dtype)
                 if need_h:
-                    grad_h[part] = linear(grad, w_t) if w_t is not None else grad @ w
+                    grad_h[part] = onednn_linear(grad, w_t) if w_t is not None else grad @ w
                 if need_w:
                     _add_weight_gradient(grad_w, grad, h[part])
         ctx.save_for_backward(grad_h, grad_w)
