@@ -1,5 +1,6 @@
 """The benchmark scripts the lead runs elsewhere still run: benchmarks/gpu_check.py in its CPU smoke
-mode, and benchmarks/bench_vs_plain.py at a tiny shape (no timings are checked)."""
+mode, and benchmarks/bench_vs_plain.py and benchmarks/bench_modern.py at a tiny shape (no timings are
+checked)."""
 
 import json
 import os
@@ -51,3 +52,18 @@ def test_bench_vs_plain_runs_at_a_tiny_shape_and_both_models_agree(tmp_path):
     assert [r["mode"] for r in rows] == ["fp32", "bf16"]
     for row in rows:
         assert abs(row["plain_first_loss"] - row["gpt2lab_first_loss"]) < 1e-3
+
+
+@pytest.mark.slow
+def test_bench_modern_runs_at_a_tiny_shape_and_times_both_optimizers(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_script(["benchmarks/bench_modern.py", "--n-layer", "1", "--n-embd", "128", "--vocab", "256",
+                       "--batch", "2", "--seq-len", "16", "--rounds", "1", "--warmup", "1", "--json", str(out)],
+                      tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(out.read_text())
+    assert results["shapes"] == {"gpt2": "1x128, n_head 2, vocab 256", "modern": "1x128, n_head 1, vocab 256"}
+    assert [r["mode"] for r in results["rows"]] == ["fp32", "bf16"]
+    for row in results["rows"]:
+        assert 0 < row["gpt2_optimizer_ms"] < row["gpt2_ms"] and 0 < row["modern_optimizer_ms"] < row["modern_ms"]
+        assert row["met"] == (row["ratio"] <= 1.25)
