@@ -21,7 +21,7 @@ import time
 import torch
 
 from gpt2lab import GPT
-from gpt2lab.quantize import quantize_int8
+from gpt2lab.quantize import quantize
 
 
 def build_pair(n_layer: int):
@@ -61,10 +61,10 @@ def bench_decode(hf, ours, repeats: int, new_tokens: int) -> dict:
     candidates["gpt2lab bfloat16 weights"] = lambda: bf16.generate(prompt, new_tokens, temperature=0)[
         0, prompt.size(1) :
     ].tolist()
-    int8 = quantize_int8(ours)
-    candidates["gpt2lab int8 weights"] = lambda: int8.generate(prompt, new_tokens, temperature=0)[
-        0, prompt.size(1) :
-    ].tolist()
+    for precision in ("int8", "int4"):
+        candidates[f"gpt2lab {precision} weights"] = lambda m=quantize(ours, precision): m.generate(
+            prompt, new_tokens, temperature=0
+        )[0, prompt.size(1) :].tolist()
 
     outputs = {name: fn() for name, fn in candidates.items()}  # warm-up, and the tokens
     times = {name: [] for name in candidates}
@@ -145,12 +145,12 @@ def bench_train(hf, ours, repeats: int, batch: int, seq: int, with_optimizer: bo
 
 
 def quality_on_trained(run: str, data: str) -> dict:
-    """Validation loss over the whole split of a trained model, in float32, bf16 and int8 weights."""
+    """Validation loss over the whole split of a trained model, in float32, bf16, int8 and int4 weights."""
     from gpt2lab.data import TokenLoader
 
     model = GPT.from_pretrained(run).eval()
     variants = {"float32": model, "bfloat16 weights": copy.deepcopy(model).to(torch.bfloat16),
-                "int8 weights": quantize_int8(model)}
+                "int8 weights": quantize(model, "int8"), "int4 weights": quantize(model, "int4")}
     loader = TokenLoader(data, split="val", batch_size=16, seq_len=model.config.block_size, shuffle=False)
     result = {}
     for name, variant in variants.items():

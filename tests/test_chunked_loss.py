@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from gpt2lab import GPT, GPTConfig
 from gpt2lab import ops
-from gpt2lab.quantize import quantize_int8
+from gpt2lab.quantize import quantize
 
 
 def tiny(**overrides):
@@ -128,15 +128,16 @@ def test_a_training_step_never_holds_the_full_logits(monkeypatch):
     assert before.largest == full  # the check sees the full logits where they are built
 
 
-def test_no_grad_loss_matches_and_int8_models_still_give_a_loss():
+def test_no_grad_loss_matches_and_quantized_models_still_give_a_loss():
     torch.manual_seed(0)
     model = GPT(tiny()).eval()
     idx, targets = torch.randint(0, 100, (2, 8)), torch.randint(0, 100, (2, 8))
     with torch.no_grad():
         loss = model(idx, targets)[1]
         assert abs(loss.item() - full_logits_loss(model, idx, targets).item()) < 1e-5
-        int8 = quantize_int8(model)
-        assert abs(int8(idx, targets)[1].item() - loss.item()) < 0.05
+        for precision in ("int8", "int4"):
+            quantized = quantize(model, precision)
+            assert abs(quantized(idx, targets)[1].item() - loss.item()) < 0.05, precision
 
 
 def test_a_frozen_head_gets_no_gradient_and_the_rest_the_same(small_chunks):

@@ -68,6 +68,20 @@ def test_bf16_sampling_runs(capsys, bpe_model_dir):
     assert code == 0 and "bfloat16" in err
 
 
+def test_int4_sampling_follows_the_quantized_model(capsys, bpe_model_dir):
+    from gpt2lab.quantize import quantize
+
+    code, out, err = run_cli(
+        capsys, "sample", "--model", str(bpe_model_dir), "--dtype", "int4", "--prompt", "Hello",
+        "--max-new-tokens", "6", "--temperature", "0", "--no-stop-at-eot", "--device", "cpu", "-v",
+    )
+    assert code == 0 and "int4" in err
+    tokenizer = load_tokenizer(bpe_model_dir)
+    quantized = quantize(GPT.from_pretrained(bpe_model_dir), "int4")
+    expected = quantized.generate([tokenizer.encode("Hello")], 6, temperature=0)[0]
+    assert out == tokenizer.decode(expected) + "\n"
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -24,6 +24,11 @@ if TYPE_CHECKING:
 Rope = tuple[torch.Tensor, torch.Tensor]
 
 
+def make_dropout(p: float) -> nn.Module:
+    # nn.Dropout(0) still costs a call per use; decoding makes thousands of them a second.
+    return nn.Dropout(p) if p else nn.Identity()
+
+
 def make_norm(config: GPTConfig, dim: int) -> nn.Module:
     if config.norm == "rmsnorm":
         return nn.RMSNorm(dim, eps=config.layer_norm_epsilon)
@@ -41,7 +46,7 @@ class CausalSelfAttention(nn.Module):
         kv_width = self.kv_heads * self.head_dim
         self.c_attn = Linear(config.n_embd, config.n_embd + 2 * kv_width, bias=config.bias)
         self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = make_dropout(config.dropout)
         if config.qk_norm:
             self.q_norm = nn.RMSNorm(self.head_dim, eps=config.layer_norm_epsilon)
             self.k_norm = nn.RMSNorm(self.head_dim, eps=config.layer_norm_epsilon)
@@ -106,7 +111,7 @@ class MLP(nn.Module):
         branches = 2 if config.activation == "swiglu" else 1  # swiglu's gate and value, stacked
         self.c_fc = Linear(config.n_embd, branches * config.hidden_size, bias=config.bias)
         self.c_proj = Linear(config.hidden_size, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = make_dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.c_fc(x)
@@ -144,7 +149,7 @@ class GPT(nn.Module):
         if config.position == "learned":
             layers["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         layers.update(
-            drop=nn.Dropout(config.dropout),
+            drop=make_dropout(config.dropout),
             h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
             ln_f=make_norm(config, config.n_embd),
         )
@@ -244,7 +249,7 @@ class GPT(nn.Module):
         return self._head(hidden)[..., : self.config.vocab_size].float()
 
     def untie_head(self) -> None:
-        """Give the output head its own copy of the embedding matrix (int8 quantizes the head
+        """Give the output head its own copy of the embedding matrix (quantizing replaces the head
         but not the embedding lookup)."""
         if self.lm_head.weight is self.transformer.wte.weight:
             self.lm_head.weight = nn.Parameter(self.transformer.wte.weight.detach().clone())
@@ -261,7 +266,7 @@ class GPT(nn.Module):
                 hidden, targets = hidden[kept], targets[kept]
         if isinstance(self.lm_head, nn.Linear):
             return linear_cross_entropy(hidden, self.lm_head.weight, targets, self.config.logit_softcap)
-        logits = self._head(hidden)  # an int8 head (quantize) has no weight matrix to chunk
+        logits = self._head(hidden)  # a quantized head has no weight matrix to chunk
         return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
 
     def forward(

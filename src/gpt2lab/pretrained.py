@@ -30,7 +30,7 @@ from .formats import (
 )
 from .lora import LoRAConfig, apply_lora, lora_config, lora_state_dict, merge_adapters, split_adapters
 from .model import GPT
-from .quantize import quantize_int8
+from .quantize import QUANTIZERS, quantize
 from .runtime import resolve_device, resolve_dtype
 from .tokenizer import is_gpt2_spec
 
@@ -490,15 +490,15 @@ def check_finite_weights(model: GPT, folder: Path) -> None:
 
 def load_for_inference(spec: str | Path, device_name: str = "auto", dtype_name: str = "auto"):
     """(folder, model, device, precision name) for the commands that run a model: `--dtype int8`
-    loads float32 weights and quantizes the linear layers (CPU only)."""
+    or `int4` loads float32 weights and quantizes the linear layers (CPU only)."""
     device = resolve_device(device_name)
-    quantize = dtype_name == "int8"
-    if quantize and device.type != "cpu":
-        raise UserError("--dtype int8 runs on the CPU only; add --device cpu or choose bfloat16")
-    dtype = torch.float32 if quantize else resolve_dtype(dtype_name, device)
+    quantized = dtype_name in QUANTIZERS
+    if quantized and device.type != "cpu":
+        raise UserError(f"--dtype {dtype_name} runs on the CPU only; add --device cpu or choose bfloat16")
+    dtype = torch.float32 if quantized else resolve_dtype(dtype_name, device)
     folder = resolve_model_path(spec)
     model = load_model(folder, device=device, dtype=dtype)
     check_finite_weights(model, folder)
-    if quantize:
-        model = quantize_int8(model)
-    return folder, model, device, "int8" if quantize else str(dtype).removeprefix("torch.")
+    if quantized:
+        model = quantize(model, dtype_name)
+    return folder, model, device, dtype_name if quantized else str(dtype).removeprefix("torch.")

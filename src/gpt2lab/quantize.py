@@ -1,8 +1,13 @@
-"""Int8 weights for CPU inference through PyTorch's dynamically quantized linear layer.
+"""Quantized weights for CPU inference: int8 through PyTorch's dynamically quantized linear layer,
+int4 through its group-wise weight-only kernel (the one torchao's int4 CPU layout calls).
 
-Every linear layer (the output head included, untied from the input embedding for it) stores
-int8 weights with a per-tensor scale and quantizes its input on the fly. Decoding reads a quarter
-of the float32 bytes, which is what bounds its speed on a CPU.
+Every linear layer (the output head included, untied from the input embedding for it) is replaced;
+the embedding lookups, norms and attention keep their float weights. Decoding reads a quarter
+(int8) or an eighth (int4) of the float32 bytes, which is what bounds its speed on a CPU.
+
+- int8: int8 weights with a per-tensor scale; the input is quantized on the fly.
+- int4: 4-bit weights in groups of `INT4_GROUP_SIZE` along the input, each group with its own
+  scale and minimum (asymmetric, as ggml's q4_1); the matmul runs in bfloat16.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ import warnings
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from .errors import UserError
 from .model import GPT
 
 with warnings.catch_warnings():
@@ -37,12 +44,77 @@ def int8_linear(layer: nn.Linear) -> DynamicInt8Linear:
     return quantized
 
 
-def quantize_int8(model: GPT) -> GPT:
-    """A copy of `model` (float32, CPU) with int8 linear layers, for inference only."""
+# Weights per (scale, minimum) pair of the int4 form: ggml's q4 blocks hold 32 as well.
+INT4_GROUP_SIZE = 32
+# The int4 kernel packs output rows in tiles of 16.
+_INT4_ROW_TILE = 16
+INT4_AVAILABLE = hasattr(torch, "_weight_int4pack_mm_for_cpu") and hasattr(torch, "_convert_weight_to_int4pack_for_cpu")
+
+
+class Int4Linear(nn.Module):
+    """y = x @ dequantized(W).T + b with W stored as 4-bit integers, a bfloat16 scale and minimum
+    per group of INT4_GROUP_SIZE inputs, in the layout of PyTorch's int4 CPU kernel."""
+
+    def __init__(self, layer: nn.Linear, group_size: int = INT4_GROUP_SIZE):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = layer.in_features, layer.out_features, group_size
+        weight = layer.weight.detach().float().cpu()
+        weight = F.pad(weight, (0, 0, 0, -self.out_features % _INT4_ROW_TILE))
+        rows = weight.size(0)
+        groups = weight.view(rows, -1, group_size)
+        low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+        scale = ((high - low) / 15).clamp(min=torch.finfo(torch.bfloat16).tiny)
+        levels = ((groups - low) / scale).round().clamp(0, 15).to(torch.int32).view(rows, -1)
+        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(levels, 1))
+        # The kernel dequantizes (level - 8) * scale + zero: zero is the group's value at level 8.
+        zero = low + 8 * scale
+        pairs = torch.stack([scale.view(rows, -1).t(), zero.view(rows, -1).t()], dim=-1)
+        self.register_buffer("scales_and_zeros", pairs.contiguous().to(torch.bfloat16))
+        bias = None if layer.bias is None else layer.bias.detach().float().cpu()
+        self.register_buffer("bias", bias)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float32 (out, in) matrix the layer multiplies by (for tests and quality checks)."""
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
+        product = torch._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size, self.scales_and_zeros)
+        return product[:, : self.out_features].t().float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch._weight_int4pack_mm_for_cpu(rows, self.packed, self.group_size, self.scales_and_zeros)
+        if y.size(1) != self.out_features:
+            y = y[:, : self.out_features]
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+
+
+def int4_linear(layer: nn.Linear) -> Int4Linear:
+    if not INT4_AVAILABLE:
+        raise UserError(f"--dtype int4 needs PyTorch's int4 CPU kernel, which torch {torch.__version__} lacks; "
+                        "use --dtype int8")
+    if layer.in_features % INT4_GROUP_SIZE:
+        raise UserError(
+            f"--dtype int4 quantizes inputs in groups of {INT4_GROUP_SIZE}, and a layer of this model takes "
+            f"{layer.in_features}; use --dtype int8 for this model"
+        )
+    return Int4Linear(layer)
+
+
+QUANTIZERS = {"int8": int8_linear, "int4": int4_linear}
+
+
+def quantize(model: GPT, precision: str) -> GPT:
+    """A copy of `model` (float32, CPU) whose linear layers are `precision` ("int8" or "int4"),
+    for inference only; the original is left as it is."""
+    make_layer = QUANTIZERS[precision]
     model = copy.deepcopy(model).float().cpu().eval()
     model.untie_head()
     linears = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     for name, module in linears:
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, int8_linear(module))
+        setattr(model.get_submodule(parent_name), child, make_layer(module))
     return model
+
