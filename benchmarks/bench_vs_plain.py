@@ -1,14 +1,19 @@
 """gpt2lab's training step against a plain PyTorch GPT-2 written the straightforward way (below:
 nn.Linear layers, scaled_dot_product_attention, F.cross_entropy on the full logits), with the same
 weights, shape and batch: forward + backward + fused AdamW, in float32, bf16 autocast and bf16 +
-torch.compile, the two measured in alternating rounds, medians reported.
+torch.compile, the two measured in alternating rounds, medians reported. Each model steps in a
+process of its own; --allocator says which keeps its freed memory (gpt2lab.runtime's
+reuse_freed_cpu_memory, what `gpt2lab train` does on a CPU): by default gpt2lab's process, as shipped,
+and not the plain model's, as a script of its own would run; `--allocator default` or `reuse`
+gives both the same, which measures the models alone.
 
     python benchmarks/bench_vs_plain.py                          # 124M, B=4, T=256, every mode
     python benchmarks/bench_vs_plain.py --modes bf16 --rounds 10 --json out.json
+    python benchmarks/bench_vs_plain.py --allocator reuse        # the models alone, both reusing memory
     python benchmarks/bench_vs_plain.py --memory                 # peak memory, B=8, T=1024, bf16
     python benchmarks/bench_vs_plain.py --n-layer 2 --n-embd 64 --n-head 2 --batch 2 --seq-len 32 --rounds 2
 
---memory runs one training step of each model in its own process and reports its peak: the
+--memory runs three training steps of each model in its own process and reports its peak: the
 resident set (resource.getrusage's maxrss) on the CPU, torch.cuda.max_memory_allocated on a GPU;
 the target is gpt2lab at most 0.7x the plain model. Time on a quiet machine: nothing else using
 the cores (or the GPU).
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import platform
 import resource
 import statistics
@@ -32,9 +38,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt2lab import GPT, GPTConfig
+from gpt2lab.runtime import reuse_freed_cpu_memory
 
 MODES = ("fp32", "bf16", "compile")
 MEMORY_TARGET = 0.7
+# Steps the peak is read over: kept memory settles into its pattern after the first.
+MEMORY_STEPS = 3
+ALLOCATORS = ("as-shipped", "default", "reuse")
 
 
 # ---- the plain model: GPT-2 as one writes it first ----------------------------------------------
@@ -145,26 +155,62 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_mode(mode: str, args, device: torch.device) -> dict:
-    """Alternating rounds of `args.steps` steps of each model, after `args.warmup` untimed steps."""
-    steps = {impl: make_step(impl, mode, args, device) for impl in ("plain", "gpt2lab")}
-    first_loss = {}
-    for impl, step in steps.items():
-        first_loss[impl] = step().item()
-        for _ in range(args.warmup - 1):
-            step()
+def reuses_memory(impl: str, allocator: str, device: torch.device) -> bool:
+    """Whether `impl`'s process keeps freed memory (runtime.reuse_freed_cpu_memory) under `allocator`:
+    as-shipped gives it to gpt2lab alone, as `gpt2lab train` sets it up (system.reuse_cpu_memory)."""
+    if device.type != "cpu":
+        return False
+    return allocator == "reuse" or (allocator == "as-shipped" and impl == "gpt2lab")
+
+
+def step_server(conn, impl: str, mode: str, args, reuse: bool) -> None:
+    """A child process's loop: build `impl`'s step, warm up, send the first loss, then for each
+    request of n steps send their mean time, until asked for 0."""
+    if reuse:
+        reuse_freed_cpu_memory()
+    device = torch.device(args.device)
+    step = make_step(impl, mode, args, device)
+    conn.send(step().item())
+    for _ in range(args.warmup - 1):
+        step()
     sync(device)
-    times = {impl: [] for impl in steps}
-    for round_index in range(args.rounds):
-        order = list(steps) if round_index % 2 == 0 else list(steps)[::-1]
-        for impl in order:
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                steps[impl]()
-            sync(device)
-            times[impl].append((time.perf_counter() - start) / args.steps)
+    while count := conn.recv():
+        start = time.perf_counter()
+        for _ in range(count):
+            step()
+        sync(device)
+        conn.send((time.perf_counter() - start) / count)
+
+
+def time_mode(mode: str, args, device: torch.device) -> dict:
+    """Alternating rounds of `args.steps` steps of each model, after `args.warmup` untimed steps.
+    Each model steps in a process of its own, so that each has the allocator it would have alone."""
+    context = multiprocessing.get_context("spawn")
+    pipes, children = {}, []
+    for impl in ("plain", "gpt2lab"):
+        ours, theirs = context.Pipe()
+        child = context.Process(target=step_server, args=(theirs, impl, mode, args,
+                                                          reuses_memory(impl, args.allocator, device)))
+        child.start()
+        pipes[impl] = ours
+        children.append(child)
+    try:
+        first_loss = {impl: pipe.recv() for impl, pipe in pipes.items()}
+        times = {impl: [] for impl in pipes}
+        for round_index in range(args.rounds):
+            order = list(pipes) if round_index % 2 == 0 else list(pipes)[::-1]
+            for impl in order:
+                pipes[impl].send(args.steps)
+                times[impl].append(pipes[impl].recv())
+        for pipe in pipes.values():
+            pipe.send(0)
+    finally:
+        for child in children:
+            child.join(timeout=60)
+            if child.is_alive():
+                child.kill()
     tokens = args.batch * args.seq_len
-    row = {"mode": mode}
+    row = {"mode": mode, "allocator": args.allocator}
     for impl, values in times.items():
         row[f"{impl}_ms"] = statistics.median(values) * 1e3
         row[f"{impl}_tokens_per_s"] = tokens / statistics.median(values)
@@ -177,9 +223,14 @@ def time_mode(mode: str, args, device: torch.device) -> dict:
 
 
 def child_peak(args, device: torch.device) -> dict:
-    """One training step of `args.child` (in this process alone): its peak memory."""
+    """MEMORY_STEPS training steps of `args.child` (in this process alone): its peak memory, and
+    the first step's loss."""
+    if reuses_memory(args.child, args.allocator, device):
+        reuse_freed_cpu_memory()
     step = make_step(args.child, args.memory_mode, args, device)
     loss = step().item()
+    for _ in range(MEMORY_STEPS - 1):
+        step()
     sync(device)
     peak = {"impl": args.child, "loss": loss, "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if device.type == "cuda":
@@ -190,7 +241,7 @@ def child_peak(args, device: torch.device) -> dict:
 def measure_memory(args) -> dict:
     shape = ["--batch", str(args.batch), "--seq-len", str(args.seq_len), "--n-layer", str(args.n_layer),
              "--n-head", str(args.n_head), "--n-embd", str(args.n_embd), "--vocab", str(args.vocab),
-             "--device", args.device, "--memory-mode", args.memory_mode]
+             "--device", args.device, "--memory-mode", args.memory_mode, "--allocator", args.allocator]
     peaks = {}
     for impl in ("plain", "gpt2lab"):
         out = subprocess.run([sys.executable, __file__, "--child", impl, *shape], check=True,
@@ -221,6 +272,11 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--memory", action="store_true", help="peak memory of one step instead of timings")
     parser.add_argument("--memory-mode", choices=MODES, default="bf16", help="the mode --memory measures")
+    parser.add_argument(
+        "--allocator", choices=ALLOCATORS, default="as-shipped",
+        help="CPU memory reuse (gpt2lab.runtime.reuse_freed_cpu_memory): as-shipped gives it to gpt2lab's "
+        "process as `gpt2lab train` does and not to the plain model's; default and reuse give both the same",
+    )
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--child", choices=["plain", "gpt2lab"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -240,13 +296,13 @@ def main(argv=None) -> int:
     if args.child:
         print(json.dumps(child_peak(args, device)))
         return 0
-    shape = f"{args.n_layer}x{args.n_embd}, B={args.batch}, T={args.seq_len}, vocab {args.vocab}"
+    shape = f"{args.n_layer}x{args.n_embd}, B={args.batch}, T={args.seq_len}, vocab {args.vocab}, allocator {args.allocator}"
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
                "torch": torch.__version__, "shape": shape}
     if args.memory:
         memory = measure_memory(args)
         results["memory"] = memory
-        print(f"peak memory of one {args.memory_mode} step ({shape}), {memory['measure']}: "
+        print(f"peak memory over {MEMORY_STEPS} {args.memory_mode} steps ({shape}), {memory['measure']}: "
               f"plain {memory['plain'][memory['measure']]:,.0f} MiB, gpt2lab {memory['gpt2lab'][memory['measure']]:,.0f} MiB, "
               f"ratio {memory['ratio']:.2f} (target <= {MEMORY_TARGET}: {'met' if memory['met'] else 'NOT met'})")
     else:

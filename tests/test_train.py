@@ -247,3 +247,14 @@ def test_existing_run_needs_resume(char_data, tmp_path, capsys):
     assert "--resume auto" in capsys.readouterr().err
     assert main([*args, "--resume", "auto", "--set", "max_steps=4"]) == 0
     assert max(losses(tmp_path / "run")) == 4
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_cpu_training_keeps_freed_memory_unless_told_not_to(char_data, tmp_path, monkeypatch, reuse):
+    import gpt2lab.train.trainer as trainer_module
+
+    calls = []
+    monkeypatch.setattr(trainer_module, "reuse_freed_cpu_memory", lambda: calls.append("reuse") or True)
+    config = tiny_config(char_data, "max_steps=1", "system.device=cpu", f"system.reuse_cpu_memory={str(reuse).lower()}")
+    Trainer(config, tmp_path / "run", echo=lambda line: None)
+    assert calls == (["reuse"] if reuse else [])

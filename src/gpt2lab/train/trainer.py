@@ -27,7 +27,7 @@ from ..generate import generate
 from ..lora import apply_lora, parameter_counts
 from ..model import GPT
 from ..prompts import checked_prompt, empty_prompt_start
-from ..runtime import check_fits
+from ..runtime import check_fits, reuse_freed_cpu_memory
 from ..tokenizer import Tokenizer, tokenizer_from_spec
 from .checkpoint import (
     find_resume_checkpoint,
@@ -71,8 +71,10 @@ def _load_hellaswag(settings: EvalSettings, tokenizer: Tokenizer) -> HellaSwag |
     return HellaSwag(examples, tokenizer)
 
 
-def _configure_torch(system: SystemSettings) -> None:
-    """The seed and numerics of the run, set before the model draws its initial weights."""
+def _configure_torch(system: SystemSettings, device: torch.device) -> None:
+    """The seed, numerics and memory reuse of the run, set before the model draws its initial weights."""
+    if system.reuse_cpu_memory and device.type == "cpu":
+        reuse_freed_cpu_memory()
     torch.manual_seed(system.seed)
     if system.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -180,7 +182,7 @@ class Trainer:
         if config.init_from == "scratch":
             fsdp = self.dist.enabled and config.system.parallel == "fsdp"
             _check_model_fits(config, self.device, self.world_size if fsdp else 1)
-        _configure_torch(config.system)
+        _configure_torch(config.system, self.device)
         self.raw_model, config = _build_model(config, self.dataset.vocab_size)
         self.config = config
         _add_adapters(self.raw_model, config.finetune, self.echo)
