@@ -26,6 +26,10 @@ def _cpu_is_amd() -> bool:
 ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 # Whether `linear` routes CPU layers to oneDNN here.
 ONEDNN_LINEAR = ONEDNN_AVAILABLE and _cpu_is_amd()
+# oneDNN has no bfloat16 matmul for CPUs without AVX-512 (an AVX2-only EPYC, say): it raises
+# "could not create a primitive descriptor" there, so bfloat16 stays with PyTorch's own kernels.
+_ONEDNN_BF16 = ONEDNN_AVAILABLE and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+ONEDNN_DTYPES = (torch.float32, torch.bfloat16) if _ONEDNN_BF16 else (torch.float32,)
 
 
 def _onednn_matmul_t(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -57,13 +61,13 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 def _uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `linear(x, weight)` goes through oneDNN: float32/bfloat16 CPU tensors of one dtype,
+    """Whether `linear(x, weight)` goes through oneDNN: CPU tensors of one dtype it supports here,
     outside autocast and compile, on a CPU where it is the faster kernel."""
     return (
         ONEDNN_LINEAR
         and x.device.type == "cpu"
         and x.dtype == weight.dtype
-        and x.dtype in (torch.float32, torch.bfloat16)
+        and x.dtype in ONEDNN_DTYPES
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
     )
@@ -170,20 +174,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits = linear(h[part], w).to(acc)
             if softcap:
                 logits = softcap * torch.tanh(logits / softcap)
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            nll = (lse - logits.gather(1, picked[part]))[:, 0]
+            # One log-softmax pass gives the loss and, exponentiated in place, the softmax.
+            log_probs = torch.log_softmax(logits, dim=-1)
+            nll = -log_probs.gather(1, picked[part])[:, 0]
             total += torch.where(valid[part], nll, 0).sum()
             if need_h or need_w:
-                grad = (logits - lse).exp_()
-                grad.scatter_add_(1, picked[part], torch.full_like(lse, -1.0))
-                grad *= (valid[part].to(acc) * scale)[:, None]
+                grad = log_probs.exp_()
+                grad.scatter_add_(1, picked[part], torch.full_like(nll[:, None], -1.0))
                 if softcap:
                     grad *= 1 - (logits / softcap).square()
                 grad = grad.to(dtype)
+                # Each row's weight in the mean (0 for ignored targets) scales the (rows, n_embd)
+                # factors rather than the (rows, vocab) gradient: a pass over the chunk saved.
+                row_scale = (valid[part].to(acc) * scale)[:, None]
                 if need_h:
-                    grad_h[part] = onednn_linear(grad, w_t) if w_t is not None else grad @ w
+                    grad_h[part] = (onednn_linear(grad, w_t) if w_t is not None else grad @ w) * row_scale
                 if need_w:
-                    _add_weight_gradient(grad_w, grad, h[part])
+                    _add_weight_gradient(grad_w, grad, (h[part] * row_scale).to(dtype))
         ctx.save_for_backward(grad_h, grad_w)
         ctx.input_types = (hidden.shape, hidden.dtype, weight.dtype)
         return total * scale

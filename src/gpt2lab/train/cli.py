@@ -48,9 +48,10 @@ settings (--set key=value, or the same keys in a TOML file given with --config):
   system.*       device (auto|cpu|cuda|mps) precision (fp32|tf32|bf16|fp16) parallel (ddp|fsdp)
                  compile seed peak_flops deterministic profile_steps (torch.profiler trace of N
                  steps after the first into profile/trace.json, top operators printed; 0 = off)
-                 reuse_cpu_memory (default true: on a CPU, freed memory is kept for the next
-                 step instead of being returned and faulted in again, about 1.2x faster steps;
-                 the resident set stays at its peak)
+                 reuse_cpu_memory (default true: on a CPU with glibc 2.39 or later, freed memory
+                 is kept for the next step instead of being returned and faulted in again, about
+                 1.2x faster bf16 steps; the resident set stays at its peak; older glibc would
+                 leak the blocks it keeps, so there nothing changes)
   finetune.*     lora_rank (0 = off: every parameter trains) lora_alpha (the update is scaled by
                  alpha / rank) lora_dropout lora_targets (comma-separated, default
                  c_attn,c_proj,c_fc; attn.c_proj or mlp.c_proj name one of the two c_proj): LoRA

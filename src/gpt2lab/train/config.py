@@ -104,9 +104,9 @@ class SystemSettings:
     deterministic: bool = False
     # Steps recorded by torch.profiler after the first: profile/trace.json in the run folder; 0 = off.
     profile_steps: int = 0
-    # On the CPU (Linux, glibc): keep freed memory for the next step's tensors instead of handing it
-    # back to the kernel and faulting it in again (runtime.reuse_freed_cpu_memory): about 1.2x faster
-    # steps; the process's resident set then stays at its peak.
+    # On the CPU (Linux, glibc 2.39 or later): keep freed memory for the next step's tensors instead
+    # of handing it back to the kernel and faulting it in again (runtime.reuse_freed_cpu_memory):
+    # about 1.2x faster bf16 steps; the process's resident set then stays at its peak.
     reuse_cpu_memory: bool = True
 
 
