@@ -1,9 +1,10 @@
 """Low-level kernels the model is built from.
 
-MKL picks its float32 kernels by the CPU's vendor and takes a slow path on AMD's, where oneDNN's
-matmul is about twice as fast; so on an AMD CPU float32/bfloat16 linear layers go through oneDNN.
-Elsewhere MKL is as fast or faster (on an Intel Xeon with AMX, a float32 linear layer's forward
-and backward took 1.3x longer through oneDNN), so they stay F.linear. Autocast and torch.compile
+MKL picks its float32 kernels by the CPU's vendor and gives AMD's no AVX-512 code, so on an AMD
+CPU with AVX-512 oneDNN's matmul is about twice as fast and float32/bfloat16 linear layers go
+through oneDNN. Elsewhere MKL is as fast or faster (a float32 linear layer's forward and backward
+took 1.3x longer through oneDNN on an Intel Xeon with AMX, 1.2-1.3x on an AVX2-only AMD EPYC),
+so they stay F.linear. Autocast and torch.compile
 choose their own kernels, so inside them this is plain F.linear everywhere.
 """
 
@@ -16,16 +17,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def _cpu_is_amd() -> bool:
+def _cpu_is_amd_with_avx512() -> bool:
     try:
-        return "AuthenticAMD" in Path("/proc/cpuinfo").read_text(errors="replace")
+        cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:  # not Linux: no such file
         return False
+    return "AuthenticAMD" in cpuinfo and "avx512f" in cpuinfo.split()
 
 
 ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 # Whether `linear` routes CPU layers to oneDNN here.
-ONEDNN_LINEAR = ONEDNN_AVAILABLE and _cpu_is_amd()
+ONEDNN_LINEAR = ONEDNN_AVAILABLE and _cpu_is_amd_with_avx512()
 # oneDNN has no bfloat16 matmul for CPUs without AVX-512 (an AVX2-only EPYC, say): it raises
 # "could not create a primitive descriptor" there, so bfloat16 stays with PyTorch's own kernels.
 _ONEDNN_BF16 = ONEDNN_AVAILABLE and torch.ops.mkldnn._is_mkldnn_bf16_supported()
