@@ -4,8 +4,8 @@ MKL picks its float32 kernels by the CPU's vendor and gives AMD's no AVX-512 cod
 CPU with AVX-512 oneDNN's matmul is about twice as fast and float32/bfloat16 linear layers go
 through oneDNN. Elsewhere MKL is as fast or faster (a float32 linear layer's forward and backward
 took 1.3x longer through oneDNN on an Intel Xeon with AMX, 1.2-1.3x on an AVX2-only AMD EPYC),
-so they stay F.linear. Autocast and torch.compile
-choose their own kernels, so inside them this is plain F.linear everywhere.
+so they stay F.linear. Autocast and torch.compile choose their own kernels, so inside them this
+is plain F.linear everywhere.
 """
 
 from __future__ import annotations
