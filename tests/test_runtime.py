@@ -51,13 +51,11 @@ def test_freed_memory_goes_back_to_the_kernel_by_default():
         assert held - after > 200  # the 256 MiB block was unmapped
 
 
-merging_glibc = pytest.mark.skipif(
-    (glibc_version() or (0, 0)) < _GLIBC_MEMALIGN_MERGES, reason="glibc before 2.39 leaks aligned blocks kept"
-)
+OLD_GLIBC = (glibc_version() or (0, 0)) < _GLIBC_MEMALIGN_MERGES
 
 
 @glibc_only
-@merging_glibc
+@pytest.mark.skipif(OLD_GLIBC, reason="glibc before 2.39 leaks aligned blocks kept")
 def test_with_reuse_freed_memory_stays_and_serves_later_allocations():
     rounds, took = run_child("reuse")
     assert took == "True"
@@ -69,7 +67,7 @@ def test_with_reuse_freed_memory_stays_and_serves_later_allocations():
 
 
 @glibc_only
-@pytest.mark.skipif(not (glibc_version() or (0, 0)) < _GLIBC_MEMALIGN_MERGES, reason="for glibc before 2.39")
+@pytest.mark.skipif(not OLD_GLIBC, reason="for glibc before 2.39")
 def test_glibc_that_would_leak_kept_blocks_is_left_as_it_is():
     rounds, took = run_child("reuse")
     assert took == "False"
