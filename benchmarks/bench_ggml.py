@@ -5,6 +5,7 @@ alternating round by round.
     python benchmarks/bench_ggml.py                             # clones and builds ggml in ../ggml-bench
     python benchmarks/bench_ggml.py --ggml-src /path/to/ggml    # a local clone (or mirror) instead
     python benchmarks/bench_ggml.py --rounds 7 --json out.json
+    python benchmarks/bench_ggml.py --compile                   # also gpt2lab's compiled decoding
 
 ggml is built beside the project (in --work, by default `ggml-bench` next to the repository), never
 inside it and never in CI. Each round runs every pair once, in turn: ggml's `gpt-2-ctx` on a model
@@ -12,8 +13,8 @@ file this script writes (f32, f16, and q8_0 / q4_0 made by ggml's own `gpt-2-qua
 gpt2lab's `GPT.generate` on the same weights (float32, bfloat16, int8, int4). Both read the same
 8-token prompt and make 128 greedy tokens (one prefill and 127 single-token steps); tokens/s is 128
 over the time of that, ggml's from its own `predict` and `sample` timers, gpt2lab's from the wall
-clock around `generate`. Greedy tokens are compared with gpt2lab float32's. Run it on a quiet
-machine.
+clock around `generate` (with --compile, also `generate(..., compile=True)`, compiled in the
+warm-up round). Greedy tokens are compared with gpt2lab float32's. Run it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -150,6 +151,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--pairs", default=",".join(ours for ours, _ in PAIRS), help="which of %(default)s")
+    parser.add_argument("--compile", action="store_true", help="also time gpt2lab's compiled decoding")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     if Path(args.work).resolve().is_relative_to(Path(__file__).resolve().parents[1]):
@@ -168,23 +170,31 @@ def main() -> None:
         prompt = torch.tensor([prompt_ids or tokenizer.encode(PROMPT)])
         ours = gpt2lab_models(model)
 
-        def run_ours(name):
+        def run_ours(name, compiled=False):
             start = time.perf_counter()
-            out = ours[name].generate(prompt, args.new_tokens, temperature=0)
+            out = ours[name].generate(prompt, args.new_tokens, temperature=0, compile=compiled)
             return time.perf_counter() - start, out[0, prompt.size(1):].tolist()
+
+        compiled_too = [("", False), (" compiled", True)] if args.compile else [("", False)]
+
+        def modes_of(name):  # int8 and int4 decode through their own kernels, never compiled
+            return compiled_too if name in ("float32", "bfloat16") else [("", False)]
 
         reference = run_ours("float32")[1]
         reference_text = b"".join(tokenizer.token_bytes(t) for t in prompt[0].tolist() + reference)
-        times = {f"{side} {name}": [] for ours_name, theirs in pairs for side, name in
-                 (("gpt2lab", ours_name), ("ggml", theirs))}
+        times = {f"ggml {theirs}": [] for _, theirs in pairs}
+        times.update({f"gpt2lab {ours_name}{mode}": [] for ours_name, _ in pairs for mode, _ in modes_of(ours_name)})
         agree = {}
-        for ours_name, theirs in pairs:  # warm-up, and the tokens
-            agree[f"gpt2lab {ours_name}"] = sum(a == b for a, b in zip(run_ours(ours_name)[1], reference))
+        for ours_name, theirs in pairs:  # warm-up (and compiling), and the tokens
+            for mode, compiled in modes_of(ours_name):
+                tokens = run_ours(ours_name, compiled)[1]
+                agree[f"gpt2lab {ours_name}{mode}"] = sum(a == b for a, b in zip(tokens, reference))
             text = run_ggml(binaries / "gpt-2-ctx", files[theirs], args.threads, args.new_tokens)[2]
             agree[f"ggml {theirs}"] = "same text as gpt2lab float32" if text == reference_text else "different text"
         for _ in range(args.rounds):
             for ours_name, theirs in pairs:
-                times[f"gpt2lab {ours_name}"].append(run_ours(ours_name)[0])
+                for mode, compiled in modes_of(ours_name):
+                    times[f"gpt2lab {ours_name}{mode}"].append(run_ours(ours_name, compiled)[0])
                 times[f"ggml {theirs}"].append(run_ggml(binaries / "gpt-2-ctx", files[theirs], args.threads,
                                                         args.new_tokens)[0])
     results = {
@@ -195,15 +205,16 @@ def main() -> None:
         "rounds": args.rounds,
     }
     for ours_name, theirs in pairs:
-        ours_rate = args.new_tokens / statistics.median(times[f"gpt2lab {ours_name}"])
-        theirs_rate = args.new_tokens / statistics.median(times[f"ggml {theirs}"])
-        results[f"{ours_name} vs {theirs}"] = {
-            "gpt2lab_tokens_per_s": round(ours_rate, 1),
-            "ggml_tokens_per_s": round(theirs_rate, 1),
-            "ratio": round(ours_rate / theirs_rate, 3),
-            "gpt2lab_greedy_tokens_agreeing_with_float32": agree[f"gpt2lab {ours_name}"],
-            "ggml_output": agree[f"ggml {theirs}"],
-        }
+        for mode, _ in modes_of(ours_name):
+            ours_rate = args.new_tokens / statistics.median(times[f"gpt2lab {ours_name}{mode}"])
+            theirs_rate = args.new_tokens / statistics.median(times[f"ggml {theirs}"])
+            results[f"{ours_name}{mode} vs {theirs}"] = {
+                "gpt2lab_tokens_per_s": round(ours_rate, 1),
+                "ggml_tokens_per_s": round(theirs_rate, 1),
+                "ratio": round(ours_rate / theirs_rate, 3),
+                "gpt2lab_greedy_tokens_agreeing_with_float32": agree[f"gpt2lab {ours_name}{mode}"],
+                "ggml_output": agree[f"ggml {theirs}"],
+            }
     print(json.dumps(results, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

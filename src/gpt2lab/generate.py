@@ -3,19 +3,27 @@
 The cache is allocated once per call. GPT-2 has learned absolute positions, so once a sequence
 outgrows the block size every later step re-reads the last `block_size` tokens at positions
 0..block_size-1, exactly what generation without a cache does (nanoGPT's cropping).
+
+With `compile=True` the one-token steps run through torch.compile (`compiled_step`); the prompt's
+forward and the steps past the block size stay eager.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
+import weakref
 from typing import TYPE_CHECKING, Iterator, Sequence, Union
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import UserError
 from .kv_cache import KVCache
 from .prompts import checked_prompt
+from .quantize import is_quantized
 from .runtime import check_fits, format_bytes
 
 if TYPE_CHECKING:
@@ -92,10 +100,9 @@ def _prompt_rows(prompts: PromptBatch, vocab_size: int, eos_token_id: int | None
     return [checked_prompt(row, vocab_size, start, name=f"prompt {index}") for index, row in enumerate(prompts)]
 
 
-def _check_buffers_fit(config, batch: int, width: int, max_new_tokens: int, use_cache: bool, device, itemsize: int):
+def _check_buffers_fit(config, batch: int, width: int, max_new_tokens: int, cache_len: int, device, itemsize: int):
     """Refuse, before allocating them, a token buffer and KV cache that cannot fit (a
     max_new_tokens of 10**12 would otherwise fail inside the allocator)."""
-    cache_len = min(config.block_size, width + max_new_tokens) if use_cache else 0
     cache = 2 * config.n_layer * batch * config.kv_heads * config.head_dim * cache_len * itemsize
     per_token = batch * 8  # int64 ids
     check_fits(
@@ -107,17 +114,93 @@ def _check_buffers_fit(config, batch: int, width: int, max_new_tokens: int, use_
     )
 
 
+class _SingleTokenStep(nn.Module):
+    """Logits after one new token per row, every row at the same cache position: the forward that
+    `compiled_step` compiles (its shapes do not change from token to token)."""
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx: torch.Tensor, cache: KVCache, position: torch.Tensor, pads: torch.Tensor) -> torch.Tensor:
+        hidden = self.model.hidden_states(idx, kv_cache=cache.step_rows(position, pads))
+        return self.model.logits(hidden[:, -1])
+
+
+# A one-token step reads every weight once, so on a CPU its speed is the speed of the
+# matrix-vector products. With the weights frozen into the graph, inductor's C++ GEMM template
+# (chosen by max-autotune) streams them near memory bandwidth, where MKL's products reach about
+# 60% of it: 1.6x the float32 tokens/s on a 2-core AVX2 EPYC (docs/benchmarks.md).
+_CPU_COMPILE_SETTINGS = dict(
+    freezing=True, max_autotune=True, max_autotune_gemm_backends="CPP,ATEN", max_autotune_report_choices_stats=False
+)
+_compiled_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _weights_fingerprint(model: nn.Module) -> tuple:
+    # Frozen weights are constants of the compiled graph: an optimizer step (which bumps a
+    # parameter's version) or a new tensor must compile afresh.
+    return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in model.parameters())
+
+
+def compiled_step(model: GPT) -> _SingleTokenStep:
+    """The model's one-token step through torch.compile, made once per model and set of weights
+    (the first call compiles, a minute or more on a CPU; inductor's caches on disk shorten later
+    processes' compiles)."""
+    fingerprint = _weights_fingerprint(model)
+    cached = _compiled_steps.get(model)
+    if cached is not None and cached[0] != fingerprint:
+        # Dynamo's guards pass for the same tensors changed in place, so the graph holding the old
+        # values would be reused: drop the compiled graphs (other models' steps recompile on use).
+        torch._dynamo.eval_frame.remove_from_cache(_SingleTokenStep.forward)
+        cached = None
+    if cached is None:
+        cached = (fingerprint, torch.compile(_SingleTokenStep(model), dynamic=False, fullgraph=True))
+        _compiled_steps[model] = cached
+    return cached[1]
+
+
+@contextlib.contextmanager
+def _compile_settings(device: torch.device):
+    if device.type != "cpu":
+        yield
+        return
+    import torch._inductor.config as inductor_config
+    import torch._inductor.select_algorithm as select_algorithm
+
+    # The autotuner prints a table per matrix shape to stderr, and warns of its own use of a
+    # deprecated storage API: neither should land among the user's text.
+    quiet = getattr(select_algorithm, "PRINT_AUTOTUNE", None)
+    select_algorithm.PRINT_AUTOTUNE = False
+    try:
+        with inductor_config.patch(**_CPU_COMPILE_SETTINGS), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+            yield
+    finally:
+        select_algorithm.PRINT_AUTOTUNE = quiet
+
+
+def compiled_cache_len(needed: int, block_size: int) -> int:
+    """The cache length a compiled generation allocates: the next power of two (at least 64), so
+    that generations of similar lengths share one compiled graph, within the block size."""
+    return min(block_size, max(64, 1 << (needed - 1).bit_length()))
+
+
 class _Decoder:
     """State of one generation call: the token buffer, the left padding of each row, the cache."""
 
-    def __init__(self, model: GPT, rows: list[list[int]], max_new_tokens: int, use_cache: bool):
+    def __init__(self, model: GPT, rows: list[list[int]], max_new_tokens: int, use_cache: bool, compile: bool):
         self.model = model
         param = next(model.parameters())
         device = param.device
         lengths = [len(row) for row in rows]
         width = max(lengths)
         self.block_size = model.config.block_size
-        _check_buffers_fit(model.config, len(rows), width, max_new_tokens, use_cache, device, param.element_size())
+        cache_len = 0
+        if use_cache:
+            needed = width + max_new_tokens
+            cache_len = compiled_cache_len(needed, self.block_size) if compile else min(self.block_size, needed)
+        _check_buffers_fit(model.config, len(rows), width, max_new_tokens, cache_len, device, param.element_size())
         self.tokens = torch.zeros(len(rows), width + max_new_tokens, dtype=torch.long, device=device)
         for r, row in enumerate(rows):
             self.tokens[r, width - len(row) : width] = torch.tensor(row, dtype=torch.long)
@@ -126,8 +209,8 @@ class _Decoder:
         self.length = width
         self.cache = None
         if use_cache:
-            cache_len = min(self.block_size, width + max_new_tokens)
             self.cache = KVCache(model.config, len(rows), cache_len, device=device, dtype=param.dtype)
+        self.compiled = compiled_step(model) if compile else None
 
     def _cache_rows(self, start: int):
         return None if self.cache is None else self.cache.all_rows(start)
@@ -161,6 +244,10 @@ class _Decoder:
             return self.prefill()
         position = self.length - 1
         idx = self.tokens[:, position : self.length]
+        if self.compiled is not None:
+            with torch.no_grad(), _compile_settings(idx.device):
+                position_tensor = torch.tensor([position], device=idx.device)
+                return self.compiled(idx, self.cache, position_tensor, self.pads)
         position_ids = attn_mask = None
         if self.padded:
             position_ids = (position - self.pads)[:, None]
@@ -192,6 +279,7 @@ def generate_stream(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    compile: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yield, at each step, a (B,) tensor with the next token of every row.
 
@@ -199,11 +287,20 @@ def generate_stream(
     A row that has produced `eos_token_id` keeps yielding it; the stream ends after
     `max_new_tokens` steps or once every row has ended. `seed` (or a `generator`) makes
     sampling repeatable. Ids at or above `config.vocab_size` (a padded vocabulary) are never produced.
-    Bad options are refused by this call, before the first token is asked for.
+    `compile` runs the one-token steps through torch.compile (`compiled_step`): worth its minute
+    of compiling on a CPU for long or many generations with one model. Bad options are refused by
+    this call, before the first token is asked for.
     """
     check_sampling_options(max_new_tokens, temperature, top_k, top_p)
+    if compile and not use_cache:
+        raise UserError("compiling the decoding needs the KV cache: drop one of compile and no-cache")
+    if compile and is_quantized(model):
+        # Their kernels are opaque to the compiler: the graph would break at every layer, run
+        # slower than eager (60 against 87 tokens/s for int8), and spend dynamo's recompile budget.
+        raise UserError("compiled decoding runs float weights (float32, bfloat16, float16); an int8 or int4 "
+                        "model decodes through its own kernels: drop compile (--compile)")
     rows = _prompt_rows(prompts, model.config.vocab_size, eos_token_id)
-    decoder = _Decoder(model, rows, max_new_tokens, use_cache)
+    decoder = _Decoder(model, rows, max_new_tokens, use_cache, compile)
     if generator is None and seed is not None:
         generator = torch.Generator(device=decoder.tokens.device).manual_seed(seed)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)

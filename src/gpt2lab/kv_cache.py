@@ -2,8 +2,9 @@
 
 One class serves both users. `generate` gives every row of its batch a slot and moves them
 together (`cache.rows(range(B), [start] * B)`); the server's engine gives each request a slot
-and decodes requests of different lengths in one forward. The model sees only `CacheRows`:
-attention calls `update`, and `positions` / `key_mask` give the defaults for the new tokens.
+and decodes requests of different lengths in one forward. The model sees only a rows view
+(`CacheRows`, or `StepRows` for a compiled single-token step): attention calls `update`, and
+`positions` / `key_mask` give the defaults for the new tokens.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ class KVCache:
     """
 
     def __init__(self, config: GPTConfig, num_slots: int, max_len: int, *, device, dtype):
-        shape = (config.n_layer, num_slots, config.kv_heads, max_len, config.head_dim)
+        shape = (num_slots, config.kv_heads, max_len, config.head_dim)
         # Zeros, not empty: a row shorter than the longest still multiplies the masked keys and
         # values past its end, and a NaN in uninitialised memory would survive the mask (0 * NaN).
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        # One tensor per layer, not views of one: a compiled step takes them as inputs and writes
+        # into them in place, which it cannot do cheaply to inputs that share memory.
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.num_slots = num_slots
         self.max_len = max_len
 
@@ -41,8 +44,17 @@ class KVCache:
 
     def move(self, src: int, dst: int) -> None:
         """Copy slot `src` into slot `dst` (to keep the live sequences in the first slots)."""
-        self.keys[:, dst] = self.keys[:, src]
-        self.values[:, dst] = self.values[:, src]
+        for layer in self.keys + self.values:
+            layer[dst] = layer[src]
+
+    def copy_slots_from(self, other: KVCache, count: int) -> None:
+        """Copy the first `count` slots of `other` (a smaller cache of the same model) into this one."""
+        for mine, theirs in zip(self.keys + self.values, other.keys + other.values):
+            mine[:count, :, : theirs.size(2)] = theirs[:count]
+
+    def step_rows(self, position: torch.Tensor, pads: torch.Tensor) -> StepRows:
+        """The view of a one-token step of every slot at cache position `position`; see StepRows."""
+        return StepRows(self, position, pads)
 
 
 class CacheRows:
@@ -101,3 +113,36 @@ class CacheRows:
         if self.slot_range is not None:
             return keys[self.slot_range, :, :end], values[self.slot_range, :, :end]
         return keys[self._slot_index, :, :end], values[self._slot_index, :, :end]
+
+
+class StepRows:
+    """Every slot of a KVCache taking one new token at the same cache position, for a step whose
+    shapes do not change from token to token (so that one compiled graph serves them all).
+
+    `position` is a 1-element tensor, not an int: a compiled graph would otherwise be specialised
+    to each value. Row b's tokens start at cache position `pads[b]` (left padding); its queries see
+    the keys from there up to `position`. Attention reads all `max_len` keys, masked past the
+    position: the price of static shapes, kept small by sizing the cache to the generation.
+    """
+
+    def __init__(self, cache: KVCache, position: torch.Tensor, pads: torch.Tensor):
+        self.cache = cache
+        self.position = position
+        self.pads = pads
+
+    def end(self, T: int) -> int:
+        return self.cache.max_len
+
+    def positions(self, T: int, device) -> torch.Tensor:
+        return (self.position - self.pads)[:, None]
+
+    def key_mask(self, T: int, device) -> torch.Tensor:
+        keys = torch.arange(self.cache.max_len, device=device)
+        visible = (keys[None, :] <= self.position) & (keys[None, :] >= self.pads[:, None])
+        return visible[:, None, None, :]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        keys.index_copy_(2, self.position, k)
+        values.index_copy_(2, self.position, v)
+        return keys, values

@@ -248,8 +248,7 @@ class Engine:
                 dtype=self._dtype,
             )
             if self._cache is not None and slot:
-                grown.keys[:, :slot] = self._cache.keys[:, :slot]
-                grown.values[:, :slot] = self._cache.values[:, :slot]
+                grown.copy_slots_from(self._cache, slot)
             self._cache = grown
         return slot
 

@@ -1,0 +1,90 @@
+"""Compiled decoding (`generate(..., compile=True)`, `gpt2lab sample --compile`): the same tokens as
+eager decoding. Each compile of a tiny model takes 10-40 s on a 2-core CPU, hence `slow`."""
+
+import copy
+
+import pytest
+import torch
+
+from gpt2lab import GPT, UserError
+from gpt2lab.cli import main
+from gpt2lab.generate import compiled_cache_len
+from gpt2lab.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model(make_model):
+    return make_model(n_head=4, n_embd=64, block_size=64, vocab_size=97, padded_vocab_size=128, peaked=True)
+
+
+PROMPTS = [[5, 17, 3, 60, 2, 9, 41, 8, 8, 30], [11, 12, 13], [70]]
+
+
+@pytest.mark.slow
+def test_compiled_greedy_and_seeded_sampling_equal_eager_with_padded_rows_past_the_block(model):
+    # 10 + 70 tokens: the rows are left-padded, and the last 16 steps lie past the block size.
+    eager = model.generate(PROMPTS, 70, temperature=0)
+    compiled = model.generate(PROMPTS, 70, temperature=0, compile=True)
+    assert compiled == eager
+    assert len(set(eager[1])) > 5  # the check is not vacuous
+    # Sampling draws from the probabilities themselves: equal draws need equal logits, not only
+    # the same largest one.
+    sampled = model.generate(PROMPTS, 40, temperature=1.0, seed=3)
+    assert model.generate(PROMPTS, 40, temperature=1.0, seed=3, compile=True) == sampled
+
+
+@pytest.mark.slow
+def test_compiled_step_follows_weights_changed_in_place(model):
+    # The compiled graph holds the weights as constants: an in-place change must compile afresh.
+    model = copy.deepcopy(model)
+    before = model.generate(PROMPTS, 12, temperature=0, compile=True)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(-1.3)
+    eager = model.generate(PROMPTS, 12, temperature=0)
+    assert eager != before
+    assert model.generate(PROMPTS, 12, temperature=0, compile=True) == eager
+
+
+def test_compiling_without_the_cache_is_refused(model):
+    with pytest.raises(UserError, match="KV cache"):
+        model.generate([[1, 2]], 3, compile=True, use_cache=False)
+
+
+def test_compiled_cache_length_is_a_power_of_two_within_the_block():
+    assert compiled_cache_len(9, 1024) == 64
+    assert compiled_cache_len(64, 1024) == 64
+    assert compiled_cache_len(65, 1024) == 128
+    assert compiled_cache_len(700, 1024) == 1024
+    assert compiled_cache_len(5000, 1024) == 1024
+    assert compiled_cache_len(100, 96) == 96
+
+
+@pytest.mark.slow
+def test_sample_compile_prints_what_sample_prints(capsys, make_model_folder):
+    folder = make_model_folder("compiled-sample")
+    args = ["sample", "--model", str(folder), "--prompt", "Hello, I'm", "--max-new-tokens", "12",
+            "--temperature", "0", "--no-stop-at-eot", "--device", "cpu"]
+    assert main(args) == 0
+    eager = capsys.readouterr().out
+    assert main(args + ["--compile"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == eager
+    assert "AUTOTUNE" not in captured.err  # the autotuner's tables are kept out of the terminal
+    tokenizer = load_tokenizer(folder)
+    expected = GPT.from_pretrained(folder).generate([tokenizer.encode("Hello, I'm")], 12, temperature=0)[0]
+    assert eager == tokenizer.decode(expected) + "\n"
+
+
+def test_sample_compile_with_no_cache_exits_2(capsys, make_model_folder):
+    folder = make_model_folder("compiled-no-cache")
+    code = main(["sample", "--model", str(folder), "--compile", "--no-cache", "--max-new-tokens", "3"])
+    assert code == 2
+    assert "KV cache" in capsys.readouterr().err
+
+
+def test_compiling_a_quantized_model_is_refused(model):
+    from gpt2lab.quantize import quantize
+
+    with pytest.raises(UserError, match="int8 or int4"):
+        quantize(model, "int8").generate([[1, 2]], 3, compile=True)
