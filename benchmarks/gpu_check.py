@@ -9,7 +9,8 @@ The pieces, in order:
   tests     the CUDA-marked tests (pytest -m cuda over the files that carry the mark)
   preset    gpt2-124m (B=64, T=1024, 0.5M tokens a step, bf16, compile) for 50 steps on synthetic
             shards: tokens/s, MFU (target >= 50%, llm.c's level), peak memory, compile time
-  decode    124M greedy decoding tokens/s at batch 1 and 64 (random weights, bf16)
+  decode    124M greedy decoding tokens/s at batch 1 and 64 (random weights, bf16), and at
+            batch 1 compiled (`generate(compile=True)`, with its compile time)
   hellaswag 10,042 HellaSwag-shaped examples scored (target: under 60 s); synthetic examples
             of the real lengths unless GPU_CHECK_HELLASWAG names the validation .jsonl
   serve     `gpt2lab serve` under 50 concurrent streaming requests of 64 tokens (124M)
@@ -137,17 +138,26 @@ def piece_decode() -> dict:
     model = model_124m()
     new_tokens = 8 if SMOKE else 128
     result = {"new_tokens": new_tokens, "prompt_tokens": 16, "dtype": str(next(model.parameters()).dtype)}
-    for batch in (1, 64):
+    # The compiled step costs a compile of its own; the CPU smoke run leaves it to its tests.
+    runs = [(1, False), (64, False)] + ([] if SMOKE else [(1, True)])
+    for batch, compiled in runs:
+        name = f"batch_{batch}_compiled" if compiled else f"batch_{batch}"
         prompts = torch.randint(0, 50257, (batch, 16), generator=torch.Generator().manual_seed(batch)).to(device())
-        generate(model, prompts, 4, temperature=0)  # warm-up: kernels chosen, caches allocated
+        sync()
+        started = time.perf_counter()
+        # Warm-up: kernels chosen, caches allocated; compiled, at the timed length (the cache's shape).
+        generate(model, prompts, new_tokens if compiled else 4, temperature=0, compile=compiled)
+        sync()
+        if compiled:
+            result[f"{name}_compile_s"] = time.perf_counter() - started
         times = []
         for _ in range(3):
             sync()
             started = time.perf_counter()
-            generate(model, prompts, new_tokens, temperature=0)
+            generate(model, prompts, new_tokens, temperature=0, compile=compiled)
             sync()
             times.append(time.perf_counter() - started)
-        result[f"batch_{batch}_tokens_per_s"] = batch * new_tokens / statistics.median(times)
+        result[f"{name}_tokens_per_s"] = batch * new_tokens / statistics.median(times)
     return result
 
 

@@ -130,7 +130,7 @@ class _SingleTokenStep(nn.Module):
 # A one-token step reads every weight once, so on a CPU its speed is the speed of the
 # matrix-vector products. With the weights frozen into the graph, inductor's C++ GEMM template
 # (chosen by max-autotune) streams them near memory bandwidth, where MKL's products reach about
-# 60% of it: 1.6x the float32 tokens/s on a 2-core AVX2 EPYC (docs/benchmarks.md).
+# 60% of it: 1.7-2x the float32 tokens/s on a 2-core AVX2 EPYC, level with ggml (docs/benchmarks.md).
 _CPU_COMPILE_SETTINGS = dict(
     freezing=True, max_autotune=True, max_autotune_gemm_backends="CPP,ATEN", max_autotune_report_choices_stats=False
 )
