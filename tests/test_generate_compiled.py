@@ -34,6 +34,18 @@ def test_compiled_greedy_and_seeded_sampling_equal_eager_with_padded_rows_past_t
 
 
 @pytest.mark.slow
+def test_compiled_modern_model_equals_eager(make_model):
+    # RoPE positions from the step's position tensor, grouped-query keys read from the cache.
+    modern = make_model(
+        n_head=4, n_kv_head=2, n_embd=64, block_size=64, vocab_size=97, peaked=True, position="rope",
+        norm="rmsnorm", qk_norm=True, activation="swiglu", logit_softcap=15.0, tie_embeddings=False,
+    )
+    eager = modern.generate(PROMPTS, 30, temperature=0)
+    assert modern.generate(PROMPTS, 30, temperature=0, compile=True) == eager
+    assert len(set(eager[0])) > 5
+
+
+@pytest.mark.slow
 def test_compiled_step_follows_weights_changed_in_place(model):
     # The compiled graph holds the weights as constants: an in-place change must compile afresh.
     model = copy.deepcopy(model)
