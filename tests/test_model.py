@@ -135,3 +135,19 @@ def test_bf16_autocast_training_step_runs_and_matches_fp32_roughly():
     assert abs(loss16.item() - loss32.item()) < 0.05
     loss16.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_bfloat16_attention_runs_in_float32_where_the_cpu_lacks_fast_bfloat16(monkeypatch):
+    from gpt2lab import ops
+
+    monkeypatch.setattr(ops, "_CPU_BF16_ATTENTION", False)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 5, 16, generator=g).to(torch.bfloat16).requires_grad_() for _ in range(3))
+    y = ops.scaled_dot_product_attention(q, k, v, is_causal=True)
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True).to(torch.bfloat16)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, expected)
+    y.float().sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.bfloat16 and bool(q.grad.abs().sum() > 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast does not cast the float32 inputs back
+        assert torch.equal(ops.scaled_dot_product_attention(q, k, v, is_causal=True), expected)

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GPTConfig
-from .ops import Linear, apply_rope, linear_cross_entropy, rope_tables
+from .ops import Linear, apply_rope, linear_cross_entropy, rope_tables, scaled_dot_product_attention
 
 if TYPE_CHECKING:
     from .kv_cache import CacheRows
@@ -82,9 +82,7 @@ class CausalSelfAttention(nn.Module):
         is_causal = attn_mask is None and T > 1
         dropout_p = self.dropout if self.training else 0.0
         if self.attention == "sdpa":
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal
-            )
+            y = scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
         else:
             y = plain_attention(q, k, v, attn_mask, is_causal, dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
