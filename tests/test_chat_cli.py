@@ -156,6 +156,24 @@ def test_one_shot_answer_is_the_library_greedy_answer_to_the_whole_conversation(
     assert out != chat.reply([question], greedy) + "\n"  # the earlier turns changed the answer
 
 
+@pytest.mark.slow
+def test_compiled_one_shot_answer_equals_the_eager_one(capsys, tmp_path, random_chat):
+    history = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]
+    args = ["chat", "--model", random_chat, "--history", write_history(tmp_path, history), "--prompt", "Another?",
+            "--max-new-tokens", "12", *GREEDY]
+    eager = run_cli(capsys, *args)
+    compiled = run_cli(capsys, *args, "--compile")
+    assert eager[0] == compiled[0] == 0
+    assert compiled[1] == eager[1] and len(eager[1]) > 3
+    assert "AUTOTUNE" not in compiled[2]
+
+
+def test_compile_with_a_quantized_dtype_is_refused_before_loading(capsys, paris):
+    code, _, err = run_cli(capsys, "chat", "--model", paris, "--prompt", "Where?", "--dtype", "int8", "--compile")
+    assert code == 2
+    assert "--compile decodes float weights" in err
+
+
 @pytest.mark.parametrize(
     "content, message",
     [

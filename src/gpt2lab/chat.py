@@ -18,6 +18,7 @@ from .chat_template import ChatTemplate, validate_messages
 from .errors import UserError
 from .generate import check_sampling_options, generate_stream
 from .pretrained import load_for_inference
+from .quantize import QUANTIZERS
 from .tokenizer import GPT2Tokenizer, StreamDecoder, load_tokenizer
 
 if TYPE_CHECKING:
@@ -92,8 +93,9 @@ class ReplyStream:
 class Chat:
     """A chat model: the model and its tokenizer's chat template, checked to fit each other."""
 
-    def __init__(self, model: GPT, tokenizer: Any, model_name: str = "this model"):
+    def __init__(self, model: GPT, tokenizer: Any, model_name: str = "this model", compile: bool = False):
         self.model = model
+        self.compile = compile  # decode through `generate`'s compiled one-token step
         self.template = chat_template_for(tokenizer, model.config.vocab_size, model_name)
         self.tokenizer = self.template.tokenizer
 
@@ -118,6 +120,7 @@ class Chat:
             eos_token_id=self.template.end_token,
             seed=settings.seed if generator is None else None,
             generator=generator,
+            compile=self.compile,
         )
         return ReplyStream(tokens, self.tokenizer, self.template.stop_tokens())
 
@@ -150,7 +153,8 @@ class Chat:
         # generate ends a row only at one id (<|end|>); a row that stops at end-of-text is ended
         # here, and the batch is left as soon as every row has ended either way.
         stream = generate_stream(
-            self.model, prompts, max_new_tokens, temperature=0.0, eos_token_id=self.template.end_token
+            self.model, prompts, max_new_tokens, temperature=0.0, eos_token_id=self.template.end_token,
+            compile=self.compile,
         )
         for step in stream:
             for row, token in enumerate(step.tolist()):
@@ -182,7 +186,11 @@ def fit_to_context(messages: Any, chat: Chat, limit: int) -> tuple[list[dict[str
     return head + turns, dropped
 
 
-def load_chat(spec: str | Path, device: str = "auto", dtype: str = "auto"):
-    """(Chat, device, precision name) for a model as `--model`, `--device` and `--dtype` name them."""
+def load_chat(spec: str | Path, device: str = "auto", dtype: str = "auto", compile: bool = False):
+    """(Chat, device, precision name) for a model as `--model`, `--device`, `--dtype` and
+    `--compile` name them."""
+    if compile and dtype in QUANTIZERS:
+        raise UserError(f"--compile decodes float weights; a --dtype {dtype} model runs its own kernels: drop one")
     folder, model, device_, precision = load_for_inference(spec, device, dtype)
-    return Chat(model, load_tokenizer(folder), model_name=f"model {spec}"), device_, precision
+    chat = Chat(model, load_tokenizer(folder), model_name=f"model {spec}", compile=compile)
+    return chat, device_, precision

@@ -90,6 +90,11 @@ def add_chat_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) 
     chat.add_argument("--top-p", type=probability, default=None, metavar="P",
                       help="sample among the smallest set of tokens holding this probability")
     chat.add_argument("--seed", type=seed, default=1337, help="random seed, for repeatable answers (default 1337)")
+    chat.add_argument(
+        "--compile", action="store_true",
+        help="decode through torch.compile (as `gpt2lab sample --compile`: float weights only; a minute's "
+        "compile on a CPU, then about twice the float32 tokens/s; a longer conversation may compile again)",
+    )
     add_device_options(chat)
     chat.set_defaults(handler=cmd_chat)
 
@@ -154,7 +159,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         top_p=args.top_p, seed=args.seed,
     )
     settings.validate()
-    chat, device, precision = load_chat(args.model, args.device, args.dtype)
+    chat, device, precision = load_chat(args.model, args.device, args.dtype, args.compile)
     if args.prompt is not None:
         return answer_once(chat, conversation.messages(args.prompt), settings, sys.stdout)
     sys.stderr.write(
