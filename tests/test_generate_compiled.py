@@ -95,6 +95,19 @@ def test_sample_compile_with_no_cache_exits_2(capsys, make_model_folder):
     assert "KV cache" in capsys.readouterr().err
 
 
+def test_a_compiler_that_fails_is_one_clear_error(model, monkeypatch):
+    from gpt2lab import generate as generate_module
+
+    def no_compiler(*args, **kwargs):
+        raise torch._dynamo.exc.BackendCompilerFailed(
+            no_compiler, RuntimeError("Compiler: cc is not found\nmore detail"), None
+        )
+
+    monkeypatch.setattr(generate_module, "compiled_step", lambda model: no_compiler)
+    with pytest.raises(UserError, match=r"could not build the decoding step here \(RuntimeError: Compiler: cc is not found\)"):
+        model.generate([[1, 2]], 3, compile=True)
+
+
 def test_compiling_a_quantized_model_is_refused(model):
     from gpt2lab.quantize import quantize
 

@@ -170,14 +170,16 @@ def _compile_settings(device: torch.device):
 
     # The autotuner prints a table per matrix shape to stderr, and warns of its own use of a
     # deprecated storage API: neither should land among the user's text.
-    quiet = getattr(select_algorithm, "PRINT_AUTOTUNE", None)
-    select_algorithm.PRINT_AUTOTUNE = False
+    printing = getattr(select_algorithm, "PRINT_AUTOTUNE", None)
+    if printing is not None:
+        select_algorithm.PRINT_AUTOTUNE = False
     try:
         with inductor_config.patch(**_CPU_COMPILE_SETTINGS), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
             yield
     finally:
-        select_algorithm.PRINT_AUTOTUNE = quiet
+        if printing is not None:
+            select_algorithm.PRINT_AUTOTUNE = printing
 
 
 def compiled_cache_len(needed: int, block_size: int) -> int:
@@ -245,9 +247,7 @@ class _Decoder:
         position = self.length - 1
         idx = self.tokens[:, position : self.length]
         if self.compiled is not None:
-            with torch.no_grad(), _compile_settings(idx.device):
-                position_tensor = torch.tensor([position], device=idx.device)
-                return self.compiled(idx, self.cache, position_tensor, self.pads)
+            return self._compiled_step(idx, position)
         position_ids = attn_mask = None
         if self.padded:
             position_ids = (position - self.pads)[:, None]
@@ -261,6 +261,20 @@ class _Decoder:
                 kv_cache=self._cache_rows(position),
             )
             return self.model.logits(hidden[:, -1])
+
+    def _compiled_step(self, idx: torch.Tensor, position: int) -> torch.Tensor:
+        position_tensor = torch.tensor([position], device=idx.device)
+        try:
+            with torch.no_grad(), _compile_settings(idx.device):
+                return self.compiled(idx, self.cache, position_tensor, self.pads)
+        except torch._dynamo.exc.BackendCompilerFailed as error:
+            # Inductor builds C++ (or Triton) kernels: without a working compiler there is no step.
+            cause = error.inner_exception
+            raise UserError(
+                f"torch.compile could not build the decoding step here ({type(cause).__name__}: "
+                f"{str(cause).strip().splitlines()[0] if str(cause).strip() else 'no message'}); "
+                "decode without compiling (drop --compile)"
+            ) from None
 
     def append(self, next_tokens: torch.Tensor) -> None:
         self.tokens[:, self.length] = next_tokens
