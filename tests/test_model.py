@@ -140,7 +140,7 @@ def test_bf16_autocast_training_step_runs_and_matches_fp32_roughly():
 def test_bfloat16_attention_runs_in_float32_where_the_cpu_lacks_fast_bfloat16(monkeypatch):
     from gpt2lab import ops
 
-    monkeypatch.setattr(ops, "_CPU_BF16_ATTENTION", False)
+    monkeypatch.setattr(ops, "_CPU_FAST_BF16", False)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, 5, 16, generator=g).to(torch.bfloat16).requires_grad_() for _ in range(3))
     y = ops.scaled_dot_product_attention(q, k, v, is_causal=True)

@@ -28,10 +28,14 @@ def _cpu_is_amd_with_avx512() -> bool:
 ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 # Whether `linear` routes CPU layers to oneDNN here.
 ONEDNN_LINEAR = ONEDNN_AVAILABLE and _cpu_is_amd_with_avx512()
-# oneDNN has no bfloat16 matmul for CPUs without AVX-512 (an AVX2-only EPYC, say): it raises
-# "could not create a primitive descriptor" there, so bfloat16 stays with PyTorch's own kernels.
-_ONEDNN_BF16 = ONEDNN_AVAILABLE and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-ONEDNN_DTYPES = (torch.float32, torch.bfloat16) if _ONEDNN_BF16 else (torch.float32,)
+# Whether this CPU computes in bfloat16 quickly (AVX-512 or newer). Without it (an AVX2-only EPYC,
+# say) oneDNN has no bfloat16 matmul (it raises "could not create a primitive descriptor"), so
+# bfloat16 stays with PyTorch's own kernels, and attention converts element by element
+# (`scaled_dot_product_attention`).
+_CPU_FAST_BF16 = hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported") and bool(
+    torch.ops.mkldnn._is_mkldnn_bf16_supported()
+)
+ONEDNN_DTYPES = (torch.float32, torch.bfloat16) if ONEDNN_AVAILABLE and _CPU_FAST_BF16 else (torch.float32,)
 
 
 def _onednn_matmul_t(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -99,21 +103,14 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
-# CPUs without AVX-512 (an AVX2-only EPYC, say) have no fast bfloat16 code in PyTorch's attention:
-# it converts element by element. There one query over 256 cached keys took 290 us in bfloat16
-# against 54 us in float32, a sixth of a bfloat16 decoding step.
-_CPU_BF16_ATTENTION = hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported") and bool(
-    torch.ops.mkldnn._is_mkldnn_bf16_supported()
-)
-
-
 def scaled_dot_product_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0, is_causal: bool = False,
 ) -> torch.Tensor:
     """F.scaled_dot_product_attention, in float32 for bfloat16 tensors on a CPU without fast
-    bfloat16 attention (the result in bfloat16 again)."""
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and not _CPU_BF16_ATTENTION:
+    bfloat16 (the result in bfloat16 again): there one query over 256 cached keys took 290 us in
+    bfloat16 against 54 us in float32, a sixth of a bfloat16 decoding step."""
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and not _CPU_FAST_BF16:
         with torch.autocast("cpu", enabled=False):
             y = F.scaled_dot_product_attention(
                 q.float(), k.float(), v.float(), attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal
