@@ -175,25 +175,22 @@ def main() -> None:
             out = ours[name].generate(prompt, args.new_tokens, temperature=0, compile=compiled)
             return time.perf_counter() - start, out[0, prompt.size(1):].tolist()
 
-        compiled_too = [("", False), (" compiled", True)] if args.compile else [("", False)]
-
-        def modes_of(name):  # int8 and int4 decode through their own kernels, never compiled
-            return compiled_too if name in ("float32", "bfloat16") else [("", False)]
+        modes = [("", False), (" compiled", True)] if args.compile else [("", False)]
 
         reference = run_ours("float32")[1]
         reference_text = b"".join(tokenizer.token_bytes(t) for t in prompt[0].tolist() + reference)
         times = {f"ggml {theirs}": [] for _, theirs in pairs}
-        times.update({f"gpt2lab {ours_name}{mode}": [] for ours_name, _ in pairs for mode, _ in modes_of(ours_name)})
+        times.update({f"gpt2lab {ours_name}{mode}": [] for ours_name, _ in pairs for mode, _ in modes})
         agree = {}
         for ours_name, theirs in pairs:  # warm-up (and compiling), and the tokens
-            for mode, compiled in modes_of(ours_name):
+            for mode, compiled in modes:
                 tokens = run_ours(ours_name, compiled)[1]
                 agree[f"gpt2lab {ours_name}{mode}"] = sum(a == b for a, b in zip(tokens, reference))
             text = run_ggml(binaries / "gpt-2-ctx", files[theirs], args.threads, args.new_tokens)[2]
             agree[f"ggml {theirs}"] = "same text as gpt2lab float32" if text == reference_text else "different text"
         for _ in range(args.rounds):
             for ours_name, theirs in pairs:
-                for mode, compiled in modes_of(ours_name):
+                for mode, compiled in modes:
                     times[f"gpt2lab {ours_name}{mode}"].append(run_ours(ours_name, compiled)[0])
                 times[f"ggml {theirs}"].append(run_ggml(binaries / "gpt-2-ctx", files[theirs], args.threads,
                                                         args.new_tokens)[0])
@@ -205,7 +202,7 @@ def main() -> None:
         "rounds": args.rounds,
     }
     for ours_name, theirs in pairs:
-        for mode, _ in modes_of(ours_name):
+        for mode, _ in modes:
             ours_rate = args.new_tokens / statistics.median(times[f"gpt2lab {ours_name}{mode}"])
             theirs_rate = args.new_tokens / statistics.median(times[f"ggml {theirs}"])
             results[f"{ours_name}{mode} vs {theirs}"] = {

@@ -168,12 +168,6 @@ def test_compiled_one_shot_answer_equals_the_eager_one(capsys, tmp_path, random_
     assert "AUTOTUNE" not in compiled[2]
 
 
-def test_compile_with_a_quantized_dtype_is_refused_before_loading(capsys, paris):
-    code, _, err = run_cli(capsys, "chat", "--model", paris, "--prompt", "Where?", "--dtype", "int8", "--compile")
-    assert code == 2
-    assert "--compile decodes float weights" in err
-
-
 @pytest.mark.parametrize(
     "content, message",
     [

@@ -108,8 +108,31 @@ def test_a_compiler_that_fails_is_one_clear_error(model, monkeypatch):
         model.generate([[1, 2]], 3, compile=True)
 
 
-def test_compiling_a_quantized_model_is_refused(model):
+@pytest.mark.slow
+def test_compiled_int8_equals_eager(model):
     from gpt2lab.quantize import quantize
 
-    with pytest.raises(UserError, match="int8 or int4"):
-        quantize(model, "int8").generate([[1, 2]], 3, compile=True)
+    int8 = quantize(model, "int8")
+    eager = int8.generate(PROMPTS, 20, temperature=0)
+    assert int8.generate(PROMPTS, 20, temperature=0, compile=True) == eager
+    assert len(set(eager[0])) > 5
+
+
+@pytest.mark.slow
+def test_compiled_int4_equals_eager_and_follows_its_buffers_changed_in_place(model):
+    from gpt2lab.quantize import quantize
+
+    int4 = quantize(model, "int4")
+    eager = int4.generate(PROMPTS, 12, temperature=0)
+    assert int4.generate(PROMPTS, 12, temperature=0, compile=True) == eager
+    # int4's weights and biases are buffers, not parameters: changed in place, they must reach the
+    # compiled step as changed parameters do.
+    with torch.no_grad():
+        for name, buffer in int4.named_buffers():
+            if name.endswith("scales_and_zeros"):
+                buffer[..., 0].mul_(-1.3)
+            elif name.endswith("bias"):
+                buffer.normal_(0, 0.5)
+    changed = int4.generate(PROMPTS, 12, temperature=0)
+    assert changed != eager
+    assert int4.generate(PROMPTS, 12, temperature=0, compile=True) == changed

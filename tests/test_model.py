@@ -151,3 +151,24 @@ def test_bfloat16_attention_runs_in_float32_where_the_cpu_lacks_fast_bfloat16(mo
     assert q.grad is not None and q.grad.dtype == torch.bfloat16 and bool(q.grad.abs().sum() > 0)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast does not cast the float32 inputs back
         assert torch.equal(ops.scaled_dot_product_attention(q, k, v, is_causal=True), expected)
+
+
+def test_compiled_single_query_bfloat16_attention_equals_float32_sdpa(monkeypatch):
+    # A compiled decoding step on such a CPU writes the attention out in float32 (ops'
+    # _single_query_attention): one query over masked cached keys, as the step reads them.
+    from gpt2lab import ops
+
+    monkeypatch.setattr(ops, "_CPU_FAST_BF16", False)
+    torch._dynamo.reset()  # a graph traced under another value of the flag would be reused
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 1, 16, generator=g).to(torch.bfloat16)
+    k, v = (torch.randn(2, 4, 9, 16, generator=g).to(torch.bfloat16) for _ in range(2))
+    mask = (torch.arange(9)[None, :] < torch.tensor([[6], [9]]))[:, None, None, :]
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+    compiled = torch.compile(ops.scaled_dot_product_attention, backend="aot_eager", fullgraph=True)
+    y = compiled(q, k, v, mask)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), expected, atol=0, rtol=2**-8)  # within bfloat16's rounding
+    k[0, :, 6:] = 1e4  # keys past a row's mask must not count
+    torch.testing.assert_close(compiled(q, k, v, mask).float(), expected, atol=0, rtol=2**-8)
+    torch._dynamo.reset()

@@ -96,3 +96,20 @@ def test_int4_refuses_a_width_that_is_not_whole_groups():
     model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=48, block_size=8, vocab_size=50, padded_vocab_size=50))
     with pytest.raises(UserError, match="groups of 32.*48.*--dtype int8"):
         quantize(model, "int4")
+
+
+def test_a_copied_int8_layer_is_called_by_its_own_key():
+    # A compiled graph reaches an int8 layer through `gpt2lab::int8_linear` and the layer's key: a
+    # deep copy given other weights must not be reached through the original's.
+    from gpt2lab.quantize import int8_linear
+
+    torch.manual_seed(0)
+    original = int8_linear(nn.Linear(32, 16))
+    copied = copy.deepcopy(original)
+    other = int8_linear(nn.Linear(32, 16))
+    copied.set_weight_bias(*other._weight_bias())
+    x = torch.randn(3, 32)
+    through_op = torch.ops.gpt2lab.int8_linear(x, copied.layer_key, 16)
+    assert torch.equal(through_op, copied(x))
+    assert not torch.equal(through_op, original(x))
+    assert torch.equal(torch.ops.gpt2lab.int8_linear(x, original.layer_key, 16), original(x))

@@ -18,7 +18,6 @@ from .chat_template import ChatTemplate, validate_messages
 from .errors import UserError
 from .generate import check_sampling_options, generate_stream
 from .pretrained import load_for_inference
-from .quantize import QUANTIZERS
 from .tokenizer import GPT2Tokenizer, StreamDecoder, load_tokenizer
 
 if TYPE_CHECKING:
@@ -189,8 +188,6 @@ def fit_to_context(messages: Any, chat: Chat, limit: int) -> tuple[list[dict[str
 def load_chat(spec: str | Path, device: str = "auto", dtype: str = "auto", compile: bool = False):
     """(Chat, device, precision name) for a model as `--model`, `--device`, `--dtype` and
     `--compile` name them."""
-    if compile and dtype in QUANTIZERS:
-        raise UserError(f"--compile decodes float weights; a --dtype {dtype} model runs its own kernels: drop one")
     folder, model, device_, precision = load_for_inference(spec, device, dtype)
     chat = Chat(model, load_tokenizer(folder), model_name=f"model {spec}", compile=compile)
     return chat, device_, precision

@@ -11,6 +11,7 @@ forward and the steps past the block size stay eager.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import warnings
 import weakref
@@ -23,7 +24,6 @@ import torch.nn.functional as F
 from .errors import UserError
 from .kv_cache import KVCache
 from .prompts import checked_prompt
-from .quantize import is_quantized
 from .runtime import check_fits, format_bytes
 
 if TYPE_CHECKING:
@@ -138,9 +138,10 @@ _compiled_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _weights_fingerprint(model: nn.Module) -> tuple:
-    # Frozen weights are constants of the compiled graph: an optimizer step (which bumps a
-    # parameter's version) or a new tensor must compile afresh.
-    return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in model.parameters())
+    # Frozen weights (and buffers, such as int4's packed weights) are constants of the compiled
+    # graph: an optimizer step (which bumps a tensor's version) or a new tensor must compile afresh.
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
 
 
 def compiled_step(model: GPT) -> _SingleTokenStep:
@@ -308,11 +309,6 @@ def generate_stream(
     check_sampling_options(max_new_tokens, temperature, top_k, top_p)
     if compile and not use_cache:
         raise UserError("compiling the decoding needs the KV cache: drop one of compile and no-cache")
-    if compile and is_quantized(model):
-        # Their kernels are opaque to the compiler: the graph would break at every layer, run
-        # slower than eager (60 against 87 tokens/s for int8), and spend dynamo's recompile budget.
-        raise UserError("compiled decoding runs float weights (float32, bfloat16, float16); an int8 or int4 "
-                        "model decodes through its own kernels: drop compile (--compile)")
     rows = _prompt_rows(prompts, model.config.vocab_size, eos_token_id)
     decoder = _Decoder(model, rows, max_new_tokens, use_cache, compile)
     if generator is None and seed is not None:

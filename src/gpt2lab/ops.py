@@ -10,6 +10,7 @@ is plain F.linear everywhere.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -111,12 +112,24 @@ def scaled_dot_product_attention(
     bfloat16 (the result in bfloat16 again): there one query over 256 cached keys took 290 us in
     bfloat16 against 54 us in float32, a sixth of a bfloat16 decoding step."""
     if q.dtype == torch.bfloat16 and q.device.type == "cpu" and not _CPU_FAST_BF16:
+        if q.size(-2) == 1 and torch.compiler.is_compiling():
+            return _single_query_attention(q, k, v, attn_mask)
         with torch.autocast("cpu", enabled=False):
             y = F.scaled_dot_product_attention(
                 q.float(), k.float(), v.float(), attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal
             )
         return y.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
+
+
+def _single_query_attention(q, k, v, attn_mask):
+    # A compiled decoding step, written out in float32: inductor fuses the casts into its own
+    # kernels, where SDPA (an external kernel to it) needs float32 copies of every cached key and
+    # value. Compiled bfloat16 decoding: 67.1 against 63.7 tokens/s (2-core AVX2 EPYC, medians of 9).
+    scores = (q.float() @ k.float().transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return (scores.softmax(-1) @ v.float()).to(q.dtype)
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

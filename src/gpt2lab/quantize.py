@@ -1,5 +1,6 @@
 """Quantized weights for CPU inference: int8 through PyTorch's dynamically quantized linear layer,
-int4 through its group-wise weight-only kernel (the one torchao's int4 CPU layout calls).
+int4 through its group-wise weight-only kernel (the one torchao's int4 CPU layout calls). Both
+compile (`generate(..., compile=True)`): the int8 kernel as one opaque operator of the graph.
 
 Every linear layer (the output head included, untied from the input embedding for it) is replaced;
 the embedding lookups, norms and attention keep their float weights. Decoding reads a quarter
@@ -13,7 +14,9 @@ the embedding lookups, norms and attention keep their float weights. Decoding re
 from __future__ import annotations
 
 import copy
+import itertools
 import warnings
+import weakref
 
 import torch
 import torch.nn as nn
@@ -28,7 +31,58 @@ with warnings.catch_warnings():
     from torch.ao.quantization.qconfig import default_dynamic_qconfig
 
 
-def int8_linear(layer: nn.Linear) -> DynamicInt8Linear:
+# Int8Linear.layer_key -> the layer: the compiled graph names a layer by a number, since its packed
+# weights (a TorchScript object) cannot be an operator's argument.
+_INT8_LAYERS: dict[int, weakref.ref] = {}
+_int8_keys = itertools.count()
+
+# Defined through torch.library's low-level API: torch.library.custom_op's Python wrapper costs
+# about 40 us a call, more than the kernel of a 768x768 layer at batch 1.
+_LIBRARY = torch.library.Library("gpt2lab", "FRAGMENT")
+_LIBRARY.define("int8_linear(Tensor x, int layer_key, int out_features) -> Tensor")
+
+
+def _int8_linear_kernel(x: torch.Tensor, layer_key: int, out_features: int) -> torch.Tensor:
+    return _INT8_LAYERS[layer_key]().forward(x)
+
+
+def _int8_linear_shape(x: torch.Tensor, layer_key: int, out_features: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+_LIBRARY.impl("int8_linear", _int8_linear_kernel, "CPU")
+torch.library.register_fake("gpt2lab::int8_linear", _int8_linear_shape, lib=_LIBRARY)
+
+
+class Int8Linear(DynamicInt8Linear):
+    """torch.ao's dynamically quantized linear layer (int8 weights with a per-tensor scale, the
+    input quantized on the fly by fbgemm), which a compiled graph calls as the operator
+    `gpt2lab::int8_linear`: torch.compile cannot trace its packed weights and would otherwise
+    break the graph at every layer."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._register()
+
+    def _register(self) -> None:
+        self.layer_key = next(_int8_keys)
+        _INT8_LAYERS[self.layer_key] = weakref.ref(self)
+        weakref.finalize(self, _INT8_LAYERS.pop, self.layer_key, None)
+
+    def __setstate__(self, state: dict) -> None:
+        # A copy (copy.deepcopy) is a layer of its own: under the original's key, a compiled graph
+        # of the copy would multiply by the original's weights.
+        super().__setstate__(state)
+        self._register()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return torch.ops.gpt2lab.int8_linear(x, self.layer_key, self.out_features)
+        # As torch.ao's forward, without its per-call checks (a tenth of a small layer's time).
+        return torch.ops.quantized.linear_dynamic(x, self._packed_params._packed_params, reduce_range=True)
+
+
+def int8_linear(layer: nn.Linear) -> Int8Linear:
     """An int8 copy of `layer`, quantized as torch.ao's quantize_dynamic does (symmetric
     per-tensor min/max scale), from the weights of any nn.Linear subclass."""
     observer = default_dynamic_qconfig.weight()
@@ -38,7 +92,7 @@ def int8_linear(layer: nn.Linear) -> DynamicInt8Linear:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the same notice, for quantized tensors
         qweight = torch.quantize_per_tensor(weight, float(scale), int(zero_point), torch.qint8)
-    quantized = DynamicInt8Linear(layer.in_features, layer.out_features, dtype=torch.qint8)
+    quantized = Int8Linear(layer.in_features, layer.out_features, dtype=torch.qint8)
     bias = None if layer.bias is None else layer.bias.detach().float()
     quantized.set_weight_bias(qweight, bias)
     return quantized
@@ -108,7 +162,7 @@ QUANTIZERS = {"int8": int8_linear, "int4": int4_linear}
 
 def is_quantized(model: nn.Module) -> bool:
     """Whether `quantize` made this model (any of its linear layers is int8 or int4)."""
-    return any(isinstance(module, (DynamicInt8Linear, Int4Linear)) for module in model.modules())
+    return any(isinstance(module, (Int8Linear, Int4Linear)) for module in model.modules())
 
 
 def quantize(model: GPT, precision: str) -> GPT:

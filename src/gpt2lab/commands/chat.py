@@ -92,8 +92,8 @@ def add_chat_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) 
     chat.add_argument("--seed", type=seed, default=1337, help="random seed, for repeatable answers (default 1337)")
     chat.add_argument(
         "--compile", action="store_true",
-        help="decode through torch.compile (as `gpt2lab sample --compile`: float weights only; a minute's "
-        "compile on a CPU, then about twice the float32 tokens/s; a longer conversation may compile again)",
+        help="decode through torch.compile (as `gpt2lab sample --compile`: a minute's compile on a CPU, then "
+        "about twice the float32 tokens/s; a longer conversation may compile again)",
     )
     add_device_options(chat)
     chat.set_defaults(handler=cmd_chat)

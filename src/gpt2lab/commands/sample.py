@@ -40,8 +40,8 @@ frozen into the graph and inductor's C++ matrix-vector kernels read them near me
 bandwidth: float32 decoding ran 1.7-2x faster on a 2-core AVX2 EPYC, level with ggml
 (docs/benchmarks.md). The first compile takes about a minute there (autotuning each matrix
 shape); inductor caches it on disk, so later runs compile in 10-30 s. It pays for long or
-many samples. It needs the KV cache (not with --no-cache) and float weights: int8 and
-int4 run kernels the compiler cannot see into.""",
+many samples. It needs the KV cache (not with --no-cache). int8 and int4 models compile
+too, around their own kernels: about a tenth faster there.""",
     )
     sample.add_argument("--model", required=True, help=MODEL_HELP)
     source = sample.add_mutually_exclusive_group()
