@@ -2,6 +2,7 @@
 eager decoding. Each compile of a tiny model takes 10-40 s on a 2-core CPU, hence `slow`."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -79,10 +80,13 @@ def test_sample_compile_prints_what_sample_prints(capsys, make_model_folder):
             "--temperature", "0", "--no-stop-at-eot", "--device", "cpu"]
     assert main(args) == 0
     eager = capsys.readouterr().out
-    assert main(args + ["--compile"]) == 0
+    assert main(args + ["--compile", "-v"]) == 0
     captured = capsys.readouterr()
     assert captured.out == eager
     assert "AUTOTUNE" not in captured.err  # the autotuner's tables are kept out of the terminal
+    # -v's tokens/s leaves the compile out (it is timed apart, before the samples).
+    assert re.fullmatch(r"\[compiled in [\d.]+ s, then 12 tokens in [\d.]+ s, [\d.]+ tokens/s, cpu, float32\]\n",
+                        captured.err)
     tokenizer = load_tokenizer(folder)
     expected = GPT.from_pretrained(folder).generate([tokenizer.encode("Hello, I'm")], 12, temperature=0)[0]
     assert eager == tokenizer.decode(expected) + "\n"
