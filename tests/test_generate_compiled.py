@@ -9,7 +9,6 @@ import torch
 
 from gpt2lab import GPT, UserError
 from gpt2lab.cli import main
-from gpt2lab.generate import compiled_cache_len
 from gpt2lab.tokenizer import load_tokenizer
 
 
@@ -64,13 +63,17 @@ def test_compiling_without_the_cache_is_refused(model):
         model.generate([[1, 2]], 3, compile=True, use_cache=False)
 
 
-def test_compiled_cache_length_is_a_power_of_two_within_the_block():
-    assert compiled_cache_len(9, 1024) == 64
-    assert compiled_cache_len(64, 1024) == 64
-    assert compiled_cache_len(65, 1024) == 128
-    assert compiled_cache_len(700, 1024) == 1024
-    assert compiled_cache_len(5000, 1024) == 1024
-    assert compiled_cache_len(100, 96) == 96
+@pytest.mark.slow
+def test_one_compiled_graph_serves_every_generation_length(model):
+    # A chat turn or a sample of another length must not compile again: the cache's length is
+    # dynamic in the graph, and the step's input is laid out the same whatever the buffer's width.
+    from torch._dynamo.utils import counters
+
+    model.generate(PROMPTS, 7, temperature=0, compile=True)
+    graphs = counters["stats"]["unique_graphs"]
+    for prompts, steps in ((PROMPTS, 3), (PROMPTS, 25), ([[4, 4, 9, 1, 2], [7], [8, 8]], 40)):
+        assert model.generate(prompts, steps, temperature=0, compile=True) == model.generate(prompts, steps, temperature=0)
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 @pytest.mark.slow

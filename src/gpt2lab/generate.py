@@ -183,12 +183,6 @@ def _compile_settings(device: torch.device):
             select_algorithm.PRINT_AUTOTUNE = printing
 
 
-def compiled_cache_len(needed: int, block_size: int) -> int:
-    """The cache length a compiled generation allocates: the next power of two (at least 64), so
-    that generations of similar lengths share one compiled graph, within the block size."""
-    return min(block_size, max(64, 1 << (needed - 1).bit_length()))
-
-
 class _Decoder:
     """State of one generation call: the token buffer, the left padding of each row, the cache."""
 
@@ -199,10 +193,7 @@ class _Decoder:
         lengths = [len(row) for row in rows]
         width = max(lengths)
         self.block_size = model.config.block_size
-        cache_len = 0
-        if use_cache:
-            needed = width + max_new_tokens
-            cache_len = compiled_cache_len(needed, self.block_size) if compile else min(self.block_size, needed)
+        cache_len = min(self.block_size, width + max_new_tokens) if use_cache else 0
         _check_buffers_fit(model.config, len(rows), width, max_new_tokens, cache_len, device, param.element_size())
         self.tokens = torch.zeros(len(rows), width + max_new_tokens, dtype=torch.long, device=device)
         for r, row in enumerate(rows):
@@ -214,6 +205,11 @@ class _Decoder:
         if use_cache:
             self.cache = KVCache(model.config, len(rows), cache_len, device=device, dtype=param.dtype)
         self.compiled = compiled_step(model) if compile else None
+        if self.compiled is not None:
+            # One graph for every generation length: the cache's length is a symbol of the graph
+            # (it appears in no matrix product, so the GEMM kernels keep their static shapes).
+            for tensor in self.cache.keys + self.cache.values:
+                torch._dynamo.mark_dynamic(tensor, 2)
 
     def _cache_rows(self, start: int):
         return None if self.cache is None else self.cache.all_rows(start)
@@ -265,6 +261,9 @@ class _Decoder:
 
     def _compiled_step(self, idx: torch.Tensor, position: int) -> torch.Tensor:
         position_tensor = torch.tensor([position], device=idx.device)
+        # A column of the token buffer has the buffer's width as its stride, which the graph's
+        # guards would check: a copy is laid out the same for every generation.
+        idx = idx.clone(memory_format=torch.contiguous_format)
         try:
             with torch.no_grad(), _compile_settings(idx.device):
                 return self.compiled(idx, self.cache, position_tensor, self.pads)

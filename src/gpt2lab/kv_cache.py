@@ -121,8 +121,10 @@ class StepRows:
 
     `position` is a 1-element tensor, not an int: a compiled graph would otherwise be specialised
     to each value. Row b's tokens start at cache position `pads[b]` (left padding); its queries see
-    the keys from there up to `position`. Attention reads all `max_len` keys, masked past the
-    position: the price of static shapes, kept small by sizing the cache to the generation.
+    the keys from there up to `position`. Attention reads all the cache's keys, masked past the
+    position: the price of static shapes, kept small by sizing the cache to the generation. The
+    cache's length is read from its tensors, never from `max_len`, so that a graph compiled with
+    that length dynamic (`generate.compiled_step`) serves caches of any length.
     """
 
     def __init__(self, cache: KVCache, position: torch.Tensor, pads: torch.Tensor):
@@ -131,13 +133,13 @@ class StepRows:
         self.pads = pads
 
     def end(self, T: int) -> int:
-        return self.cache.max_len
+        return self.cache.keys[0].size(2)
 
     def positions(self, T: int, device) -> torch.Tensor:
         return (self.position - self.pads)[:, None]
 
     def key_mask(self, T: int, device) -> torch.Tensor:
-        keys = torch.arange(self.cache.max_len, device=device)
+        keys = torch.arange(self.end(1), device=device)
         visible = (keys[None, :] <= self.position) & (keys[None, :] >= self.pads[:, None])
         return visible[:, None, None, :]
 

@@ -93,7 +93,7 @@ def add_chat_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) 
     chat.add_argument(
         "--compile", action="store_true",
         help="decode through torch.compile (as `gpt2lab sample --compile`: a minute's compile on a CPU, then "
-        "about twice the float32 tokens/s; a longer conversation may compile again)",
+        "about twice the float32 tokens/s; one compile serves the whole conversation)",
     )
     add_device_options(chat)
     chat.set_defaults(handler=cmd_chat)
