@@ -22,8 +22,8 @@ def add_device_options(parser: argparse.ArgumentParser) -> None:
         help="weights' precision for inference; auto is bfloat16 on a GPU that has it, float32 elsewhere; "
         "int8 and int4 (CPU only) quantize the linear layers when the model loads: int8 with PyTorch's "
         "dynamic quantization, int4 as 4-bit weights in groups of 32 (the smallest and the least exact; "
-        "the fastest to decode on CPUs with AVX-512, slower than int8 on AVX2 ones; docs/benchmarks.md "
-        "gives the val loss and the tokens/s of each)",
+        "on an AVX2 CPU slower to decode than int8; docs/benchmarks.md gives the val loss and the "
+        "tokens/s of each)",
     )
 
 

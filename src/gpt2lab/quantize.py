@@ -163,11 +163,6 @@ def int4_linear(layer: nn.Linear) -> Int4Linear:
 QUANTIZERS = {"int8": int8_linear, "int4": int4_linear}
 
 
-def is_quantized(model: nn.Module) -> bool:
-    """Whether `quantize` made this model (any of its linear layers is int8 or int4)."""
-    return any(isinstance(module, (Int8Linear, Int4Linear)) for module in model.modules())
-
-
 def quantize(model: GPT, precision: str) -> GPT:
     """A copy of `model` (float32, CPU) whose linear layers are `precision` ("int8" or "int4"),
     for inference only; the original is left as it is."""

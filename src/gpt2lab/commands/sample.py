@@ -67,7 +67,10 @@ alternating runs). -v reports the compile's time apart from the tokens/s.""",
     sample.add_argument(
         "--compile", action="store_true", help="compile the one-token step with torch.compile (see below)"
     )
-    sample.add_argument("-v", "--verbose", action="store_true", help="print tokens/s to stderr at the end (with --compile, the compile's time apart)")
+    sample.add_argument(
+        "-v", "--verbose", action="store_true",
+        help="print tokens/s to stderr at the end (with --compile, the compile's time apart)",
+    )
     add_device_options(sample)
     sample.set_defaults(handler=cmd_sample)
 
@@ -149,9 +152,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _compile_first(model, prompt_ids: list[int], args: argparse.Namespace) -> float:
-    """Seconds spent compiling the one-token step for these samples' cache length, before the clock
-    of -v starts: its tokens/s is then the decoding's own. Greedy, so the samples' random draws
-    are left as they were."""
+    """Seconds spent compiling the one-token step, before the clock of -v starts: its tokens/s is
+    then the decoding's own. Greedy, so the samples' random draws are left as they were."""
     from ..generate import generate_stream
 
     started = time.perf_counter()
