@@ -28,7 +28,7 @@ def test_compiled_greedy_and_seeded_sampling_equal_eager_with_padded_rows_past_t
     assert compiled == eager
     assert len(set(eager[1])) > 5  # the check is not vacuous
     # Sampling draws from the probabilities themselves: equal draws need equal logits, not only
-    # the same largest one. (The same length: the same cache shape, no second compile.)
+    # the same largest one.
     sampled = model.generate(PROMPTS, 70, temperature=1.0, seed=3)
     assert model.generate(PROMPTS, 70, temperature=1.0, seed=3, compile=True) == sampled
 
@@ -93,6 +93,14 @@ def test_sample_compile_prints_what_sample_prints(capsys, make_model_folder):
     tokenizer = load_tokenizer(folder)
     expected = GPT.from_pretrained(folder).generate([tokenizer.encode("Hello, I'm")], 12, temperature=0)[0]
     assert eager == tokenizer.decode(expected) + "\n"
+
+
+def test_sample_verbose_claims_no_compile_where_no_step_is_compiled(capsys, make_model_folder):
+    # One new token comes from the prompt's eager forward alone: nothing is compiled or timed.
+    folder = make_model_folder("compiled-one-token")
+    assert main(["sample", "--model", str(folder), "--max-new-tokens", "1", "--compile", "-v", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"\[1 tokens in [\d.]+ s, [\d.]+ tokens/s, cpu, float32\]\n", err)
 
 
 def test_sample_compile_with_no_cache_exits_2(capsys, make_model_folder):

@@ -159,7 +159,6 @@ def test_compiled_single_query_bfloat16_attention_equals_float32_sdpa(monkeypatc
     from gpt2lab import ops
 
     monkeypatch.setattr(ops, "_CPU_FAST_BF16", False)
-    torch._dynamo.reset()  # a graph traced under another value of the flag would be reused
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 1, 16, generator=g).to(torch.bfloat16)
     k, v = (torch.randn(2, 4, 9, 16, generator=g).to(torch.bfloat16) for _ in range(2))
@@ -171,4 +170,3 @@ def test_compiled_single_query_bfloat16_attention_equals_float32_sdpa(monkeypatc
     torch.testing.assert_close(y.float(), expected, atol=0, rtol=2**-8)  # within bfloat16's rounding
     k[0, :, 6:] = 1e4  # keys past a row's mask must not count
     torch.testing.assert_close(compiled(q, k, v, mask).float(), expected, atol=0, rtol=2**-8)
-    torch._dynamo.reset()

@@ -207,7 +207,8 @@ class _Decoder:
         self.compiled = compiled_step(model) if compile else None
         if self.compiled is not None:
             # One graph for every generation length: the cache's length is a symbol of the graph
-            # (it appears in no matrix product, so the GEMM kernels keep their static shapes).
+            # (it enters no product with the weights, so the autotuned GEMM kernels keep their
+            # static shapes).
             for tensor in self.cache.keys + self.cache.values:
                 torch._dynamo.mark_dynamic(tensor, 2)
 

@@ -31,7 +31,6 @@ class KVCache:
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.num_slots = num_slots
-        self.max_len = max_len
 
     def rows(self, slots: Sequence[int], starts: Sequence[int]) -> CacheRows:
         """The view a forward of a (len(slots), T) batch writes to: row b's T new keys go to slot
@@ -123,8 +122,8 @@ class StepRows:
     to each value. Row b's tokens start at cache position `pads[b]` (left padding); its queries see
     the keys from there up to `position`. Attention reads all the cache's keys, masked past the
     position: the price of static shapes, kept small by sizing the cache to the generation. The
-    cache's length is read from its tensors, never from `max_len`, so that a graph compiled with
-    that length dynamic (`generate.compiled_step`) serves caches of any length.
+    cache's length is read from its tensors, so that a graph compiled with that length dynamic
+    (`generate.compiled_step`) serves caches of any length.
     """
 
     def __init__(self, cache: KVCache, position: torch.Tensor, pads: torch.Tensor):

@@ -112,7 +112,7 @@ def scaled_dot_product_attention(
     bfloat16 (the result in bfloat16 again): there one query over 256 cached keys took 290 us in
     bfloat16 against 54 us in float32, a sixth of a bfloat16 decoding step."""
     if q.dtype == torch.bfloat16 and q.device.type == "cpu" and not _CPU_FAST_BF16:
-        if q.size(-2) == 1 and torch.compiler.is_compiling():
+        if q.size(-2) == 1 and not dropout_p and not is_causal and torch.compiler.is_compiling():
             return _single_query_attention(q, k, v, attn_mask)
         with torch.autocast("cpu", enabled=False):
             y = F.scaled_dot_product_attention(

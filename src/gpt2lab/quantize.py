@@ -47,7 +47,7 @@ def _int8_linear_kernel(x: torch.Tensor, layer_key: int, out_features: int) -> t
 
 
 def _int8_linear_shape(x: torch.Tensor, layer_key: int, out_features: int) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], out_features)
+    return x.new_empty(*x.shape[:-1], out_features, dtype=torch.float32)  # fbgemm's output
 
 
 _LIBRARY.impl("int8_linear", _int8_linear_kernel, "CPU")

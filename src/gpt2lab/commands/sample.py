@@ -41,8 +41,10 @@ bandwidth: float32 decoding ran 1.7-2x faster on a 2-core AVX2 EPYC, level with 
 (docs/benchmarks.md). The first compile takes about a minute there (autotuning each matrix
 shape); inductor caches it on disk, so later runs compile in 10-30 s. It pays for long or
 many samples. It needs the KV cache (not with --no-cache). int8 and int4 models compile
-too, around their own matrix kernels: there int4 decoded 16% faster and int8 7% (medians of
-alternating runs). -v reports the compile's time apart from the tokens/s.""",
+too, around their own matrix kernels: there int4 decoded 16% faster and int8 0-7%. Compiled
+int8 may pick other greedy tokens than eager int8 after a near tie: the fused float32 steps
+round differently, which moves the on-the-fly int8 quantization of some inputs. -v reports
+the compile's time apart from the tokens/s.""",
     )
     sample.add_argument("--model", required=True, help=MODEL_HELP)
     source = sample.add_mutually_exclusive_group()
@@ -108,7 +110,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         generator.manual_seed(args.seed)
     else:
         generator.seed()
-    compile_seconds = _compile_first(model, prompt_ids, args) if args.compile else None
+    # The compiled step runs from the second new token, and only within the block size.
+    compiles = args.compile and args.max_new_tokens >= 2 and len(prompt_ids) < model.config.block_size
+    compile_seconds = _compile_first(model, prompt_ids, args) if compiles else None
     out = sys.stdout
     total_tokens = 0
     started = time.perf_counter()
