@@ -154,8 +154,8 @@ def test_bfloat16_attention_runs_in_float32_where_the_cpu_lacks_fast_bfloat16(mo
 
 
 def test_compiled_single_query_bfloat16_attention_equals_float32_sdpa(monkeypatch):
-    # A compiled decoding step on such a CPU writes the attention out in float32 (ops'
-    # _single_query_attention): one query over masked cached keys, as the step reads them.
+    # A compiled decoding step on such a CPU writes the attention out in float32
+    # (ops.plain_attention): one query over masked cached keys, as the step reads them.
     from gpt2lab import ops
 
     monkeypatch.setattr(ops, "_CPU_FAST_BF16", False)

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GPTConfig
-from .ops import Linear, apply_rope, linear_cross_entropy, rope_tables, scaled_dot_product_attention
+from .ops import Linear, apply_rope, linear_cross_entropy, plain_attention, rope_tables, scaled_dot_product_attention
 
 if TYPE_CHECKING:
     from .kv_cache import CacheRows
@@ -87,19 +87,6 @@ class CausalSelfAttention(nn.Module):
             y = plain_attention(q, k, v, attn_mask, is_causal, dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
-
-
-def plain_attention(q, k, v, attn_mask, is_causal, dropout_p):
-    """Reference attention written out step by step (used by tests and the `plain` setting)."""
-    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
-    if is_causal:
-        Tq, Tk = q.size(-2), k.size(-2)
-        attn_mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
-    if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf"))
-    weights = F.softmax(scores.float(), dim=-1).to(q.dtype)
-    weights = F.dropout(weights, p=dropout_p, training=dropout_p > 0)
-    return weights @ v
 
 
 class MLP(nn.Module):

@@ -113,7 +113,11 @@ def scaled_dot_product_attention(
     bfloat16 against 54 us in float32, a sixth of a bfloat16 decoding step."""
     if q.dtype == torch.bfloat16 and q.device.type == "cpu" and not _CPU_FAST_BF16:
         if q.size(-2) == 1 and not dropout_p and not is_causal and torch.compiler.is_compiling():
-            return _single_query_attention(q, k, v, attn_mask)
+            # A compiled decoding step, written out in float32: inductor fuses the casts into its
+            # own kernels, where SDPA (an external kernel to it) needs float32 copies of every
+            # cached key and value. Compiled bfloat16 decoding: 67.1 against 63.7 tokens/s (2-core
+            # AVX2 EPYC, medians of 9).
+            return plain_attention(q.float(), k.float(), v.float(), attn_mask, False, 0.0).to(q.dtype)
         with torch.autocast("cpu", enabled=False):
             y = F.scaled_dot_product_attention(
                 q.float(), k.float(), v.float(), attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal
@@ -122,14 +126,18 @@ def scaled_dot_product_attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
 
 
-def _single_query_attention(q, k, v, attn_mask):
-    # A compiled decoding step, written out in float32: inductor fuses the casts into its own
-    # kernels, where SDPA (an external kernel to it) needs float32 copies of every cached key and
-    # value. Compiled bfloat16 decoding: 67.1 against 63.7 tokens/s (2-core AVX2 EPYC, medians of 9).
-    scores = (q.float() @ k.float().transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
+def plain_attention(q, k, v, attn_mask, is_causal, dropout_p):
+    """Reference attention written out step by step (used by tests, the `plain` setting, and a
+    compiled bfloat16 decoding step on CPUs without fast bfloat16)."""
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+    if is_causal:
+        Tq, Tk = q.size(-2), k.size(-2)
+        attn_mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf"))
-    return (scores.softmax(-1) @ v.float()).to(q.dtype)
+    weights = F.softmax(scores.float(), dim=-1).to(q.dtype)
+    weights = F.dropout(weights, p=dropout_p, training=dropout_p > 0)
+    return weights @ v
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
