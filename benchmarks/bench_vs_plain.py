@@ -2,14 +2,15 @@
 nn.Linear layers, scaled_dot_product_attention, F.cross_entropy on the full logits), with the same
 weights, shape and batch: forward + backward + fused AdamW, in float32, bf16 autocast and bf16 +
 torch.compile, the two measured in alternating rounds, medians reported. Each model steps in a
-process of its own; --allocator says which keeps its freed memory (gpt2lab.runtime's
-reuse_freed_cpu_memory, what `gpt2lab train` does on a CPU): by default gpt2lab's process, as shipped,
-and not the plain model's, as a script of its own would run; `--allocator default` or `reuse`
-gives both the same, which measures the models alone.
+process of its own; --allocator says which is set up as gpt2lab sets up its own process on a CPU
+(large tensors in transparent huge pages, gpt2lab.hugepages, from the import of gpt2lab; freed
+memory kept, runtime.reuse_freed_cpu_memory, by `gpt2lab train`): by default gpt2lab's, as
+shipped, and not the plain model's, as a script of its own would run; `--allocator default`
+(neither) or `gpt2lab` (both) gives both the same, which measures the models alone.
 
     python benchmarks/bench_vs_plain.py                          # 124M, B=4, T=256, every mode
     python benchmarks/bench_vs_plain.py --modes bf16 --rounds 10 --json out.json
-    python benchmarks/bench_vs_plain.py --allocator reuse        # the models alone, both reusing memory
+    python benchmarks/bench_vs_plain.py --allocator gpt2lab      # the models alone, both set up as gpt2lab's
     python benchmarks/bench_vs_plain.py --memory                 # peak memory, B=8, T=1024, bf16
     python benchmarks/bench_vs_plain.py --n-layer 2 --n-embd 64 --n-head 2 --batch 2 --seq-len 32 --rounds 2
 
@@ -25,6 +26,7 @@ import argparse
 import json
 import math
 import multiprocessing
+import os
 import platform
 import resource
 import statistics
@@ -38,13 +40,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt2lab import GPT, GPTConfig
+from gpt2lab.hugepages import THP_SWITCH, kernel_offers_huge_pages
 from gpt2lab.runtime import reuse_freed_cpu_memory
 
 MODES = ("fp32", "bf16", "compile")
 MEMORY_TARGET = 0.7
 # Steps the peak is read over: kept memory settles into its pattern after the first.
 MEMORY_STEPS = 3
-ALLOCATORS = ("as-shipped", "default", "reuse")
+ALLOCATORS = ("as-shipped", "default", "gpt2lab")
 
 
 # ---- the plain model: GPT-2 as one writes it first ----------------------------------------------
@@ -155,22 +158,27 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def reuses_memory(impl: str, allocator: str, device: torch.device) -> bool:
-    """Whether `impl`'s process keeps freed memory (runtime.reuse_freed_cpu_memory) under `allocator`:
-    as-shipped gives it to gpt2lab alone, as `gpt2lab train` sets it up (system.reuse_cpu_memory)."""
-    if device.type != "cpu":
-        return False
-    return allocator == "reuse" or (allocator == "as-shipped" and impl == "gpt2lab")
+def set_up_as_gpt2lab(impl: str, allocator: str) -> bool:
+    """Whether `impl`'s process is set up as gpt2lab sets up its own under `allocator`: as-shipped
+    does it for gpt2lab alone."""
+    return allocator == "gpt2lab" or (allocator == "as-shipped" and impl == "gpt2lab")
 
 
-def step_server(conn, impl: str, mode: str, args, reuse: bool) -> None:
+def child_environment(impl: str, allocator: str) -> dict:
+    """The environment `impl`'s process starts with: PyTorch's huge-page switch, read at the
+    child's first allocation, is set either way, so that importing gpt2lab does not decide it."""
+    huge_pages = set_up_as_gpt2lab(impl, allocator) and kernel_offers_huge_pages()
+    return {**os.environ, THP_SWITCH: "1" if huge_pages else "0"}
+
+
+def step_server(conn, impl: str, mode: str, args) -> None:
     """A child process's loop: build `impl`'s step, warm up, send the first loss, then for each
     request of n steps send their mean time, until asked for 0."""
-    if reuse:
-        reuse_freed_cpu_memory()
     device = torch.device(args.device)
+    if device.type == "cpu" and set_up_as_gpt2lab(impl, args.allocator):
+        reuse_freed_cpu_memory()
     step = make_step(impl, mode, args, device)
-    conn.send(step().item())
+    conn.send((step().item(), os.environ[THP_SWITCH] == "1"))
     for _ in range(args.warmup - 1):
         step()
     sync(device)
@@ -189,13 +197,21 @@ def time_mode(mode: str, args, device: torch.device) -> dict:
     pipes, children = {}, []
     for impl in ("plain", "gpt2lab"):
         ours, theirs = context.Pipe()
-        child = context.Process(target=step_server, args=(theirs, impl, mode, args,
-                                                          reuses_memory(impl, args.allocator, device)))
-        child.start()
+        child = context.Process(target=step_server, args=(theirs, impl, mode, args))
+        # A spawned child starts with this process's environment as it is at start().
+        outer = dict(os.environ)
+        os.environ.update(child_environment(impl, args.allocator))
+        try:
+            child.start()
+        finally:
+            os.environ.clear()
+            os.environ.update(outer)
         pipes[impl] = ours
         children.append(child)
     try:
-        first_loss = {impl: pipe.recv() for impl, pipe in pipes.items()}
+        first_loss, huge_pages = {}, {}
+        for impl, pipe in pipes.items():
+            first_loss[impl], huge_pages[impl] = pipe.recv()
         times = {impl: [] for impl in pipes}
         for round_index in range(args.rounds):
             order = list(pipes) if round_index % 2 == 0 else list(pipes)[::-1]
@@ -215,6 +231,7 @@ def time_mode(mode: str, args, device: torch.device) -> dict:
         row[f"{impl}_ms"] = statistics.median(values) * 1e3
         row[f"{impl}_tokens_per_s"] = tokens / statistics.median(values)
         row[f"{impl}_first_loss"] = first_loss[impl]
+        row[f"{impl}_huge_pages"] = huge_pages[impl]
     row["speedup"] = row["plain_ms"] / row["gpt2lab_ms"]
     return row
 
@@ -225,7 +242,7 @@ def time_mode(mode: str, args, device: torch.device) -> dict:
 def child_peak(args, device: torch.device) -> dict:
     """MEMORY_STEPS training steps of `args.child` (in this process alone): its peak memory, and
     the first step's loss."""
-    if reuses_memory(args.child, args.allocator, device):
+    if device.type == "cpu" and set_up_as_gpt2lab(args.child, args.allocator):
         reuse_freed_cpu_memory()
     step = make_step(args.child, args.memory_mode, args, device)
     loss = step().item()
@@ -245,7 +262,7 @@ def measure_memory(args) -> dict:
     peaks = {}
     for impl in ("plain", "gpt2lab"):
         out = subprocess.run([sys.executable, __file__, "--child", impl, *shape], check=True,
-                             capture_output=True, text=True).stdout
+                             capture_output=True, text=True, env=child_environment(impl, args.allocator)).stdout
         peaks[impl] = json.loads(out.strip().splitlines()[-1])
     key = "cuda_max_allocated_mib" if "cuda_max_allocated_mib" in peaks["plain"] else "maxrss_mib"
     ratio = peaks["gpt2lab"][key] / peaks["plain"][key]
@@ -274,8 +291,8 @@ def parse_args(argv=None):
     parser.add_argument("--memory-mode", choices=MODES, default="bf16", help="the mode --memory measures")
     parser.add_argument(
         "--allocator", choices=ALLOCATORS, default="as-shipped",
-        help="CPU memory reuse (gpt2lab.runtime.reuse_freed_cpu_memory): as-shipped gives it to gpt2lab's "
-        "process as `gpt2lab train` does and not to the plain model's; default and reuse give both the same",
+        help="which process is set up as gpt2lab sets up its own on a CPU (huge pages, kept freed memory): "
+        "as-shipped gpt2lab's alone (default), default neither, gpt2lab both",
     )
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--child", choices=["plain", "gpt2lab"], help=argparse.SUPPRESS)

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from gpt2lab.hugepages import kernel_offers_huge_pages
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -52,6 +54,9 @@ def test_bench_vs_plain_runs_at_a_tiny_shape_and_both_models_agree(tmp_path):
     assert [r["mode"] for r in rows] == ["fp32", "bf16"]
     for row in rows:
         assert abs(row["plain_first_loss"] - row["gpt2lab_first_loss"]) < 1e-3
+        # As shipped: gpt2lab's process as gpt2lab sets it up, the plain one as a script of its own.
+        assert row["plain_huge_pages"] is False
+        assert row["gpt2lab_huge_pages"] is kernel_offers_huge_pages()
 
 
 @pytest.mark.slow

@@ -179,14 +179,16 @@ def _chunk_rows(vocab: int, rows_in_all: int) -> int:
     return max(rows, -(-rows_in_all // MAX_CHUNKS))
 
 
-def _add_weight_gradient(grad_w: torch.Tensor, grad: torch.Tensor, h: torch.Tensor) -> None:
-    """grad_w += grad.T @ h, in place where the dtypes allow (no (rows, n_embd) temporary)."""
-    if _uses_onednn(grad, h):
-        grad_w += onednn_linear(grad.t(), _transposed(h))
-    elif grad.dtype == grad_w.dtype:
-        grad_w.addmm_(grad.t(), h)
-    else:
-        grad_w += grad.t() @ h
+def _add_weight_gradient(
+    grad_w: torch.Tensor | None, grad: torch.Tensor, h: torch.Tensor, acc: torch.dtype
+) -> torch.Tensor:
+    """grad_w + grad.T @ h, in place where the dtypes allow (no (vocab, n_embd) temporary); the
+    first chunk's (grad_w None) is the product alone, in `acc`: a zeroed (vocab, n_embd) start would
+    cost a pass over the whole matrix."""
+    if grad_w is not None and grad.dtype == grad_w.dtype and not _uses_onednn(grad, h):
+        return grad_w.addmm_(grad.t(), h)
+    product = onednn_linear(grad.t(), _transposed(h)) if _uses_onednn(grad, h) else grad.t() @ h
+    return product.to(acc) if grad_w is None else grad_w.add_(product)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -208,7 +210,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scale = 1.0 / valid.sum().to(acc)
         total = torch.zeros((), dtype=acc, device=h.device)
         grad_h = torch.empty(h.shape, dtype=acc, device=h.device) if need_h else None
-        grad_w = torch.zeros(w.shape, dtype=acc, device=h.device) if need_w else None
+        grad_w = None
         # oneDNN takes the weight of grad @ w transposed and contiguous; BLAS reads w as it is.
         w_t = _transposed(w) if need_h and _uses_onednn(h, w) else None
         rows = _chunk_rows(w.size(0), h.size(0))
@@ -233,7 +235,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if need_h:
                     grad_h[part] = (onednn_linear(grad, w_t) if w_t is not None else grad @ w) * row_scale
                 if need_w:
-                    _add_weight_gradient(grad_w, grad, (h[part] * row_scale).to(dtype))
+                    grad_w = _add_weight_gradient(grad_w, grad, (h[part] * row_scale).to(dtype), acc)
+        if need_w and grad_w is None:  # no rows
+            grad_w = torch.zeros(w.shape, dtype=acc, device=h.device)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.input_types = (hidden.shape, hidden.dtype, weight.dtype)
         return total * scale

@@ -51,7 +51,9 @@ settings (--set key=value, or the same keys in a TOML file given with --config):
                  reuse_cpu_memory (default true: on a CPU with glibc 2.39 or later, freed memory
                  is kept for the next step instead of being returned and faulted in again, about
                  1.2x faster bf16 steps; the resident set stays at its peak; older glibc would
-                 leak the blocks it keeps, so there nothing changes)
+                 leak the blocks it keeps, so there nothing changes); large CPU tensors lie in
+                 transparent huge pages (fewer page faults for the step's fresh tensors) unless
+                 the environment sets THP_MEM_ALLOC_ENABLE=0
   finetune.*     lora_rank (0 = off: every parameter trains) lora_alpha (the update is scaled by
                  alpha / rank) lora_dropout lora_targets (comma-separated, default
                  c_attn,c_proj,c_fc; attn.c_proj or mlp.c_proj name one of the two c_proj): LoRA
