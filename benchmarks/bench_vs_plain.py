@@ -164,11 +164,10 @@ def set_up_as_gpt2lab(impl: str, allocator: str) -> bool:
     return allocator == "gpt2lab" or (allocator == "as-shipped" and impl == "gpt2lab")
 
 
-def child_environment(impl: str, allocator: str) -> dict:
-    """The environment `impl`'s process starts with: PyTorch's huge-page switch, read at the
-    child's first allocation, is set either way, so that importing gpt2lab does not decide it."""
-    huge_pages = set_up_as_gpt2lab(impl, allocator) and kernel_offers_huge_pages()
-    return {**os.environ, THP_SWITCH: "1" if huge_pages else "0"}
+def huge_page_switch(impl: str, allocator: str) -> str:
+    """PyTorch's huge-page switch for `impl`'s process, read at the child's first allocation: set
+    either way, so that importing gpt2lab does not decide it."""
+    return "1" if set_up_as_gpt2lab(impl, allocator) and kernel_offers_huge_pages() else "0"
 
 
 def step_server(conn, impl: str, mode: str, args) -> None:
@@ -199,13 +198,15 @@ def time_mode(mode: str, args, device: torch.device) -> dict:
         ours, theirs = context.Pipe()
         child = context.Process(target=step_server, args=(theirs, impl, mode, args))
         # A spawned child starts with this process's environment as it is at start().
-        outer = dict(os.environ)
-        os.environ.update(child_environment(impl, args.allocator))
+        ours_switch = os.environ.get(THP_SWITCH)
+        os.environ[THP_SWITCH] = huge_page_switch(impl, args.allocator)
         try:
             child.start()
         finally:
-            os.environ.clear()
-            os.environ.update(outer)
+            if ours_switch is None:
+                del os.environ[THP_SWITCH]
+            else:
+                os.environ[THP_SWITCH] = ours_switch
         pipes[impl] = ours
         children.append(child)
     try:
@@ -261,8 +262,9 @@ def measure_memory(args) -> dict:
              "--device", args.device, "--memory-mode", args.memory_mode, "--allocator", args.allocator]
     peaks = {}
     for impl in ("plain", "gpt2lab"):
+        environment = {**os.environ, THP_SWITCH: huge_page_switch(impl, args.allocator)}
         out = subprocess.run([sys.executable, __file__, "--child", impl, *shape], check=True,
-                             capture_output=True, text=True, env=child_environment(impl, args.allocator)).stdout
+                             capture_output=True, text=True, env=environment).stdout
         peaks[impl] = json.loads(out.strip().splitlines()[-1])
     key = "cuda_max_allocated_mib" if "cuda_max_allocated_mib" in peaks["plain"] else "maxrss_mib"
     ratio = peaks["gpt2lab"][key] / peaks["plain"][key]

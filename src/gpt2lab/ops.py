@@ -185,9 +185,10 @@ def _add_weight_gradient(
     """grad_w + grad.T @ h, in place where the dtypes allow (no (vocab, n_embd) temporary); the
     first chunk's (grad_w None) is the product alone, in `acc`: a zeroed (vocab, n_embd) start would
     cost a pass over the whole matrix."""
-    if grad_w is not None and grad.dtype == grad_w.dtype and not _uses_onednn(grad, h):
+    onednn = _uses_onednn(grad, h)
+    if grad_w is not None and grad.dtype == grad_w.dtype and not onednn:
         return grad_w.addmm_(grad.t(), h)
-    product = onednn_linear(grad.t(), _transposed(h)) if _uses_onednn(grad, h) else grad.t() @ h
+    product = onednn_linear(grad.t(), _transposed(h)) if onednn else grad.t() @ h
     return product.to(acc) if grad_w is None else grad_w.add_(product)
 
 
