@@ -20,10 +20,11 @@ def add_device_options(parser: argparse.ArgumentParser) -> None:
         default="auto",
         choices=["auto", "float32", "bfloat16", "float16", "int8", "int4"],
         help="weights' precision for inference; auto is bfloat16 on a GPU that has it, float32 elsewhere; "
-        "int8 and int4 (CPU only) quantize the linear layers when the model loads: int8 with PyTorch's "
-        "dynamic quantization, int4 as 4-bit weights in groups of 32 (the smallest and the least exact; "
-        "on an AVX2 CPU slower to decode than int8; docs/benchmarks.md gives the val loss and the "
-        "tokens/s of each)",
+        "int8 and int4 (CPU only) quantize the linear layers when the model loads: int8 with a scale per "
+        "output row, int4 as 4-bit weights in groups of 32 with a scale and minimum each (the smallest and "
+        "the least exact); both multiply in gpt2lab's AVX2 kernels, built with the system's C compiler on "
+        "first use (elsewhere, or with GPT2LAB_QUANTIZED_KERNELS=0, in PyTorch, slower); docs/benchmarks.md "
+        "gives the val loss and the tokens/s of each",
     )
 
 
