@@ -170,3 +170,24 @@ def test_compiled_single_query_bfloat16_attention_equals_float32_sdpa(monkeypatc
     torch.testing.assert_close(y.float(), expected, atol=0, rtol=2**-8)  # within bfloat16's rounding
     k[0, :, 6:] = 1e4  # keys past a row's mask must not count
     torch.testing.assert_close(compiled(q, k, v, mask).float(), expected, atol=0, rtol=2**-8)
+
+
+def test_compiled_single_query_float32_attention_is_written_out_and_equals_sdpa():
+    from gpt2lab import ops
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 1, 16, generator=g)
+    k, v = (torch.randn(2, 4, 9, 16, generator=g) for _ in range(2))
+    mask = (torch.arange(9)[None, :] < torch.tensor([[6], [9]]))[:, None, None, :]
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    graphs = []
+
+    def record(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    compiled = torch.compile(ops.scaled_dot_product_attention, backend=record, fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v, mask), expected, atol=1e-6, rtol=1e-5)
+    assert "scaled_dot_product_attention" not in graphs[0].code and "softmax" in graphs[0].code
+    k[0, :, 6:] = 1e4  # keys past a row's mask must not count
+    torch.testing.assert_close(compiled(q, k, v, mask), expected, atol=1e-6, rtol=1e-5)

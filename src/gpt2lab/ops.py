@@ -108,16 +108,21 @@ def scaled_dot_product_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0, is_causal: bool = False,
 ) -> torch.Tensor:
-    """F.scaled_dot_product_attention, in float32 for bfloat16 tensors on a CPU without fast
-    bfloat16 (the result in bfloat16 again): there one query over 256 cached keys took 290 us in
-    bfloat16 against 54 us in float32, a sixth of a bfloat16 decoding step."""
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and not _CPU_FAST_BF16:
-        if q.size(-2) == 1 and not dropout_p and not is_causal and torch.compiler.is_compiling():
-            # A compiled decoding step, written out in float32: inductor fuses the casts into its
-            # own kernels, where SDPA (an external kernel to it) needs float32 copies of every
-            # cached key and value. Compiled bfloat16 decoding: 67.1 against 63.7 tokens/s (2-core
-            # AVX2 EPYC, medians of 9).
-            return plain_attention(q.float(), k.float(), v.float(), attn_mask, False, 0.0).to(q.dtype)
+    """F.scaled_dot_product_attention, except on a CPU:
+    - a compiled decoding step (one query) is written out, in float32, for inductor to fuse into its
+      own kernels: SDPA is an external kernel to it, and needs float32 copies of bfloat16 keys and
+      values where the CPU has no fast bfloat16 (compiled decoding, 2-core AVX2 EPYC: bfloat16 67.1
+      against 63.7 tokens/s, medians of 9; float32 with SDPA's kernel replaced, the attention of 12
+      layers over 256 cached keys about 0.7 ms a token shorter);
+    - bfloat16 is computed in float32 where the CPU has no fast bfloat16 (the result in bfloat16
+      again): there one query over 256 cached keys took 290 us in bfloat16 against 54 us in float32."""
+    slow_bfloat16 = q.dtype == torch.bfloat16 and q.device.type == "cpu" and not _CPU_FAST_BF16
+    if (
+        q.device.type == "cpu" and (q.dtype == torch.float32 or slow_bfloat16)
+        and q.size(-2) == 1 and not dropout_p and not is_causal and torch.compiler.is_compiling()
+    ):
+        return plain_attention(q.float(), k.float(), v.float(), attn_mask, False, 0.0).to(q.dtype)
+    if slow_bfloat16:
         with torch.autocast("cpu", enabled=False):
             y = F.scaled_dot_product_attention(
                 q.float(), k.float(), v.float(), attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal
