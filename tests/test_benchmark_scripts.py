@@ -77,3 +77,16 @@ def test_bench_modern_runs_at_a_tiny_shape_and_times_both_optimizers(tmp_path):
                     / (16384 * fb_ms["gpt2"] + row["gpt2_optimizer_ms"]))
         assert row["ratio_at_preset_step"] == pytest.approx(expected)
         assert row["met"] == (row["ratio_at_preset_step"] <= 1.25)
+
+
+def test_bench_quantized_kernels_runs_at_a_tiny_shape(tmp_path):
+    out = tmp_path / "kernels.json"
+    proc = run_script(["benchmarks/bench_quantized_kernels.py", "--n-layer", "1", "--n-embd", "64", "--vocab", "100",
+                       "--rounds", "1", "--json", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads(out.read_text())
+    assert results["layers"] == 5 and results["weights"] == 4 * 64 * 64 * 3 + 100 * 64
+    assert sorted(results["stack_ms"]) == sorted([
+        "gpt2lab int8", "gpt2lab int8, PyTorch path", "gpt2lab int4", "gpt2lab int4, PyTorch path", "torch.ao int8 (fbgemm)",
+    ])
+    assert all(ms > 0 for ms in results["stack_ms"].values())
