@@ -202,3 +202,40 @@ def test_compiled_graphs_reach_the_layers_through_operators():
         compiled = torch.compile(quantized, backend="eager", fullgraph=True)
         with torch.no_grad():
             assert torch.equal(compiled(x), quantized(x))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_input_gives_nan_on_both_paths_not_a_finite_guess(monkeypatch, bad):
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 8)
+    x = torch.randn(2, 64)
+    x[0, 5] = bad
+    for quantized in (Int8Linear(layer), Int4Linear(layer)):
+        with torch.no_grad():
+            got = quantized(x)
+            with monkeypatch.context() as patch:
+                pytorch_path(patch)
+                want = quantized(x)
+        assert got[0].isnan().all() and want[0].isnan().all()
+        assert torch.isfinite(got[1]).all() and torch.allclose(got[1], want[1], rtol=1e-5, atol=1e-6)
+
+
+def test_layers_cast_to_another_dtype_still_multiply_in_float32():
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 8)
+    x = torch.randn(1, 64)
+    for quantized in (Int8Linear(layer), Int4Linear(layer)):
+        with torch.no_grad():
+            want = quantized(x)
+            quantized.to(torch.bfloat16)  # casts the float buffers (scale, bias), not the packed levels
+            got = quantized(x.bfloat16())
+        assert got.dtype == torch.float32
+        assert torch.allclose(got, want, atol=0.02 * want.abs().max().item())
+
+
+def test_int4_refuses_weights_beyond_float16s_range():
+    model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=64, block_size=8, vocab_size=50, padded_vocab_size=50))
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] = 1e5
+    with pytest.raises(UserError, match="float16's range; use --dtype int8"):
+        quantize(model, "int4")

@@ -114,6 +114,12 @@ def int4_linear(layer: nn.Linear) -> Int4Linear:
             f"--dtype int4 quantizes inputs in groups of {INT4_GROUP_SIZE}, and a layer of this model takes "
             f"{layer.in_features}; use --dtype int8 for this model"
         )
+    largest = layer.weight.detach().abs().max().item()
+    if not largest < torch.finfo(torch.float16).max:
+        raise UserError(
+            f"--dtype int4 keeps each group's scale and minimum in float16, and this model has a weight of "
+            f"{largest:g}, beyond float16's range; use --dtype int8"
+        )
     return Int4Linear(layer)
 
 

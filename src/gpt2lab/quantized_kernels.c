@@ -17,6 +17,7 @@
    even (as torch.round). gpt2lab.quantized_kernels holds the same arithmetic in PyTorch. */
 
 #include <immintrin.h>
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -38,10 +39,20 @@ static inline float sum_f128(__m128 s) {
     return _mm_cvtss_f32(s);
 }
 
-/* Row x (width k) as int8 levels, zero-padded to `padded` inputs; returns its scale. */
+/* Row x (width k) as int8 levels, zero-padded to `padded` inputs; returns its scale, NaN where
+   the row holds NaN or infinity (so that the products are NaN, as in PyTorch, not quietly wrong). */
 static float quantize_row(const float *x, int64_t k, int64_t padded, int8_t *levels) {
     float largest = 0.f;
-    for (int64_t i = 0; i < k; i++) largest = fmaxf(largest, fabsf(x[i]));
+    int finite = 1;
+    for (int64_t i = 0; i < k; i++) {
+        float magnitude = fabsf(x[i]);
+        finite &= magnitude <= FLT_MAX;
+        largest = fmaxf(largest, magnitude);
+    }
+    if (!finite) {
+        for (int64_t i = 0; i < padded; i++) levels[i] = 0;
+        return NAN;
+    }
     float scale = largest / 127.f;
     float inverse = scale > 0.f ? 1.f / scale : 0.f;
     for (int64_t i = 0; i < k; i++) levels[i] = (int8_t)nearbyintf(x[i] * inverse);

@@ -5,7 +5,7 @@ The C kernels are built with the system's C compiler the first time a quantized 
 the gpt2lab cache (`<cache>/kernels/<digest of source and flags>/`), and loaded with ctypes. They
 link the OpenMP runtime that PyTorch has already loaded, so they share its threads. Where they
 cannot run (not Linux on x86-64 with AVX2, no compiler, `GPT2LAB_QUANTIZED_KERNELS=0`), the
-PyTorch path computes the same products, several times slower at batch 1; it also takes inputs of
+PyTorch path computes the same products, ten times slower or more at batch 1; it also takes inputs of
 more than KERNEL_MAX_ROWS rows (a prompt), where one float GEMM on the unpacked weights is faster
 than integer dot products row by row.
 
@@ -95,7 +95,7 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
             return library, None
     if os.environ.get(SWITCH) != "0":
         warnings.warn(f"gpt2lab's int8/int4 CPU kernels are not used: {reason}; quantized layers run "
-                      "through PyTorch instead, several times slower when decoding", stacklevel=3)
+                      "through PyTorch instead, ten times slower or more when decoding", stacklevel=3)
     return None, reason
 
 
@@ -131,8 +131,20 @@ def unpack_int8(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return packed.transpose(1, 2).reshape(blocks * ROWS, chunks * GROUP)[:n, :k]
 
 
+def _kernel_library(x: torch.Tensor, packed: torch.Tensor, rows: int) -> ctypes.CDLL | None:
+    """The C kernels where they take this call: a few rows, in CPU memory (the PyTorch path also
+    serves a layer moved to a GPU)."""
+    library = _library()[0]
+    return library if rows <= KERNEL_MAX_ROWS and x.is_cpu and packed.is_cpu else None
+
+
 def _kernel_input(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
+
+
+def _float32(t: torch.Tensor | None) -> torch.Tensor | None:
+    # The layer's float buffers follow the module's .to(dtype); the C reads float32.
+    return t if t is None or t.dtype == torch.float32 else t.float().contiguous()
 
 
 def int8_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
@@ -140,12 +152,13 @@ def int8_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias
     """x (..., k) @ W.T + bias for the int8 weights W = `scale` * unpack_int8(`packed`)."""
     # Lean on purpose: at batch 1 this wrapper's every tensor operation costs as much as a tenth
     # of a 768 x 768 layer's kernel.
-    library, rows = _library()[0], x.numel() // k
-    if library is None or rows > KERNEL_MAX_ROWS:
+    rows = x.numel() // k
+    library = _kernel_library(x, packed, rows)
+    if library is None:
         levels, x_scale = quantize_rows(x.reshape(rows, k).float())
         y = levels @ unpack_int8(packed, n, k).float().t() * scale * x_scale[:, None]
         return (y if bias is None else y + bias).view(*x.shape[:-1], n)
-    x = _kernel_input(x)
+    x, scale, bias = _kernel_input(x), _float32(scale), _float32(bias)
     y = torch.empty(x.shape[:-1] + (n,))
     library.gpt2lab_int8_linear(x.data_ptr(), rows, k, packed.size(1) * GROUP, packed.data_ptr(), scale.data_ptr(),
                                 None if bias is None else bias.data_ptr(), n, y.data_ptr(), torch.get_num_threads())
@@ -194,12 +207,13 @@ def dequantize_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int, k: int) -> torch.Tensor:
     """x (..., k) @ W.T + bias for the int4 weights W = dequantize_int4(`packed`)."""
-    library, rows = _library()[0], x.numel() // k
-    if library is None or rows > KERNEL_MAX_ROWS:
+    rows = x.numel() // k
+    library = _kernel_library(x, packed, rows)
+    if library is None:
         levels, x_scale = quantize_rows(x.reshape(rows, k).float())
         y = levels @ dequantize_int4(packed, n, k).t() * x_scale[:, None]
         return (y if bias is None else y + bias).view(*x.shape[:-1], n)
-    x = _kernel_input(x)
+    x, bias = _kernel_input(x), _float32(bias)
     y = torch.empty(x.shape[:-1] + (n,))
     library.gpt2lab_int4_linear(x.data_ptr(), rows, k, packed.data_ptr(), None if bias is None else bias.data_ptr(),
                                 n, y.data_ptr(), torch.get_num_threads())
