@@ -5,9 +5,8 @@ The C kernels are built with the system's C compiler the first time a quantized 
 the gpt2lab cache (`<cache>/kernels/<digest of source and flags>/`), and loaded with ctypes. They
 link the OpenMP runtime that PyTorch has already loaded, so they share its threads. Where they
 cannot run (not Linux on x86-64 with AVX2, no compiler, `GPT2LAB_QUANTIZED_KERNELS=0`), the
-PyTorch path computes the same products, ten times slower or more at batch 1; it also takes inputs of
-more than KERNEL_MAX_ROWS rows (a prompt), where one float GEMM on the unpacked weights is faster
-than integer dot products row by row.
+PyTorch path computes the same products, ten times slower or more at batch 1 (it unpacks the
+weights on every call; still twice as slow at 128 rows, so the kernels take inputs of any size).
 
 Both forms quantize the input per row to int8 (x ~ x_scale * levels, x_scale = max|x| / 127):
 - int8: y = (levels @ W_levels.T) * w_scale * x_scale + bias, one weight scale per output row;
@@ -38,9 +37,6 @@ FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-s
 SWITCH = "GPT2LAB_QUANTIZED_KERNELS"
 ROWS = 4  # output rows per packed block (ROWS in the C source)
 GROUP = 32  # inputs per chunk of the packing, and per int4 scale and minimum (CHUNK there)
-# Past this many input rows, unpacking the weights once for a float GEMM beats the kernels' integer
-# products, which read the weights once but redo the arithmetic for every row.
-KERNEL_MAX_ROWS = 16
 
 _pointer, _int64 = ctypes.c_void_p, ctypes.c_int64
 
@@ -131,11 +127,10 @@ def unpack_int8(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return packed.transpose(1, 2).reshape(blocks * ROWS, chunks * GROUP)[:n, :k]
 
 
-def _kernel_library(x: torch.Tensor, packed: torch.Tensor, rows: int) -> ctypes.CDLL | None:
-    """The C kernels where they take this call: a few rows, in CPU memory (the PyTorch path also
+def _kernel_library(x: torch.Tensor, packed: torch.Tensor) -> ctypes.CDLL | None:
+    """The C kernels where they take this call: tensors in CPU memory (the PyTorch path also
     serves a layer moved to a GPU)."""
-    library = _library()[0]
-    return library if rows <= KERNEL_MAX_ROWS and x.is_cpu and packed.is_cpu else None
+    return _library()[0] if x.is_cpu and packed.is_cpu else None
 
 
 def _kernel_input(x: torch.Tensor) -> torch.Tensor:
@@ -153,7 +148,7 @@ def int8_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias
     # Lean on purpose: at batch 1 this wrapper's every tensor operation costs as much as a tenth
     # of a 768 x 768 layer's kernel.
     rows = x.numel() // k
-    library = _kernel_library(x, packed, rows)
+    library = _kernel_library(x, packed)
     if library is None:
         levels, x_scale = quantize_rows(x.reshape(rows, k).float())
         y = levels @ unpack_int8(packed, n, k).float().t() * scale * x_scale[:, None]
@@ -208,7 +203,7 @@ def dequantize_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int, k: int) -> torch.Tensor:
     """x (..., k) @ W.T + bias for the int4 weights W = dequantize_int4(`packed`)."""
     rows = x.numel() // k
-    library = _kernel_library(x, packed, rows)
+    library = _kernel_library(x, packed)
     if library is None:
         levels, x_scale = quantize_rows(x.reshape(rows, k).float())
         y = levels @ dequantize_int4(packed, n, k).t() * x_scale[:, None]
