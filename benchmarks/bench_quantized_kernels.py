@@ -59,7 +59,10 @@ def stacks(shapes: list[tuple[int, int]]) -> dict[str, list]:
         nn.init.normal_(layer.weight, std=0.02)
         floats.append(layer)
     int8 = [Int8Linear(layer) for layer in floats]
-    built = {"gpt2lab int8": int8, "gpt2lab int8, PyTorch path": int8, "torch.ao int8 (fbgemm)": [fbgemm_int8(layer) for layer in floats]}
+    built = {
+        "gpt2lab int8": int8, "gpt2lab int8, PyTorch path": int8,
+        "torch.ao int8 (fbgemm)": [fbgemm_int8(layer) for layer in floats],
+    }
     if all(layer.in_features % kernels.GROUP == 0 for layer in floats):
         int4 = [Int4Linear(layer) for layer in floats]
         built.update({"gpt2lab int4": int4, "gpt2lab int4, PyTorch path": int4})

@@ -28,7 +28,7 @@ def reference_int8(layer: Int8Linear, x: torch.Tensor) -> torch.Tensor:
     """The int8 product spelled out: integer levels of x (one scale per row) times the weights'."""
     rows = x.reshape(-1, layer.in_features)
     x_scale = rows.abs().amax(1) / 127
-    x_levels = (rows / x_scale[:, None]).round()
+    x_levels = (rows * (1 / x_scale)[:, None]).round()  # by the reciprocal, as the kernels
     w_levels = kernels.unpack_int8(layer.packed, layer.out_features, layer.in_features).float()
     y = (x_levels @ w_levels.t()) * layer.scale * x_scale[:, None]
     return (y if layer.bias is None else y + layer.bias).view(*x.shape[:-1], layer.out_features)
@@ -68,20 +68,48 @@ def test_int8_kernel_equals_the_integer_arithmetic_exactly(out_features, in_feat
 
 
 @needs_kernels
-@pytest.mark.parametrize("out_features, in_features", [(100, 64), (2304, 768), (768, 3072)])
+@pytest.mark.parametrize("out_features, in_features", [(10, 64), (37, 768), (100, 64), (2304, 768), (768, 3072)])
 def test_int4_kernel_equals_pytorch_on_the_same_weights(monkeypatch, out_features, in_features):
     torch.manual_seed(0)
     layer = nn.Linear(in_features, out_features)
     quantized = Int4Linear(layer)
     x = torch.randn(3, 5, in_features)
     with torch.no_grad():
-        for rows in (x[:1, :1], x[:1, :3], x[:, :5].reshape(1, 15, in_features)):
+        strided = torch.randn(in_features, 3).t()
+        for rows in (x[:1, :1], x[:1, :3], x[:, :5].reshape(1, 15, in_features), strided):
             got = quantized(rows)
             with monkeypatch.context() as patch:
                 pytorch_path(patch)
                 want = quantized(rows)
             # The same products, summed in another order.
             assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@needs_kernels
+def test_int8_kernel_takes_strided_inputs_and_refuses_a_wrong_width():
+    torch.manual_seed(0)
+    quantized = Int8Linear(nn.Linear(96, 40))
+    strided = torch.randn(96, 3).t()
+    assert not strided.is_contiguous()
+    with torch.no_grad():
+        assert torch.equal(quantized(strided), reference_int8(quantized, strided.contiguous()))
+        for wrong in (torch.randn(1, 192), torch.randn(2, 48)):  # as many numbers as rows of 96
+            with pytest.raises(ValueError, match="of 96 inputs was given"):
+                quantized(wrong)
+
+
+def test_rows_of_zeros_or_of_tiny_values_give_the_bias(monkeypatch):
+    layer = nn.Linear(64, 8)
+    x = torch.zeros(3, 64)
+    x[1, 0] = 1e-40  # a subnormal scale, whose reciprocal would overflow
+    for quantized in (Int8Linear(layer), Int4Linear(layer)):
+        with torch.no_grad():
+            for patch_path in (False, True):
+                with monkeypatch.context() as patch:
+                    if patch_path:
+                        pytorch_path(patch)
+                    got = quantized(x)
+                assert torch.equal(got, layer.bias.detach().expand(3, 8)), (type(quantized), patch_path)
 
 
 def test_int8_pytorch_path_takes_the_same_arithmetic(monkeypatch):

@@ -133,7 +133,7 @@ def scaled_dot_product_attention(
 
 def plain_attention(q, k, v, attn_mask, is_causal, dropout_p):
     """Reference attention written out step by step (used by tests, the `plain` setting, and a
-    compiled bfloat16 decoding step on CPUs without fast bfloat16)."""
+    compiled decoding step on a CPU)."""
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
     if is_causal:
         Tq, Tk = q.size(-2), k.size(-2)

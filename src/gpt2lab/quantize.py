@@ -25,7 +25,8 @@ from .model import GPT
 
 # Defined through torch.library's low-level API: torch.library.custom_op's Python wrapper costs
 # about 40 us a call, more than the kernel of a 768x768 layer at batch 1. A compiled graph cannot
-# trace a ctypes call; it calls these operators instead, which eager layers skip.
+# trace a ctypes call; it calls these operators instead, which eager layers skip. CPU only, as
+# quantized models are.
 _LIBRARY = torch.library.Library("gpt2lab", "FRAGMENT")
 _LIBRARY.define("int8_linear(Tensor x, Tensor packed, Tensor scale, Tensor? bias, int n, int k) -> Tensor")
 _LIBRARY.define("int4_linear(Tensor x, Tensor packed, Tensor? bias, int n, int k) -> Tensor")
@@ -33,13 +34,16 @@ _LIBRARY.impl("int8_linear", kernels.int8_linear, "CPU")
 _LIBRARY.impl("int4_linear", kernels.int4_linear, "CPU")
 
 
-def _output_shape(x: torch.Tensor, *args) -> torch.Tensor:
-    n = args[-2]
+def _int8_output(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, n: int, k: int):
     return x.new_empty(*x.shape[:-1], n, dtype=torch.float32)
 
 
-torch.library.register_fake("gpt2lab::int8_linear", _output_shape, lib=_LIBRARY)
-torch.library.register_fake("gpt2lab::int4_linear", _output_shape, lib=_LIBRARY)
+def _int4_output(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int, k: int):
+    return x.new_empty(*x.shape[:-1], n, dtype=torch.float32)
+
+
+torch.library.register_fake("gpt2lab::int8_linear", _int8_output, lib=_LIBRARY)
+torch.library.register_fake("gpt2lab::int4_linear", _int4_output, lib=_LIBRARY)
 
 
 def _float_bias(layer: nn.Linear) -> torch.Tensor | None:
@@ -104,10 +108,6 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={INT4_GROUP_SIZE}"
 
 
-def int8_linear(layer: nn.Linear) -> Int8Linear:
-    return Int8Linear(layer)
-
-
 def int4_linear(layer: nn.Linear) -> Int4Linear:
     if layer.in_features % INT4_GROUP_SIZE:
         raise UserError(
@@ -123,7 +123,7 @@ def int4_linear(layer: nn.Linear) -> Int4Linear:
     return Int4Linear(layer)
 
 
-QUANTIZERS = {"int8": int8_linear, "int4": int4_linear}
+QUANTIZERS = {"int8": Int8Linear, "int4": int4_linear}
 
 
 def quantize(model: GPT, precision: str) -> GPT:

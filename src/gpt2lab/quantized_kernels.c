@@ -54,7 +54,8 @@ static float quantize_row(const float *x, int64_t k, int64_t padded, int8_t *lev
         return NAN;
     }
     float scale = largest / 127.f;
-    float inverse = scale > 0.f ? 1.f / scale : 0.f;
+    /* A subnormal scale's reciprocal overflows: such a row is taken as zeros (in PyTorch too). */
+    float inverse = scale >= FLT_MIN ? 1.f / scale : 0.f;
     for (int64_t i = 0; i < k; i++) levels[i] = (int8_t)nearbyintf(x[i] * inverse);
     for (int64_t i = k; i < padded; i++) levels[i] = 0;
     return scale;

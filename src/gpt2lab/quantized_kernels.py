@@ -21,6 +21,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -33,7 +34,10 @@ import torch
 from .cache import cache_dir
 
 SOURCE = Path(__file__).with_name("quantized_kernels.c")
-FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+# No contraction into fused multiply-adds: the int8 kernel's results stay bit for bit the PyTorch
+# path's with compilers that contract by default (clang).
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+BUILD_TIMEOUT_S = 300
 SWITCH = "GPT2LAB_QUANTIZED_KERNELS"
 ROWS = 4  # output rows per packed block (ROWS in the C source)
 GROUP = 32  # inputs per chunk of the packing, and per int4 scale and minimum (CHUNK there)
@@ -41,8 +45,12 @@ GROUP = 32  # inputs per chunk of the packing, and per int4 scale and minimum (C
 _pointer, _int64 = ctypes.c_void_p, ctypes.c_int64
 
 
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+def _compiler() -> list[str] | None:
+    """The C compiler's command ($CC may carry words of its own, as "ccache gcc")."""
+    if os.environ.get("CC"):
+        return shlex.split(os.environ["CC"])
+    found = shutil.which("cc") or shutil.which("gcc")
+    return [found] if found else None
 
 
 def _why_not_here() -> str | None:
@@ -57,9 +65,9 @@ def _why_not_here() -> str | None:
     return None
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: list[str]) -> Path:
     """The kernels' shared library, compiled once per source, flags and compiler."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([*compiler, *FLAGS]).encode()).hexdigest()[:16]
     library = cache_dir() / "kernels" / digest / "libgpt2lab_quantized.so"
     if library.exists():
         return library
@@ -67,9 +75,10 @@ def _build(compiler: str) -> Path:
     handle, building = tempfile.mkstemp(dir=library.parent, suffix=".so.partial")
     os.close(handle)
     try:
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", building], capture_output=True, text=True)
+        result = subprocess.run([*compiler, *FLAGS, str(SOURCE), "-o", building], capture_output=True, text=True,
+                                timeout=BUILD_TIMEOUT_S)
         if result.returncode:
-            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
+            raise RuntimeError(f"{shlex.join(compiler)} failed: {result.stderr.strip()[-500:]}")
         os.replace(building, library)  # another process building the same library is harmless
     finally:
         Path(building).unlink(missing_ok=True)
@@ -82,10 +91,12 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
     if reason is None:
         try:
             library = ctypes.CDLL(str(_build(_compiler())))
-        except (OSError, RuntimeError) as error:
+        except (OSError, RuntimeError, subprocess.SubprocessError) as error:
             reason = f"they could not be built ({error})"
         else:
-            library.gpt2lab_int8_linear.argtypes = [_pointer, _int64, _int64, _int64, _pointer, _pointer, _pointer, _int64, _pointer, _int64]
+            library.gpt2lab_int8_linear.argtypes = [
+                _pointer, _int64, _int64, _int64, _pointer, _pointer, _pointer, _int64, _pointer, _int64,
+            ]
             library.gpt2lab_int4_linear.argtypes = [_pointer, _int64, _int64, _pointer, _pointer, _int64, _pointer, _int64]
             library.gpt2lab_int8_linear.restype = library.gpt2lab_int4_linear.restype = None
             return library, None
@@ -107,7 +118,8 @@ def _padded(k: int) -> int:
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(levels, x_scale) of a (m, k) float32 input, as the C kernels compute them."""
     x_scale = x.abs().amax(1) / 127
-    inverse = torch.where(x_scale > 0, 1 / x_scale, torch.zeros_like(x_scale))
+    usable = x_scale >= torch.finfo(torch.float32).tiny  # see quantize_row in the C
+    inverse = torch.where(usable, 1 / x_scale, torch.zeros_like(x_scale))
     return (x * inverse[:, None]).round(), x_scale
 
 
@@ -127,10 +139,12 @@ def unpack_int8(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return packed.transpose(1, 2).reshape(blocks * ROWS, chunks * GROUP)[:n, :k]
 
 
-def _kernel_library(x: torch.Tensor, packed: torch.Tensor) -> ctypes.CDLL | None:
-    """The C kernels where they take this call: tensors in CPU memory (the PyTorch path also
-    serves a layer moved to a GPU)."""
-    return _library()[0] if x.is_cpu and packed.is_cpu else None
+def _kernel_library(x: torch.Tensor, packed: torch.Tensor, k: int) -> ctypes.CDLL | None:
+    """The C kernels where they take this call: tensors in CPU memory, some rows (the PyTorch path
+    also serves an eager layer moved to a GPU)."""
+    if x.size(-1) != k:  # the C would read and write past the tensors' ends
+        raise ValueError(f"a quantized layer of {k} inputs was given {x.size(-1)}")
+    return _library()[0] if x.is_cpu and packed.is_cpu and x.numel() else None
 
 
 def _kernel_input(x: torch.Tensor) -> torch.Tensor:
@@ -148,13 +162,13 @@ def int8_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias
     # Lean on purpose: at batch 1 this wrapper's every tensor operation costs as much as a tenth
     # of a 768 x 768 layer's kernel.
     rows = x.numel() // k
-    library = _kernel_library(x, packed)
+    library = _kernel_library(x, packed, k)
     if library is None:
         levels, x_scale = quantize_rows(x.reshape(rows, k).float())
         y = levels @ unpack_int8(packed, n, k).float().t() * scale * x_scale[:, None]
         return (y if bias is None else y + bias).view(*x.shape[:-1], n)
     x, scale, bias = _kernel_input(x), _float32(scale), _float32(bias)
-    y = torch.empty(x.shape[:-1] + (n,))
+    y = torch.empty(x.shape[:-1] + (n,), dtype=torch.float32, device="cpu")
     library.gpt2lab_int8_linear(x.data_ptr(), rows, k, packed.size(1) * GROUP, packed.data_ptr(), scale.data_ptr(),
                                 None if bias is None else bias.data_ptr(), n, y.data_ptr(), torch.get_num_threads())
     return y
@@ -173,6 +187,7 @@ def pack_int4(levels: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) 
     rows = n + -n % ROWS
     levels = torch.nn.functional.pad(levels.to(torch.uint8), (0, 0, 0, rows - n)).view(rows // ROWS, ROWS, -1, GROUP)
     nibbles = (levels[..., : GROUP // 2] | (levels[..., GROUP // 2 :] << 4)).transpose(1, 2)
+
     def per_block(values: torch.Tensor) -> torch.Tensor:
         values = torch.nn.functional.pad(values.to(torch.float16), (0, 0, 0, rows - n))
         return values.view(rows // ROWS, ROWS, -1).transpose(1, 2).contiguous().view(torch.uint8)
@@ -203,13 +218,13 @@ def dequantize_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int, k: int) -> torch.Tensor:
     """x (..., k) @ W.T + bias for the int4 weights W = dequantize_int4(`packed`)."""
     rows = x.numel() // k
-    library = _kernel_library(x, packed)
+    library = _kernel_library(x, packed, k)
     if library is None:
         levels, x_scale = quantize_rows(x.reshape(rows, k).float())
         y = levels @ dequantize_int4(packed, n, k).t() * x_scale[:, None]
         return (y if bias is None else y + bias).view(*x.shape[:-1], n)
     x, bias = _kernel_input(x), _float32(bias)
-    y = torch.empty(x.shape[:-1] + (n,))
+    y = torch.empty(x.shape[:-1] + (n,), dtype=torch.float32, device="cpu")
     library.gpt2lab_int4_linear(x.data_ptr(), rows, k, packed.data_ptr(), None if bias is None else bias.data_ptr(),
                                 n, y.data_ptr(), torch.get_num_threads())
     return y
