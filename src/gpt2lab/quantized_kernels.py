@@ -140,8 +140,8 @@ def unpack_int8(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 
 def _kernel_library(x: torch.Tensor, packed: torch.Tensor, k: int) -> ctypes.CDLL | None:
-    """The C kernels where they take this call: tensors in CPU memory, some rows (the PyTorch path
-    also serves an eager layer moved to a GPU)."""
+    """The C kernels where they take this call: tensors in CPU memory and at least one row (the
+    PyTorch path also serves an eager layer moved to a GPU)."""
     if x.size(-1) != k:  # the C would read and write past the tensors' ends
         raise ValueError(f"a quantized layer of {k} inputs was given {x.size(-1)}")
     return _library()[0] if x.is_cpu and packed.is_cpu and x.numel() else None
