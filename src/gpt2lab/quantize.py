@@ -64,10 +64,6 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale.contiguous())
         self.register_buffer("bias", _float_bias(layer))
 
-    def dequantized_weight(self) -> torch.Tensor:
-        """The float32 (out, in) matrix the layer multiplies by (for tests and quality checks)."""
-        return kernels.unpack_int8(self.packed, self.out_features, self.in_features).float() * self.scale[:, None]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         operator = torch.ops.gpt2lab.int8_linear if torch.compiler.is_compiling() else kernels.int8_linear
         return operator(x, self.packed, self.scale, self.bias, self.out_features, self.in_features)

@@ -151,6 +151,19 @@ def _kernel_input(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
 
 
+def _in_pytorch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernels' arithmetic in PyTorch: x's int8 levels @ `weight`.T (float32 (n, k)), times
+    the weights' per-row scale if any and x's scale, plus the bias."""
+    n, k = weight.shape
+    levels, x_scale = quantize_rows(x.reshape(-1, k).float())
+    y = levels @ weight.t()
+    if weight_scale is not None:
+        y = y * weight_scale
+    y = y * x_scale[:, None]
+    return (y if bias is None else y + bias).view(*x.shape[:-1], n)
+
+
 def _float32(t: torch.Tensor | None) -> torch.Tensor | None:
     # The layer's float buffers follow the module's .to(dtype); the C reads float32.
     return t if t is None or t.dtype == torch.float32 else t.float().contiguous()
@@ -161,12 +174,10 @@ def int8_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias
     """x (..., k) @ W.T + bias for the int8 weights W = `scale` * unpack_int8(`packed`)."""
     # Lean on purpose: at batch 1 this wrapper's every tensor operation costs as much as a tenth
     # of a 768 x 768 layer's kernel.
-    rows = x.numel() // k
     library = _kernel_library(x, packed, k)
     if library is None:
-        levels, x_scale = quantize_rows(x.reshape(rows, k).float())
-        y = levels @ unpack_int8(packed, n, k).float().t() * scale * x_scale[:, None]
-        return (y if bias is None else y + bias).view(*x.shape[:-1], n)
+        return _in_pytorch(x, unpack_int8(packed, n, k).float(), bias, weight_scale=scale)
+    rows = x.numel() // k
     x, scale, bias = _kernel_input(x), _float32(scale), _float32(bias)
     y = torch.empty(x.shape[:-1] + (n,), dtype=torch.float32, device="cpu")
     library.gpt2lab_int8_linear(x.data_ptr(), rows, k, packed.size(1) * GROUP, packed.data_ptr(), scale.data_ptr(),
@@ -217,12 +228,10 @@ def dequantize_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int, k: int) -> torch.Tensor:
     """x (..., k) @ W.T + bias for the int4 weights W = dequantize_int4(`packed`)."""
-    rows = x.numel() // k
     library = _kernel_library(x, packed, k)
     if library is None:
-        levels, x_scale = quantize_rows(x.reshape(rows, k).float())
-        y = levels @ dequantize_int4(packed, n, k).t() * x_scale[:, None]
-        return (y if bias is None else y + bias).view(*x.shape[:-1], n)
+        return _in_pytorch(x, dequantize_int4(packed, n, k), bias)
+    rows = x.numel() // k
     x, bias = _kernel_input(x), _float32(bias)
     y = torch.empty(x.shape[:-1] + (n,), dtype=torch.float32, device="cpu")
     library.gpt2lab_int4_linear(x.data_ptr(), rows, k, packed.data_ptr(), None if bias is None else bias.data_ptr(),
