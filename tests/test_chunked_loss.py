@@ -59,6 +59,23 @@ def test_loss_and_gradients_match_the_full_logits_loss(small_chunks, options):
     for name in want:
         assert torch.allclose(got[name], want[name], atol=1e-5, rtol=1e-4), name
     assert got["lm_head.weight" if "lm_head.weight" in got else "transformer.wte.weight"].abs().sum() > 0
+    assert all(grad.layout == torch.strided for grad in got.values())  # the optimizers take no sparse one
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_backward_twice_through_a_kept_graph_doubles_the_gradients(small_chunks, scale):
+    # At scale 1 the loss hands its saved gradients on as they are; autograd must not let the
+    # tied embedding's rows be added into them in place while the graph still holds them.
+    torch.manual_seed(0)
+    model = GPT(tiny())
+    idx, targets = torch.randint(0, 100, (2, 11)), torch.randint(0, 100, (2, 11))
+    _, once = loss_and_grads(model, lambda m, i, t: chunked_loss(m, i, t) * scale, idx, targets)
+    model.zero_grad(set_to_none=True)
+    loss = chunked_loss(model, idx, targets) * scale
+    loss.backward(retain_graph=True)
+    loss.backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, 2 * once[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_float64_matches_and_ignored_targets_carry_no_gradient(small_chunks):
@@ -98,6 +115,25 @@ def test_bf16_autocast_matches_the_full_logits_loss_to_bf16_precision(small_chun
         assert got[name].dtype == torch.float32
         scale = want[name].abs().max().item() + 1e-6
         assert (got[name] - want[name]).abs().max().item() < 0.02 * scale, name
+
+
+def test_bf16_autocast_keeps_the_loss_in_float32_where_the_cpu_lacks_fast_bfloat16(small_chunks, monkeypatch):
+    # There bfloat16 products cost time and the chunked head saves no memory by them.
+    monkeypatch.setattr(ops, "_CPU_FAST_BF16", False)
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 9, 32, requires_grad=True)
+    weight = torch.randn(128, 32, requires_grad=True)
+    targets = torch.randint(0, 100, (2, 9))
+    want = ops.linear_cross_entropy(hidden, weight, targets)
+    want_grads = torch.autograd.grad(want, (hidden, weight))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ops.linear_cross_entropy(hidden, weight, targets)
+    assert torch.equal(got, want)
+    for g, w in zip(torch.autograd.grad(got, (hidden, weight)), want_grads):
+        assert torch.equal(g, w)
+    monkeypatch.setattr(ops, "_CPU_FAST_BF16", True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not torch.equal(ops.linear_cross_entropy(hidden, weight, targets), want)
 
 
 class LargestTensor(TorchDispatchMode):

@@ -123,6 +123,62 @@ def test_onednn_linear_matches_torch_forward_and_backward(bias):
         assert torch.allclose(got, want, atol=1e-4)
 
 
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
+def test_bfloat16_autocast_linear_runs_in_float32_where_the_cpu_lacks_fast_bfloat16(monkeypatch, input_dtype):
+    # As autocast: the input rounded to bfloat16, the output bfloat16; but the products in
+    # float32 with the float32 weight, and the weight's and bias's gradients in float32.
+    from gpt2lab import ops
+
+    monkeypatch.setattr(ops, "_CPU_FAST_BF16", False)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 24, generator=g).to(input_dtype).requires_grad_()
+    weight = torch.randn(40, 24, generator=g, requires_grad=True)
+    bias = torch.randn(40, generator=g, requires_grad=True)
+    grad_out = torch.randn(3, 5, 40, generator=g).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ops.linear(x, weight, bias)
+        native = F.linear(x, weight, bias)
+    x16 = x.detach().to(torch.bfloat16).float()
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, F.linear(x16, weight.detach(), bias.detach()).to(torch.bfloat16))
+    torch.testing.assert_close(y.float(), native.float(), atol=0.05, rtol=2**-6)
+    y.backward(grad_out)
+    g32 = grad_out.float().view(-1, 40)
+    assert x.grad.dtype == input_dtype and weight.grad.dtype == torch.float32
+    assert torch.equal(x.grad, (g32 @ weight.detach()).view(3, 5, 24).to(input_dtype))
+    assert torch.equal(weight.grad, g32.t() @ x16.view(-1, 24))
+    assert torch.equal(bias.grad, g32.sum(0))
+
+
+def test_bfloat16_autocast_linear_is_autocasts_own_where_the_cpu_has_fast_bfloat16(monkeypatch):
+    from gpt2lab import ops
+
+    monkeypatch.setattr(ops, "_CPU_FAST_BF16", True)
+    x, weight = torch.randn(4, 24), torch.randn(40, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(ops.linear(x, weight), F.linear(x, weight))
+
+
+def test_compiled_bfloat16_autocast_linear_matches_eager_where_the_cpu_lacks_fast_bfloat16(monkeypatch):
+    from gpt2lab import ops
+
+    monkeypatch.setattr(ops, "_CPU_FAST_BF16", False)
+    g = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(6, 24, generator=g), torch.randn(40, 24, generator=g, requires_grad=True)
+
+    def forward(x, weight):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return ops.linear(x, weight)
+
+    eager = forward(x, weight)
+    eager.float().square().sum().backward()
+    eager_grad, weight.grad = weight.grad, None
+    compiled = torch.compile(forward, backend="aot_eager", fullgraph=True)(x, weight)
+    compiled.float().square().sum().backward()
+    assert compiled.dtype == torch.bfloat16 and torch.equal(compiled, eager)
+    assert torch.equal(weight.grad, eager_grad)
+
+
 def test_bf16_autocast_training_step_runs_and_matches_fp32_roughly():
     torch.manual_seed(0)
     model = GPT(tiny_config())

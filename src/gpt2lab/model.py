@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GPTConfig
-from .ops import Linear, apply_rope, linear_cross_entropy, plain_attention, rope_tables, scaled_dot_product_attention
+from .ops import Linear, apply_rope, gelu_tanh, linear_cross_entropy, plain_attention, rope_tables, scaled_dot_product_attention
 
 if TYPE_CHECKING:
     from .kv_cache import CacheRows
@@ -106,7 +106,7 @@ class MLP(nn.Module):
         elif self.activation == "relu2":
             h = F.relu(h).square()
         else:
-            h = F.gelu(h, approximate="tanh")
+            h = gelu_tanh(h)
         return self.dropout(self.c_proj(h))
 
 

@@ -5,7 +5,8 @@ CPU with AVX-512 oneDNN's matmul is about twice as fast and float32/bfloat16 lin
 through oneDNN. Elsewhere MKL is as fast or faster (a float32 linear layer's forward and backward
 took 1.3x longer through oneDNN on an Intel Xeon with AMX, 1.2-1.3x on an AVX2-only AMD EPYC),
 so they stay F.linear. Autocast and torch.compile choose their own kernels, so inside them this
-is plain F.linear everywhere.
+is plain F.linear, except bfloat16 autocast on a CPU without fast bfloat16, whose products run in
+float32 (`_BFloat16ActivationsLinear`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from . import fused_kernels
 
 
 def _cpu_is_amd_with_avx512() -> bool:
@@ -81,10 +84,56 @@ def _uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, routed to oneDNN where `_uses_onednn` says so."""
+    """F.linear, routed to oneDNN where `_uses_onednn` says so, and to float32 products where
+    bfloat16 autocast would run on a CPU without fast bfloat16 (`_emulates_bfloat16_autocast`)."""
     if _uses_onednn(x, weight):
         return onednn_linear(x, weight, bias)
+    if _emulates_bfloat16_autocast(x, weight):
+        with torch.autocast("cpu", enabled=False):
+            return _BFloat16ActivationsLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def _emulates_bfloat16_autocast(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether bfloat16 autocast is on for a float32 layer on a CPU without fast bfloat16. There
+    PyTorch's bfloat16 matmul converts element by element: a (1024, 768) x (768, 3072) product took
+    250 ms against 40 ms in float32 (AVX2-only EPYC), and 44 s against 0.36 s at 8192 rows."""
+    return (
+        not _CPU_FAST_BF16
+        and x.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    )
+
+
+class _BFloat16ActivationsLinear(torch.autograd.Function):
+    """A linear layer as bfloat16 autocast runs it, but with float32 products: the input is rounded
+    to bfloat16 and kept so for backward, and the output is bfloat16, as autocast's are; the
+    products take the float32 weight as it is (autocast would round it to bfloat16 too) and
+    accumulate in float32, as a bfloat16 GEMM does. For CPUs without fast bfloat16 only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        x16 = x.to(torch.bfloat16)
+        ctx.save_for_backward(x16, weight)
+        ctx.has_bias = bias is not None
+        ctx.input_dtype = x.dtype
+        return F.linear(x16.float(), weight, bias).to(torch.bfloat16)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x16, weight = ctx.saved_tensors
+        grad_2d = grad_out.reshape(-1, grad_out.shape[-1]).float()
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_2d @ weight).view(x16.shape).to(ctx.input_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = grad_2d.t() @ x16.reshape(-1, x16.shape[-1]).float()
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_2d.sum(0)
+        return grad_x, grad_w, grad_b
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -102,6 +151,26 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+
+class _GeluTanh(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return fused_kernels.gelu_tanh_forward(x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        (x,) = ctx.saved_tensors
+        return fused_kernels.gelu_tanh_backward(x, grad_y)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """F.gelu(x, approximate="tanh"), in gpt2lab's fused kernels for float32 on a CPU."""
+    if fused_kernels.available(x):
+        return _GeluTanh.apply(x)
+    return F.gelu(x, approximate="tanh")
 
 
 def scaled_dot_product_attention(
@@ -225,13 +294,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits = linear(h[part], w).to(acc)
             if softcap:
                 logits = softcap * torch.tanh(logits / softcap)
-            # One log-softmax pass gives the loss and, exponentiated in place, the softmax.
-            log_probs = torch.log_softmax(logits, dim=-1)
-            nll = -log_probs.gather(1, picked[part])[:, 0]
+            # The kernel turns the logits into the gradient in place; soft-capping needs them after.
+            if not softcap and fused_kernels.available(logits):
+                nll = fused_kernels.softmax_cross_entropy_(logits, picked[part, 0])
+                grad = logits
+            else:
+                # One log-softmax pass gives the loss and, exponentiated in place, the softmax.
+                log_probs = torch.log_softmax(logits, dim=-1)
+                nll = -log_probs.gather(1, picked[part])[:, 0]
+                if need_h or need_w:
+                    grad = log_probs.exp_()
+                    grad.scatter_add_(1, picked[part], torch.full_like(nll[:, None], -1.0))
             total += torch.where(valid[part], nll, 0).sum()
             if need_h or need_w:
-                grad = log_probs.exp_()
-                grad.scatter_add_(1, picked[part], torch.full_like(nll[:, None], -1.0))
                 if softcap:
                     grad *= 1 - (logits / softcap).square()
                 grad = grad.to(dtype)
@@ -253,8 +328,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
         shape, hidden_dtype, weight_dtype = ctx.input_types
-        grad_hidden = None if grad_h is None else (grad_h * grad_loss).view(shape).to(hidden_dtype)
-        grad_weight = None if grad_w is None else (grad_w * grad_loss).to(weight_dtype)
+        # The loss itself differentiated (no accumulation, no scaler) scales by exactly 1: the
+        # gradients go on as computed, a pass over the (vocab, n_embd) one and its copy saved.
+        # (Autograd copies them before changing them in place while the graph still holds them.)
+        eager_cpu = grad_loss.device.type == "cpu" and not torch.compiler.is_compiling()
+        if not (eager_cpu and grad_loss.item() == 1.0):
+            grad_h = None if grad_h is None else grad_h * grad_loss
+            grad_w = None if grad_w is None else grad_w * grad_loss
+        grad_hidden = None if grad_h is None else grad_h.view(shape).to(hidden_dtype)
+        grad_weight = None if grad_w is None else grad_w.to(weight_dtype)
         return grad_hidden, grad_weight, None, None, None, None, None
 
 
@@ -264,9 +346,11 @@ def linear_cross_entropy(
     """F.cross_entropy(softcap(hidden @ weight.T).float(), targets, ignore_index=-1) without the
     full logits: hidden (..., n_embd), weight (rows, n_embd), targets (...) of row indices or -1.
     The matmuls run in autocast's dtype where it is on (as a linear layer's would), the softmax in
-    float32; every row of the weight takes part, as in the loss over the full logits."""
+    float32; every row of the weight takes part, as in the loss over the full logits. Where the
+    CPU has no fast bfloat16, bfloat16 autocast leaves the matmuls in float32: no activation of the
+    head outlives its chunk, so bfloat16 would save no memory there, only time lost."""
     device = hidden.device.type
-    if torch.is_autocast_enabled(device):
+    if torch.is_autocast_enabled(device) and not _emulates_bfloat16_autocast(hidden, weight):
         dtype = torch.get_autocast_dtype(device)
     else:
         dtype = torch.promote_types(hidden.dtype, weight.dtype)

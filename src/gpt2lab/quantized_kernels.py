@@ -1,9 +1,7 @@
 """The matrix products of gpt2lab's int8 and int4 layers: packed weights, the AVX2 kernels of
 `quantized_kernels.c`, and the same arithmetic in PyTorch.
 
-The C kernels are built with the system's C compiler the first time a quantized layer runs, into
-the gpt2lab cache (`<cache>/kernels/<digest of source and flags>/`), and loaded with ctypes. They
-link the OpenMP runtime that PyTorch has already loaded, so they share its threads. Where they
+The C kernels are built the first time a quantized layer runs and loaded as `native` says. Where they
 cannot run (not Linux on x86-64 with AVX2, no compiler, `GPT2LAB_QUANTIZED_KERNELS=0`), the
 PyTorch path computes the same products, ten times slower or more at batch 1 (it unpacks the
 weights on every call; still twice as slow at 128 rows, so the kernels take inputs of any size).
@@ -18,26 +16,15 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
-import platform
-import shlex
-import shutil
-import subprocess
-import sys
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
-from .cache import cache_dir
+from . import native
 
 SOURCE = Path(__file__).with_name("quantized_kernels.c")
-# No contraction into fused multiply-adds: the int8 kernel's results stay bit for bit the PyTorch
-# path's with compilers that contract by default (clang).
-FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
-BUILD_TIMEOUT_S = 300
 SWITCH = "GPT2LAB_QUANTIZED_KERNELS"
 ROWS = 4  # output rows per packed block (ROWS in the C source)
 GROUP = 32  # inputs per chunk of the packing, and per int4 scale and minimum (CHUNK there)
@@ -46,54 +33,23 @@ _pointer, _int64 = ctypes.c_void_p, ctypes.c_int64
 
 
 def _compiler() -> list[str] | None:
-    """The C compiler's command ($CC may carry words of its own, as "ccache gcc")."""
-    if os.environ.get("CC"):
-        return shlex.split(os.environ["CC"])
-    found = shutil.which("cc") or shutil.which("gcc")
-    return [found] if found else None
+    return native.compiler()
 
 
 def _why_not_here() -> str | None:
-    if os.environ.get(SWITCH) == "0":
-        return f"{SWITCH}=0"
-    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return f"they are for Linux on x86-64, and this is {sys.platform} on {platform.machine()}"
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return "this CPU has no AVX2"
-    if _compiler() is None:
-        return "no C compiler (cc, gcc, or $CC) was found"
-    return None
+    return native.why_not_here(SWITCH)
 
 
 def _build(compiler: list[str]) -> Path:
-    """The kernels' shared library, compiled once per source, flags and compiler."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([*compiler, *FLAGS]).encode()).hexdigest()[:16]
-    library = cache_dir() / "kernels" / digest / "libgpt2lab_quantized.so"
-    if library.exists():
-        return library
-    library.parent.mkdir(parents=True, exist_ok=True)
-    handle, building = tempfile.mkstemp(dir=library.parent, suffix=".so.partial")
-    os.close(handle)
-    try:
-        result = subprocess.run([*compiler, *FLAGS, str(SOURCE), "-o", building], capture_output=True, text=True,
-                                timeout=BUILD_TIMEOUT_S)
-        if result.returncode:
-            raise RuntimeError(f"{shlex.join(compiler)} failed: {result.stderr.strip()[-500:]}")
-        os.replace(building, library)  # another process building the same library is harmless
-    finally:
-        Path(building).unlink(missing_ok=True)
-    return library
+    return native.build(SOURCE, "libgpt2lab_quantized.so", compiler)
 
 
 @functools.cache
 def _library() -> tuple[ctypes.CDLL | None, str | None]:
     reason = _why_not_here()
     if reason is None:
-        try:
-            library = ctypes.CDLL(str(_build(_compiler())))
-        except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-            reason = f"they could not be built ({error})"
-        else:
+        library, reason = native.load(SOURCE, "libgpt2lab_quantized.so", _compiler())
+        if library is not None:
             library.gpt2lab_int8_linear.argtypes = [
                 _pointer, _int64, _int64, _int64, _pointer, _pointer, _pointer, _int64, _pointer, _int64,
             ]

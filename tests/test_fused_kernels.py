@@ -1,0 +1,147 @@
+"""gpt2lab's fused float32 CPU kernels (`fused_kernels`): the tanh GELU and its gradient, and the
+softmax cross-entropy of a chunk of logits, against PyTorch's operators, and their fallbacks."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt2lab import fused_kernels, ops
+
+needs_kernels = pytest.mark.skipif(not fused_kernels.available(torch.zeros(1)), reason="the fused kernels do not run here")
+
+
+def awkward_values(n: int) -> torch.Tensor:
+    """Normal values at several scales, the tails of the GELU, zero and tiny values, n of them."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(n // 2, generator=g), 8 * torch.randn(n - n // 2, generator=g)])
+    special = torch.tensor([0.0, 1e-30, -1e-30, 1e-3, -20.0, 20.0, -200.0, 200.0])[:n]
+    x[: len(special)] = special
+    return x
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(3, 1000), (7, 13), (5,)], ids=["whole-vectors", "ragged", "short"])
+def test_gelu_and_its_gradient_equal_pytorchs_to_float32_rounding(shape):
+    x = awkward_values(torch.Size(shape).numel()).view(shape)
+    grad_y = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    exact = x.double().requires_grad_()
+    F.gelu(exact, approximate="tanh").backward(grad_y.double())
+    y = fused_kernels.gelu_tanh_forward(x)
+    grad_x = fused_kernels.gelu_tanh_backward(x, grad_y)
+    eps = torch.finfo(torch.float32).eps
+    # Within two float32 roundings of the exact value, as PyTorch's own operators are.
+    assert ((y.double() - F.gelu(x.double(), approximate="tanh")).abs() <= 2 * eps * x.double().abs().clamp(min=1e-6)).all()
+    assert ((grad_x.double() - exact.grad).abs() <= 4 * eps * (grad_y.double().abs() + 1e-30) * 1.2).all()
+    torch.testing.assert_close(y, F.gelu(x, approximate="tanh"), atol=1e-6, rtol=3e-7)
+
+
+@needs_kernels
+def test_gelu_of_nan_is_nan_and_the_output_is_the_same_on_one_thread():
+    x = awkward_values(64)
+    x[9] = float("nan")
+    y = fused_kernels.gelu_tanh_forward(x)
+    assert torch.isnan(y[9]) and torch.isfinite(y[torch.arange(64) != 9]).all()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.testing.assert_close(fused_kernels.gelu_tanh_forward(x), y, rtol=0, atol=0, equal_nan=True)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernels
+def test_the_model_gelu_takes_the_kernels_differentiably_and_non_contiguous_inputs():
+    x = awkward_values(6 * 40).view(6, 40).t().requires_grad_()  # a transposed view
+    reference = x.detach().clone().requires_grad_()
+    ops.gelu_tanh(x).square().sum().backward()
+    F.gelu(reference, approximate="tanh").square().sum().backward()
+    torch.testing.assert_close(x.grad, reference.grad, atol=1e-5, rtol=1e-5)
+    assert ops.gelu_tanh(x).grad_fn.name().startswith("_GeluTanh")
+
+
+def softmax_reference(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    log_probs = torch.log_softmax(logits.double(), dim=-1)
+    grad = log_probs.exp()
+    grad[torch.arange(len(targets)), targets] -= 1
+    return -log_probs.gather(1, targets[:, None])[:, 0], grad
+
+
+@needs_kernels
+@pytest.mark.parametrize("classes", [50304, 101], ids=["gpt2-rows", "ragged"])
+def test_softmax_cross_entropy_gives_the_loss_and_turns_the_logits_into_the_gradient(classes):
+    g = torch.Generator().manual_seed(0)
+    logits = 4 * torch.randn(9, classes, generator=g)
+    logits[3, 5:40] = float("-inf")  # impossible classes: probability 0
+    targets = torch.randint(0, classes, (9,), generator=g)
+    targets[3] = 0
+    want_loss, want_grad = softmax_reference(logits, targets)
+    loss = fused_kernels.softmax_cross_entropy_(logits, targets)
+    torch.testing.assert_close(loss.double(), want_loss, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(logits.double(), want_grad, atol=2e-7, rtol=1e-5)
+    assert (logits[3, 5:40] == 0).all()
+
+
+@needs_kernels
+def test_softmax_cross_entropy_rows_of_nan_or_infinity_give_nan_as_log_softmax_does():
+    logits = torch.randn(4, 37)
+    logits[1, 3] = float("nan")
+    logits[2, 30] = float("inf")
+    logits[3] = float("-inf")
+    targets = torch.tensor([0, 1, 2, 3])
+    expected = -torch.log_softmax(logits, -1).gather(1, targets[:, None])[:, 0]
+    loss = fused_kernels.softmax_cross_entropy_(logits, targets)
+    assert torch.isfinite(loss[0]) and torch.isnan(loss[1:]).all() and torch.isnan(expected[1:]).all()
+    assert torch.isnan(logits[1:]).all()
+
+
+@needs_kernels
+def test_softmax_cross_entropy_refuses_targets_outside_the_classes_before_touching_memory():
+    logits = torch.randn(2, 10)
+    before = logits.clone()
+    for bad in ([0, 10], [-1, 3]):
+        with pytest.raises(IndexError, match="outside the 10 classes"):
+            fused_kernels.softmax_cross_entropy_(logits, torch.tensor(bad))
+    assert torch.equal(logits, before)
+    with pytest.raises(ValueError, match="contiguous"):
+        fused_kernels.softmax_cross_entropy_(logits.t(), torch.tensor([0] * 10))
+
+
+def test_the_switch_turns_the_kernels_off_silently_and_pytorch_computes_instead(monkeypatch):
+    monkeypatch.setenv(fused_kernels.SWITCH, "0")
+    fused_kernels._library.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            x = awkward_values(100)
+            assert not fused_kernels.available(x)
+            assert torch.equal(ops.gelu_tanh(x), F.gelu(x, approximate="tanh"))
+    finally:
+        fused_kernels._library.cache_clear()
+
+
+def test_a_failed_build_warns_once_and_training_goes_on_in_pytorch(monkeypatch, tmp_path):
+    monkeypatch.setenv("GPT2LAB_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a compiler that always fails
+    monkeypatch.delenv(fused_kernels.SWITCH, raising=False)
+    fused_kernels._library.cache_clear()
+    try:
+        x = awkward_values(100)
+        with pytest.warns(UserWarning, match="fused CPU kernels are not used: they could not be built.*false failed"):
+            assert not fused_kernels.available(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert torch.equal(ops.gelu_tanh(x), F.gelu(x, approximate="tanh"))  # no second warning
+        assert not list(tmp_path.rglob("*.so*"))
+    finally:
+        fused_kernels._library.cache_clear()
+
+
+def test_compiled_graphs_leave_the_gelu_to_inductor():
+    x = awkward_values(64)
+    compiled = torch.compile(ops.gelu_tanh, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x), F.gelu(x, approximate="tanh"))
+    assert torch.equal(ops.gelu_tanh(x.double()), F.gelu(x.double(), approximate="tanh"))
