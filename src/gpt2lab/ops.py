@@ -168,9 +168,11 @@ class _GeluTanh(torch.autograd.Function):
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """F.gelu(x, approximate="tanh"), in gpt2lab's fused kernels for float32 on a CPU."""
-    if fused_kernels.available(x):
+    if not fused_kernels.available(x):
+        return F.gelu(x, approximate="tanh")
+    if torch.is_grad_enabled() and x.requires_grad:
         return _GeluTanh.apply(x)
-    return F.gelu(x, approximate="tanh")
+    return fused_kernels.gelu_tanh_forward(x)  # decoding: no autograd node to build
 
 
 def scaled_dot_product_attention(
