@@ -63,6 +63,21 @@ def test_loss_and_gradients_match_the_full_logits_loss(small_chunks, options):
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_three_backward_passes_through_a_kept_graph_into_leaves_triple_the_gradients(small_chunks, scale):
+    # Both gradients go into leaves here, so autograd accumulates into them in place.
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 9, 32, requires_grad=True)
+    weight = torch.randn(128, 32, requires_grad=True)
+    targets = torch.randint(0, 100, (2, 9))
+    loss = ops.linear_cross_entropy(hidden, weight, targets) * scale
+    once = torch.autograd.grad(loss, (hidden, weight), retain_graph=True)
+    for _ in range(3):
+        loss.backward(retain_graph=True)
+    torch.testing.assert_close(hidden.grad, 3 * once[0])
+    torch.testing.assert_close(weight.grad, 3 * once[1])
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
 def test_backward_twice_through_a_kept_graph_doubles_the_gradients(small_chunks, scale):
     # At scale 1 the loss hands its saved gradients on as they are; autograd must not let the
     # tied embedding's rows be added into them in place while the graph still holds them.

@@ -40,6 +40,32 @@ def test_gelu_and_its_gradient_equal_pytorchs_to_float32_rounding(shape):
 
 
 @needs_kernels
+def test_gelu_far_out_gives_what_pytorch_gives_not_an_overflow():
+    x = torch.tensor([1e12, 1e13, 1e15, 1e19, 1e30, 3e38, -1e12, -1e13, -1e30, -3e38, 30.0, -30.0, 9.0, -9.0, 5.0, -5.0])
+    grad_y = torch.ones_like(x)
+    want = F.gelu(x.double(), approximate="tanh")
+    eps = torch.finfo(torch.float32).eps
+    assert ((fused_kernels.gelu_tanh_forward(x).double() - want).abs() <= 2 * eps * x.double().abs()).all()
+    exact = x.double().requires_grad_()
+    F.gelu(exact, approximate="tanh").backward(grad_y.double())
+    torch.testing.assert_close(fused_kernels.gelu_tanh_backward(x, grad_y).double(), exact.grad, atol=1e-20, rtol=1e-6)
+    infinite = torch.tensor([float("inf"), float("-inf")] * 4)
+    assert fused_kernels.gelu_tanh_forward(infinite)[0] == float("inf")
+    assert torch.isnan(fused_kernels.gelu_tanh_forward(infinite)[1])  # -inf * 0, as in PyTorch
+
+
+@needs_kernels
+def test_the_wrappers_refuse_what_the_c_cannot_read():
+    for bad in (torch.zeros(8, dtype=torch.bfloat16), torch.zeros(8, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="float32 CPU tensors"):
+            fused_kernels.gelu_tanh_forward(bad)
+        with pytest.raises(ValueError, match="float32 CPU tensors"):
+            fused_kernels.gelu_tanh_backward(torch.zeros(8), bad)
+    with pytest.raises(ValueError, match="float32 CPU tensors"):
+        fused_kernels.softmax_cross_entropy_(torch.zeros(2, 8, dtype=torch.float64), torch.tensor([0, 1]))
+
+
+@needs_kernels
 def test_gelu_of_nan_is_nan_and_the_output_is_the_same_on_one_thread():
     x = awkward_values(64)
     x[9] = float("nan")
@@ -110,6 +136,17 @@ def test_softmax_cross_entropy_refuses_targets_outside_the_classes_before_touchi
         fused_kernels.softmax_cross_entropy_(logits.t(), torch.tensor([0] * 10))
 
 
+def test_a_platform_without_the_kernels_is_silent(monkeypatch):
+    monkeypatch.setattr(fused_kernels.native, "why_not_here", lambda switch: "this CPU has no AVX2")
+    fused_kernels._library.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert not fused_kernels.available(torch.zeros(3))
+    finally:
+        fused_kernels._library.cache_clear()
+
+
 def test_the_switch_turns_the_kernels_off_silently_and_pytorch_computes_instead(monkeypatch):
     monkeypatch.setenv(fused_kernels.SWITCH, "0")
     fused_kernels._library.cache_clear()
@@ -126,7 +163,7 @@ def test_the_switch_turns_the_kernels_off_silently_and_pytorch_computes_instead(
 def test_a_failed_build_warns_once_and_training_goes_on_in_pytorch(monkeypatch, tmp_path):
     monkeypatch.setenv("GPT2LAB_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # a compiler that always fails
-    monkeypatch.delenv(fused_kernels.SWITCH, raising=False)
+    monkeypatch.setattr(fused_kernels.native, "why_not_here", lambda switch: None)
     fused_kernels._library.cache_clear()
     try:
         x = awkward_values(100)

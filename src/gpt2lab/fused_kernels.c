@@ -64,7 +64,7 @@ void gpt2lab_softmax_cross_entropy(float *logits, int64_t m, int64_t v, const in
         __m256 vmax = _mm256_set1_ps(-INFINITY), unordered = _mm256_setzero_ps();
         for (; j + 8 <= v; j += 8) {
             __m256 values = _mm256_loadu_ps(x + j);
-            vmax = _mm256_max_ps(vmax, values);  /* drops NaN, hence `unordered` */
+            vmax = _mm256_max_ps(vmax, values);  /* may keep a NaN or lose it: `unordered` tells */
             unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(values, values, _CMP_UNORD_Q));
         }
         float top = horizontal_max(vmax);
@@ -105,13 +105,19 @@ void gpt2lab_softmax_cross_entropy(float *logits, int64_t m, int64_t v, const in
 #define GELU_S 0.7978845608028654f /* sqrt(2 / pi) */
 #define GELU_C 0.044715f
 
-/* p = (1 + tanh u) / 2 = e / (e + 1) with e = exp(2u), and q = (1 - tanh u) / 2 = 1 / (e + 1):
-   neither cancels as 1 + tanh u does near -1. u is clamped where both are exact in float32. */
+/* p = (1 + tanh u) / 2 and q = (1 - tanh u) / 2 through e = exp(-2|u|), which lies in [0, 1] and
+   underflows to 0 where tanh is +-1 in float32: for u >= 0, p = 1 / (1 + e) and q = e / (1 + e),
+   mirrored for u < 0. Neither cancels as 1 + tanh u does near -1, and far out (or at +-inf) one
+   of them is exactly 0, so that x p and x p q stay 0 there however large x is. */
 static inline __m256 half_one_plus_tanh(__m256 u, __m256 *q) {
-    u = _mm256_min_ps(_mm256_max_ps(u, _mm256_set1_ps(-43.0f)), _mm256_set1_ps(43.0f));
-    __m256 e = exp8(_mm256_add_ps(u, u));
-    *q = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(e, _mm256_set1_ps(1.0f)));
-    return _mm256_mul_ps(e, *q);
+    const __m256 one = _mm256_set1_ps(1.0f);
+    __m256 negative = _mm256_cmp_ps(u, _mm256_setzero_ps(), _CMP_LT_OQ);
+    __m256 magnitude = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), u);
+    __m256 e = exp8(_mm256_mul_ps(_mm256_set1_ps(-2.0f), magnitude));
+    __m256 near_one = _mm256_div_ps(one, _mm256_add_ps(one, e));
+    __m256 near_zero = _mm256_mul_ps(e, near_one);
+    *q = _mm256_blendv_ps(near_zero, near_one, negative);
+    return _mm256_blendv_ps(near_one, near_zero, negative);
 }
 
 static inline __m256 gelu_inner(__m256 x, __m256 x2) {
@@ -146,8 +152,10 @@ void gpt2lab_gelu_tanh_backward(const float *x, const float *grad_y, float *grad
     for (int64_t i = 0; i < whole; i += 8) {
         __m256 v = _mm256_loadu_ps(x + i), v2 = _mm256_mul_ps(v, v), q;
         __m256 p = half_one_plus_tanh(gelu_inner(v, v2), &q);
-        __m256 du = _mm256_mul_ps(_mm256_set1_ps(2.0f * GELU_S),
-                                  _mm256_fmadd_ps(_mm256_set1_ps(3.0f * GELU_C), v2, _mm256_set1_ps(1.0f)));
+        /* capped below infinity: past |x| ~ 3e19 it would meet p q = 0 as inf * 0 */
+        __m256 du = _mm256_min_ps(_mm256_mul_ps(_mm256_set1_ps(2.0f * GELU_S),
+                                                _mm256_fmadd_ps(_mm256_set1_ps(3.0f * GELU_C), v2, _mm256_set1_ps(1.0f))),
+                                  _mm256_set1_ps(3.0e38f));
         __m256 slope = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_mul_ps(v, p), q), du, p);
         _mm256_storeu_ps(grad_x + i, _mm256_mul_ps(_mm256_loadu_ps(grad_y + i), slope));
     }

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 import warnings
 from pathlib import Path
 
@@ -29,20 +28,21 @@ _pointer, _int64 = ctypes.c_void_p, ctypes.c_int64
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    reason = native.why_not_here(SWITCH)
-    if reason is None:
-        library, reason = native.load(SOURCE, LIBRARY, native.compiler())
-        if library is not None:
-            library.gpt2lab_softmax_cross_entropy.argtypes = [_pointer, _int64, _int64, _pointer, _pointer, _int64]
-            library.gpt2lab_gelu_tanh_forward.argtypes = [_pointer, _pointer, _int64, _int64]
-            library.gpt2lab_gelu_tanh_backward.argtypes = [_pointer, _pointer, _pointer, _int64, _int64]
-            for name in ("gpt2lab_softmax_cross_entropy", "gpt2lab_gelu_tanh_forward", "gpt2lab_gelu_tanh_backward"):
-                getattr(library, name).restype = None
-            return library
-    if os.environ.get(SWITCH) != "0":
+    """The kernels, or None. Only a failed build or load warns: elsewhere (another platform, no
+    compiler, the switch) PyTorch's operators are simply what runs."""
+    if native.why_not_here(SWITCH) is not None:
+        return None
+    library, reason = native.load(SOURCE, LIBRARY, native.compiler())
+    if library is None:
         warnings.warn(f"gpt2lab's fused CPU kernels are not used: {reason}; GELU and the loss of a float32 "
                       "training step run through PyTorch instead, a few percent slower", stacklevel=3)
-    return None
+        return None
+    library.gpt2lab_softmax_cross_entropy.argtypes = [_pointer, _int64, _int64, _pointer, _pointer, _int64]
+    library.gpt2lab_gelu_tanh_forward.argtypes = [_pointer, _pointer, _int64, _int64]
+    library.gpt2lab_gelu_tanh_backward.argtypes = [_pointer, _pointer, _pointer, _int64, _int64]
+    for name in ("gpt2lab_softmax_cross_entropy", "gpt2lab_gelu_tanh_forward", "gpt2lab_gelu_tanh_backward"):
+        getattr(library, name).restype = None
+    return library
 
 
 def available(*tensors: torch.Tensor) -> bool:
@@ -55,8 +55,16 @@ def available(*tensors: torch.Tensor) -> bool:
     )
 
 
+def _check(*tensors: torch.Tensor) -> None:
+    """The C reads and writes float32 in CPU memory: anything else would run past the buffers."""
+    for t in tensors:
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            raise ValueError(f"the fused kernels take float32 CPU tensors, not {t.dtype} on {t.device}")
+
+
 def gelu_tanh_forward(x: torch.Tensor) -> torch.Tensor:
     """F.gelu(x, approximate="tanh") of a float32 CPU tensor (`available`)."""
+    _check(x)
     x = x.contiguous()
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     _library().gpt2lab_gelu_tanh_forward(x.data_ptr(), y.data_ptr(), x.numel(), torch.get_num_threads())
@@ -65,6 +73,7 @@ def gelu_tanh_forward(x: torch.Tensor) -> torch.Tensor:
 
 def gelu_tanh_backward(x: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
     """The gradient of x through the tanh GELU, given the output's."""
+    _check(x, grad_y)
     x, grad_y = x.contiguous(), grad_y.contiguous()
     if grad_y.shape != x.shape:
         raise ValueError(f"gradient of shape {tuple(grad_y.shape)} for an input of shape {tuple(x.shape)}")
@@ -78,6 +87,7 @@ def softmax_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor) -> torch
     """Each row's cross-entropy loss against its target (logsumexp(row) - row[target]), with
     `logits` (rows, classes), contiguous float32, replaced by the loss's gradient: softmax(row)
     minus the target's one-hot. Rows with NaN or +inf give NaN. targets: int64 in [0, classes)."""
+    _check(logits)
     if logits.dim() != 2 or not logits.is_contiguous():
         raise ValueError("the logits must be one contiguous (rows, classes) matrix")
     rows, classes = logits.shape

@@ -72,4 +72,4 @@ def load(source: Path, name: str, command: list[str]) -> tuple[ctypes.CDLL | Non
     try:
         return ctypes.CDLL(str(build(source, name, command))), None
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        return None, f"they could not be built ({error})"
+        return None, f"they could not be built or loaded ({error})"

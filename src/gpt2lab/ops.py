@@ -127,12 +127,13 @@ class _BFloat16ActivationsLinear(torch.autograd.Function):
         x16, weight = ctx.saved_tensors
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1]).float()
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad_2d @ weight).view(x16.shape).to(ctx.input_dtype)
-        if ctx.needs_input_grad[1]:
-            grad_w = grad_2d.t() @ x16.reshape(-1, x16.shape[-1]).float()
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad_2d.sum(0)
+        with torch.autocast("cpu", enabled=False):  # backward() may be called inside autocast
+            if ctx.needs_input_grad[0]:
+                grad_x = (grad_2d @ weight).view(x16.shape).to(ctx.input_dtype)
+            if ctx.needs_input_grad[1]:
+                grad_w = grad_2d.t() @ x16.reshape(-1, x16.shape[-1]).float()
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_b = grad_2d.sum(0)
         return grad_x, grad_w, grad_b
 
 
@@ -154,6 +155,9 @@ class Linear(nn.Linear):
 
 
 class _GeluTanh(torch.autograd.Function):
+    """The tanh GELU through the fused kernels. Differentiable once: double backward and
+    forward-mode derivatives need F.gelu (on a GPU, or with GPT2LAB_FUSED_KERNELS=0)."""
+
     @staticmethod
     def forward(ctx, x):
         ctx.save_for_backward(x)
@@ -286,7 +290,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # F.cross_entropy's mean over the counted targets (NaN when there are none, as there).
         scale = 1.0 / valid.sum().to(acc)
         total = torch.zeros((), dtype=acc, device=h.device)
-        grad_h = torch.empty(h.shape, dtype=acc, device=h.device) if need_h else None
+        # In the hidden states' own shape, so that backward can hand it on without a view.
+        grad_h = torch.empty(hidden.shape, dtype=acc, device=h.device) if need_h else None
+        grad_h_rows = grad_h.view(h.shape) if need_h else None
         grad_w = None
         # oneDNN takes the weight of grad @ w transposed and contiguous; BLAS reads w as it is.
         w_t = _transposed(w) if need_h and _uses_onednn(h, w) else None
@@ -316,28 +322,29 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 # factors rather than the (rows, vocab) gradient: a pass over the chunk saved.
                 row_scale = (valid[part].to(acc) * scale)[:, None]
                 if need_h:
-                    grad_h[part] = (onednn_linear(grad, w_t) if w_t is not None else grad @ w) * row_scale
+                    grad_h_rows[part] = (onednn_linear(grad, w_t) if w_t is not None else grad @ w) * row_scale
                 if need_w:
                     grad_w = _add_weight_gradient(grad_w, grad, (h[part] * row_scale).to(dtype), acc)
         if need_w and grad_w is None:  # no rows
             grad_w = torch.zeros(w.shape, dtype=acc, device=h.device)
         ctx.save_for_backward(grad_h, grad_w)
-        ctx.input_types = (hidden.shape, hidden.dtype, weight.dtype)
+        ctx.input_types = (hidden.dtype, weight.dtype)
         return total * scale
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
-        shape, hidden_dtype, weight_dtype = ctx.input_types
+        hidden_dtype, weight_dtype = ctx.input_types
         # The loss itself differentiated (no accumulation, no scaler) scales by exactly 1: the
         # gradients go on as computed, a pass over the (vocab, n_embd) one and its copy saved.
-        # (Autograd copies them before changing them in place while the graph still holds them.)
+        # They go on as the saved tensors themselves, never views of them, so that autograd sees
+        # the graph's reference and copies them before adding into them while a kept graph holds them.
         eager_cpu = grad_loss.device.type == "cpu" and not torch.compiler.is_compiling()
         if not (eager_cpu and grad_loss.item() == 1.0):
             grad_h = None if grad_h is None else grad_h * grad_loss
             grad_w = None if grad_w is None else grad_w * grad_loss
-        grad_hidden = None if grad_h is None else grad_h.view(shape).to(hidden_dtype)
+        grad_hidden = None if grad_h is None else grad_h.to(hidden_dtype)
         grad_weight = None if grad_w is None else grad_w.to(weight_dtype)
         return grad_hidden, grad_weight, None, None, None, None, None
 
