@@ -94,9 +94,10 @@ void gpt2lab_softmax_cross_entropy(float *logits, int64_t m, int64_t v, const in
             x[j] = expf(x[j] - top);
             sum += x[j];
         }
-        __m256 scale = _mm256_set1_ps((float)(1.0 / sum));
+        float inverse = (float)(1.0 / sum);
+        __m256 scale = _mm256_set1_ps(inverse);
         for (j = 0; j + 8 <= v; j += 8) _mm256_storeu_ps(x + j, _mm256_mul_ps(_mm256_loadu_ps(x + j), scale));
-        for (; j < v; j++) x[j] *= (float)(1.0 / sum);
+        for (; j < v; j++) x[j] *= inverse;
         x[targets[r]] -= 1.0f;
         loss[r] = (float)(log(sum) + (double)top - (double)picked);
     }

@@ -26,6 +26,7 @@ from . import native
 
 SOURCE = Path(__file__).with_name("quantized_kernels.c")
 SWITCH = "GPT2LAB_QUANTIZED_KERNELS"
+LIBRARY = "libgpt2lab_quantized.so"
 ROWS = 4  # output rows per packed block (ROWS in the C source)
 GROUP = 32  # inputs per chunk of the packing, and per int4 scale and minimum (CHUNK there)
 
@@ -41,14 +42,14 @@ def _why_not_here() -> str | None:
 
 
 def _build(compiler: list[str]) -> Path:
-    return native.build(SOURCE, "libgpt2lab_quantized.so", compiler)
+    return native.build(SOURCE, LIBRARY, compiler)
 
 
 @functools.cache
 def _library() -> tuple[ctypes.CDLL | None, str | None]:
     reason = _why_not_here()
     if reason is None:
-        library, reason = native.load(SOURCE, "libgpt2lab_quantized.so", _compiler())
+        library, reason = native.load(SOURCE, LIBRARY, _compiler())
         if library is not None:
             library.gpt2lab_int8_linear.argtypes = [
                 _pointer, _int64, _int64, _int64, _pointer, _pointer, _pointer, _int64, _pointer, _int64,
