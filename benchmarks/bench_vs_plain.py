@@ -1,7 +1,7 @@
 """gpt2lab's training step against a plain PyTorch GPT-2 written the straightforward way (below:
 nn.Linear layers, scaled_dot_product_attention, F.cross_entropy on the full logits), with the same
-weights, shape and batch: forward + backward + fused AdamW, in float32, bf16 autocast and bf16 +
-torch.compile, the two measured in alternating rounds, medians reported. Each model steps in a
+weights, shape and batch: forward + backward + fused AdamW, in float32, bf16 autocast, bf16 +
+torch.compile and float32 + torch.compile, the two measured in alternating rounds, medians reported. Each model steps in a
 process of its own; --allocator says which is set up as gpt2lab sets up its own process on a CPU
 (large tensors in transparent huge pages, gpt2lab.hugepages, from the import of gpt2lab; freed
 memory kept, runtime.reuse_freed_cpu_memory, by `gpt2lab train`): by default gpt2lab's, as
@@ -10,6 +10,7 @@ shipped, and not the plain model's, as a script of its own would run; `--allocat
 
     python benchmarks/bench_vs_plain.py                          # 124M, B=4, T=256, every mode
     python benchmarks/bench_vs_plain.py --modes bf16 --rounds 10 --json out.json
+    python benchmarks/bench_vs_plain.py --modes fp32 compile-fp32   # a CPU without native bf16
     python benchmarks/bench_vs_plain.py --allocator gpt2lab      # the models alone, both set up as gpt2lab's
     python benchmarks/bench_vs_plain.py --memory                 # peak memory, B=8, T=1024, bf16
     python benchmarks/bench_vs_plain.py --n-layer 2 --n-embd 64 --n-head 2 --batch 2 --seq-len 32 --rounds 2
@@ -43,7 +44,10 @@ from gpt2lab import GPT, GPTConfig
 from gpt2lab.hugepages import THP_SWITCH, kernel_offers_huge_pages
 from gpt2lab.runtime import reuse_freed_cpu_memory
 
-MODES = ("fp32", "bf16", "compile")
+# "compile" is bf16 autocast + torch.compile (the seed's first comparison); "compile-fp32" compiles
+# the float32 step, the one a CPU without native bf16 trains in.
+MODES = ("fp32", "bf16", "compile", "compile-fp32")
+DEFAULT_MODES = ("fp32", "bf16", "compile")
 MEMORY_TARGET = 0.7
 # Steps the peak is read over: kept memory settles into its pattern after the first.
 MEMORY_STEPS = 3
@@ -136,8 +140,8 @@ def make_step(impl: str, mode: str, args, device: torch.device):
     """A function running one training step of `impl` in `mode`; returns its loss (a tensor)."""
     model = build(impl, args, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
-    forward = torch.compile(model) if mode == "compile" else model
-    autocast = nullcontext() if mode == "fp32" else torch.autocast(device.type, dtype=torch.bfloat16)
+    forward = torch.compile(model) if mode.startswith("compile") else model
+    autocast = nullcontext() if mode in ("fp32", "compile-fp32") else torch.autocast(device.type, dtype=torch.bfloat16)
     generator = torch.Generator().manual_seed(1)
     idx = torch.randint(0, min(args.vocab, 50257), (args.batch, args.seq_len + 1), generator=generator).to(device)
     x, y = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
@@ -278,7 +282,9 @@ def measure_memory(args) -> dict:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(DEFAULT_MODES),
+                        help="fp32, bf16 (autocast), compile (bf16 + torch.compile), compile-fp32 "
+                             "(float32 + torch.compile); default: the first three")
     parser.add_argument("--batch", type=int, help="sequences per step (default 4; --memory: 8)")
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (default 256; --memory: 1024)")
     parser.add_argument("--n-layer", type=int, default=12)
@@ -326,13 +332,13 @@ def main(argv=None) -> int:
               f"ratio {memory['ratio']:.2f} (target <= {MEMORY_TARGET}: {'met' if memory['met'] else 'NOT met'})")
     else:
         print(f"training step, {shape}, {args.device}; median of {args.rounds} alternating rounds")
-        print(f"| {'mode':<8} | {'plain ms':>9} | {'gpt2lab ms':>10} | {'speed-up':>8} | first loss plain / gpt2lab |")
-        print(f"|{'-' * 10}|{'-' * 10}:|{'-' * 11}:|{'-' * 9}:|----------------------------|")
+        print(f"| {'mode':<12} | {'plain ms':>9} | {'gpt2lab ms':>10} | {'speed-up':>8} | first loss plain / gpt2lab |")
+        print(f"|{'-' * 14}|{'-' * 10}:|{'-' * 11}:|{'-' * 9}:|----------------------------|")
         results["rows"] = []
         for mode in args.modes:
             row = time_mode(mode, args, device)
             results["rows"].append(row)
-            print(f"| {mode:<8} | {row['plain_ms']:>9.1f} | {row['gpt2lab_ms']:>10.1f} | {row['speedup']:>7.2f}x | "
+            print(f"| {mode:<12} | {row['plain_ms']:>9.1f} | {row['gpt2lab_ms']:>10.1f} | {row['speedup']:>7.2f}x | "
                   f"{row['plain_first_loss']:.4f} / {row['gpt2lab_first_loss']:.4f} |", flush=True)
     if args.json:
         with open(args.json, "w") as handle:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -10,6 +13,23 @@ import torch
 
 from gpt2lab import GPT, GPTConfig
 from gpt2lab.pretrained import save_pretrained
+
+_OWN_CACHE = pytest.StashKey[str]()
+
+
+def pytest_configure(config):
+    """The suite's downloads and built kernels go to a cache of its own, unless GPT2LAB_CACHE names
+    one: a test run leaves nothing in the user's cache folder. Set before collection, where test
+    modules ask whether the kernels build."""
+    if not os.environ.get("GPT2LAB_CACHE"):
+        os.environ["GPT2LAB_CACHE"] = config.stash[_OWN_CACHE] = tempfile.mkdtemp(prefix="gpt2lab-tests-")
+
+
+def pytest_unconfigure(config):
+    if own := config.stash.get(_OWN_CACHE, None):
+        del os.environ["GPT2LAB_CACHE"]
+        shutil.rmtree(own, ignore_errors=True)
+
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32)
 

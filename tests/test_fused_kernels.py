@@ -86,7 +86,14 @@ def test_the_model_gelu_takes_the_kernels_differentiably_and_non_contiguous_inpu
     ops.gelu_tanh(x).square().sum().backward()
     F.gelu(reference, approximate="tanh").square().sum().backward()
     torch.testing.assert_close(x.grad, reference.grad, atol=1e-5, rtol=1e-5)
-    assert ops.gelu_tanh(x).grad_fn.name().startswith("_GeluTanh")
+    assert "gpt2lab_gelu_tanh" in ops.gelu_tanh(x).grad_fn.name()
+
+
+@needs_kernels
+def test_the_gelu_operator_is_registered_for_tracing_and_autograd():
+    x = awkward_values(48).view(6, 8).requires_grad_()
+    torch.library.opcheck(fused_kernels.gelu_tanh, (x,), test_utils=("test_schema", "test_autograd_registration",
+                                                                      "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
 def softmax_reference(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,8 +184,64 @@ def test_a_failed_build_warns_once_and_training_goes_on_in_pytorch(monkeypatch, 
         fused_kernels._library.cache_clear()
 
 
-def test_compiled_graphs_leave_the_gelu_to_inductor():
-    x = awkward_values(64)
+def graph_targets(compile_and_run) -> set[str]:
+    """The operators of the FX graphs that torch.compile hands its backend while `compile_and_run(backend)` runs."""
+    seen = set()
+
+    def backend(graph_module, example_inputs):
+        seen.update(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+        return graph_module.forward
+
+    compile_and_run(backend)
+    return seen
+
+
+@needs_kernels
+def test_a_compiled_training_step_calls_the_gelu_kernels_and_decoding_leaves_them_to_inductor():
+    x = awkward_values(64).requires_grad_()
+    reference = x.detach().clone().requires_grad_()
+
+    def training(backend):
+        torch.compile(ops.gelu_tanh, backend=backend, fullgraph=True)(x).square().sum().backward()
+
+    assert any("gpt2lab.gelu_tanh" in target for target in graph_targets(training))
+    F.gelu(reference, approximate="tanh").square().sum().backward()
+    torch.testing.assert_close(x.grad, reference.grad, atol=1e-5, rtol=1e-5)
     compiled = torch.compile(ops.gelu_tanh, backend="aot_eager", fullgraph=True)
-    assert torch.equal(compiled(x), F.gelu(x, approximate="tanh"))
-    assert torch.equal(ops.gelu_tanh(x.double()), F.gelu(x.double(), approximate="tanh"))
+    with torch.no_grad():
+        assert torch.equal(compiled(x), F.gelu(x, approximate="tanh"))
+
+        def decoding(backend):
+            torch.compile(ops.gelu_tanh, backend=backend, fullgraph=True)(x.detach() + 1)
+
+        assert not any("gpt2lab" in target for target in graph_targets(decoding))
+    assert torch.equal(ops.gelu_tanh(x.detach().double()), F.gelu(x.detach().double(), approximate="tanh"))
+
+
+@needs_kernels
+def test_a_cached_library_that_no_longer_loads_is_built_again(monkeypatch, tmp_path):
+    monkeypatch.setenv("GPT2LAB_CACHE", str(tmp_path))
+    cached = fused_kernels.native.build(fused_kernels.SOURCE, fused_kernels.LIBRARY, fused_kernels.native.compiler())
+    cached.write_bytes(b"damaged")
+    library, reason = fused_kernels.native.load(fused_kernels.SOURCE, fused_kernels.LIBRARY,
+                                                fused_kernels.native.compiler())
+    assert reason is None and library.gpt2lab_gelu_tanh_forward
+    assert cached.read_bytes().startswith(b"\x7fELF")
+
+
+@needs_kernels
+@pytest.mark.slow
+def test_a_compiled_float32_training_step_equals_the_eager_one(make_model):
+    def loss_and_grads(compiled: bool):
+        model = make_model(seed=3, peaked=True).train()
+        forward = torch.compile(model) if compiled else model  # inductor, the GELU operator inside
+        idx = torch.randint(0, 50257, (2, 17), generator=torch.Generator().manual_seed(0))
+        _, loss = forward(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+    eager_loss, eager_grads = loss_and_grads(compiled=False)
+    compiled_loss, compiled_grads = loss_and_grads(compiled=True)
+    torch.testing.assert_close(compiled_loss, eager_loss, atol=1e-5, rtol=1e-5)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)

@@ -70,6 +70,13 @@ def build(source: Path, name: str, command: list[str]) -> Path:
 def load(source: Path, name: str, command: list[str]) -> tuple[ctypes.CDLL | None, str | None]:
     """(the library, None), or (None, why it could not be built or loaded)."""
     try:
-        return ctypes.CDLL(str(build(source, name, command))), None
+        library = build(source, name, command)
+        try:
+            return ctypes.CDLL(str(library)), None
+        except OSError:
+            # A cached library that no longer loads (a damaged file, a system library changed
+            # since) is built once more rather than given up on for good.
+            library.unlink(missing_ok=True)
+            return ctypes.CDLL(str(build(source, name, command))), None
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         return None, f"they could not be built or loaded ({error})"

@@ -154,29 +154,17 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
-class _GeluTanh(torch.autograd.Function):
-    """The tanh GELU through the fused kernels. Differentiable once: double backward and
-    forward-mode derivatives need F.gelu (on a GPU, or with GPT2LAB_FUSED_KERNELS=0)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return fused_kernels.gelu_tanh_forward(x)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y):
-        (x,) = ctx.saved_tensors
-        return fused_kernels.gelu_tanh_backward(x, grad_y)
-
-
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """F.gelu(x, approximate="tanh"), in gpt2lab's fused kernels for float32 on a CPU."""
+    """F.gelu(x, approximate="tanh"), in gpt2lab's fused kernels for float32 on a CPU: an
+    operator of their own when training (compiled too), the bare kernel when decoding eagerly;
+    compiled decoding leaves it to inductor, which fuses it with its neighbours."""
     if not fused_kernels.available(x):
         return F.gelu(x, approximate="tanh")
     if torch.is_grad_enabled() and x.requires_grad:
-        return _GeluTanh.apply(x)
-    return fused_kernels.gelu_tanh_forward(x)  # decoding: no autograd node to build
+        return fused_kernels.gelu_tanh(x)
+    if torch.compiler.is_compiling():
+        return F.gelu(x, approximate="tanh")
+    return fused_kernels.gelu_tanh_forward(x)  # no autograd node to build
 
 
 def scaled_dot_product_attention(
@@ -302,8 +290,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits = linear(h[part], w).to(acc)
             if softcap:
                 logits = softcap * torch.tanh(logits / softcap)
-            # The kernel turns the logits into the gradient in place; soft-capping needs them after.
-            if not softcap and fused_kernels.available(logits):
+            # The kernel turns the logits into the gradient in place; soft-capping needs them after,
+            # and a compiled graph gets inductor's fusion instead (in-place C it cannot trace).
+            if not softcap and not torch.compiler.is_compiling() and fused_kernels.available(logits):
                 nll = fused_kernels.softmax_cross_entropy_(logits, picked[part, 0])
                 grad = logits
             else:
