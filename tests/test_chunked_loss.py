@@ -207,11 +207,17 @@ def test_a_frozen_head_gets_no_gradient_and_the_rest_the_same(small_chunks):
             assert torch.allclose(param.grad, want[name], atol=1e-5, rtol=1e-4), name
 
 
-def test_chunks_hold_a_bounded_number_of_logits_and_are_never_more_than_max_chunks():
+def test_chunks_hold_a_bounded_number_of_logits_are_even_and_are_never_more_than_max_chunks():
     assert ops._chunk_rows(50304, 8 * 1024) == 640  # 13 chunks of B=8, T=1024
+    assert ops._chunk_rows(50304, 4 * 256) == 512  # two even chunks, not 640 and 384
+    assert ops._chunk_rows(50304, 4 * 1024) == 592  # seven, the last 544 rows
     assert ops._chunk_rows(50304, 64 * 1024) == 2048  # B=64: 32 chunks, not 103
     assert ops._chunk_rows(65, 12 * 64) >= 12 * 64  # a character vocabulary: one chunk
     assert ops._chunk_rows(10**9, 5) == 1
+    assert ops._chunk_rows(50304, 0) == 1
+    for rows in range(1, 5000, 7):
+        chunk = ops._chunk_rows(50304, rows)
+        assert chunk <= 640 and -(-rows // chunk) == -(-rows // 640)
 
 
 def test_many_rows_split_into_max_chunks_give_the_same_loss(monkeypatch):
