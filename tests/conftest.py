@@ -27,7 +27,7 @@ def pytest_configure(config):
 
 def pytest_unconfigure(config):
     if own := config.stash.get(_OWN_CACHE, None):
-        del os.environ["GPT2LAB_CACHE"]
+        os.environ.pop("GPT2LAB_CACHE", None)
         shutil.rmtree(own, ignore_errors=True)
 
 

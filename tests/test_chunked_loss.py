@@ -215,9 +215,13 @@ def test_chunks_hold_a_bounded_number_of_logits_are_even_and_are_never_more_than
     assert ops._chunk_rows(65, 12 * 64) >= 12 * 64  # a character vocabulary: one chunk
     assert ops._chunk_rows(10**9, 5) == 1
     assert ops._chunk_rows(50304, 0) == 1
-    for rows in range(1, 5000, 7):
-        chunk = ops._chunk_rows(50304, rows)
-        assert chunk <= 640 and -(-rows // chunk) == -(-rows // 640)
+    assert ops._chunk_rows(128256, 3841) == 241  # sixteen of 241 or fewer, not fifteen of 256 and one of 1
+    for vocab, cap in ((50304, 640), (128256, 256)):
+        for rows in range(1, 5000, 7):
+            chunk = ops._chunk_rows(vocab, rows)
+            chunks = -(-rows // chunk)
+            assert chunk <= cap and chunks == -(-rows // cap)
+            assert rows - chunk * (chunks - 1) >= min(chunk // 2, rows)  # the last chunk keeps half
 
 
 def test_many_rows_split_into_max_chunks_give_the_same_loss(monkeypatch):

@@ -245,3 +245,22 @@ def test_a_compiled_float32_training_step_equals_the_eager_one(make_model):
     torch.testing.assert_close(compiled_loss, eager_loss, atol=1e-5, rtol=1e-5)
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@needs_kernels
+def test_a_graph_compiled_with_the_kernels_computes_in_pytorch_once_they_are_switched_off(monkeypatch):
+    x = awkward_values(64).requires_grad_()
+    compiled = torch.compile(ops.gelu_tanh, backend="aot_eager", fullgraph=True)
+    compiled(x).sum().backward()
+    monkeypatch.setenv(fused_kernels.SWITCH, "0")
+    fused_kernels._library.cache_clear()
+    try:
+        x.grad = None
+        y = compiled(x)  # the graph still calls the operator: it must not need the library
+        y.square().sum().backward()
+        reference = x.detach().clone().requires_grad_()
+        expected = F.gelu(reference, approximate="tanh")
+        expected.square().sum().backward()
+        assert torch.equal(y, expected) and torch.equal(x.grad, reference.grad)
+    finally:
+        fused_kernels._library.cache_clear()

@@ -47,11 +47,12 @@ def why_not_here(switch: str) -> str | None:
     return None
 
 
-def build(source: Path, name: str, command: list[str]) -> Path:
-    """The shared library `name` built from `source`, compiled once per source, compiler and flags."""
+def build(source: Path, name: str, command: list[str], *, again: bool = False) -> Path:
+    """The shared library `name` built from `source`, compiled once per source, compiler and flags
+    (`again`: compiled anew over the cached one, which stays in place until the new one replaces it)."""
     digest = hashlib.sha256(source.read_bytes() + " ".join([*command, *FLAGS]).encode()).hexdigest()[:16]
     library = cache_dir() / "kernels" / digest / name
-    if library.exists():
+    if library.exists() and not again:
         return library
     library.parent.mkdir(parents=True, exist_ok=True)
     handle, building = tempfile.mkstemp(dir=library.parent, suffix=".so.partial")
@@ -75,8 +76,8 @@ def load(source: Path, name: str, command: list[str]) -> tuple[ctypes.CDLL | Non
             return ctypes.CDLL(str(library)), None
         except OSError:
             # A cached library that no longer loads (a damaged file, a system library changed
-            # since) is built once more rather than given up on for good.
-            library.unlink(missing_ok=True)
-            return ctypes.CDLL(str(build(source, name, command))), None
+            # since) is built once more rather than given up on for good; replaced, never removed,
+            # so that another process loading it meanwhile finds a file.
+            return ctypes.CDLL(str(build(source, name, command, again=True))), None
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         return None, f"they could not be built or loaded ({error})"
