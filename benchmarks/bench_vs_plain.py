@@ -1,12 +1,13 @@
 """gpt2lab's training step against a plain PyTorch GPT-2 written the straightforward way (below:
 nn.Linear layers, scaled_dot_product_attention, F.cross_entropy on the full logits), with the same
 weights, shape and batch: forward + backward + fused AdamW, in float32, bf16 autocast, bf16 +
-torch.compile and float32 + torch.compile, the two measured in alternating rounds, medians reported. Each model steps in a
-process of its own; --allocator says which is set up as gpt2lab sets up its own process on a CPU
-(large tensors in transparent huge pages, gpt2lab.hugepages, from the import of gpt2lab; freed
-memory kept, runtime.reuse_freed_cpu_memory, by `gpt2lab train`): by default gpt2lab's, as
-shipped, and not the plain model's, as a script of its own would run; `--allocator default`
-(neither) or `gpt2lab` (both) gives both the same, which measures the models alone.
+torch.compile and float32 + torch.compile, the two measured in alternating rounds, medians
+reported. Each model steps in a process of its own; --allocator says which is set up as gpt2lab
+sets up its own process on a CPU (large tensors in transparent huge pages, gpt2lab.hugepages,
+from the import of gpt2lab; freed memory kept, runtime.reuse_freed_cpu_memory, by `gpt2lab
+train`): by default gpt2lab's, as shipped, and not the plain model's, as a script of its own would
+run; `--allocator default` (neither) or `gpt2lab` (both) gives both the same, which measures the
+models alone.
 
     python benchmarks/bench_vs_plain.py                          # 124M, B=4, T=256, every mode
     python benchmarks/bench_vs_plain.py --modes bf16 --rounds 10 --json out.json

@@ -242,9 +242,9 @@ def _transposed(x: torch.Tensor) -> torch.Tensor:
 
 def _chunk_rows(vocab: int, rows_in_all: int) -> int:
     """Rows per chunk: as few chunks as CHUNK_ELEMENTS and MAX_CHUNKS allow, of even size (rounded
-    up to 16 rows within the cap where the last chunk keeps at least half). Even chunks run faster than a full one and a remainder: the
-    124M head's products at 1,024 rows, forward and backward, took 1,401 ms as two chunks of 512
-    against 1,465 as 640 and 384 (2-core AVX2 EPYC, medians of 5)."""
+    up to 16 rows within the cap where the last chunk keeps at least half). Even chunks run faster
+    than a full one and a remainder: the 124M head's products at 1,024 rows, forward and backward,
+    took 1,401 ms as two chunks of 512 against 1,465 as 640 and 384 (2-core AVX2 EPYC, medians of 5)."""
     cap = max(1, CHUNK_ELEMENTS // vocab)
     if cap > 64:
         cap -= cap % 64  # whole tiles of the matmul
