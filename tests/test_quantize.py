@@ -178,17 +178,17 @@ def test_int4_refuses_a_width_that_is_not_whole_groups():
 @needs_kernels
 def test_the_kernels_are_built_once_into_the_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("GPT2LAB_CACHE", str(tmp_path))
-    library = kernels._build(kernels._compiler())
+    library = kernels.native.build(kernels.SOURCE, kernels.LIBRARY, kernels.native.compiler())
     assert library.is_relative_to(tmp_path / "kernels") and library.stat().st_size > 0
     built = library.stat().st_mtime_ns
-    assert kernels._build(kernels._compiler()) == library and library.stat().st_mtime_ns == built
+    assert kernels.native.build(kernels.SOURCE, kernels.LIBRARY, kernels.native.compiler()) == library and library.stat().st_mtime_ns == built
     assert [p.name for p in library.parent.iterdir()] == [library.name]  # no partial file left
 
 
 def test_a_failed_build_warns_once_and_falls_back_to_pytorch(monkeypatch, tmp_path):
     monkeypatch.setenv("GPT2LAB_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # a compiler that always fails
-    monkeypatch.setattr(kernels, "_why_not_here", lambda: None)
+    monkeypatch.setattr(kernels.native, "why_not_here", lambda switch: None)
     kernels._library.cache_clear()
     try:
         layer = Int8Linear(nn.Linear(64, 8))

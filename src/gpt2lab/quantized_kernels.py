@@ -33,23 +33,11 @@ GROUP = 32  # inputs per chunk of the packing, and per int4 scale and minimum (C
 _pointer, _int64 = ctypes.c_void_p, ctypes.c_int64
 
 
-def _compiler() -> list[str] | None:
-    return native.compiler()
-
-
-def _why_not_here() -> str | None:
-    return native.why_not_here(SWITCH)
-
-
-def _build(compiler: list[str]) -> Path:
-    return native.build(SOURCE, LIBRARY, compiler)
-
-
 @functools.cache
 def _library() -> tuple[ctypes.CDLL | None, str | None]:
-    reason = _why_not_here()
+    reason = native.why_not_here(SWITCH)
     if reason is None:
-        library, reason = native.load(SOURCE, LIBRARY, _compiler())
+        library, reason = native.load(SOURCE, LIBRARY, native.compiler())
         if library is not None:
             library.gpt2lab_int8_linear.argtypes = [
                 _pointer, _int64, _int64, _int64, _pointer, _pointer, _pointer, _int64, _pointer, _int64,
