@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "gpt2lab"
 # the eval scorers are libraries over a model (the trainer samples and scores with them); the
 # verbs that drive them come last.
 STAGES = [
-    ("base", ["errors", "files", "config", "cache", "runtime", "hugepages", "version", "tokenizer", "native", "fused_kernels", "ops", "quantized_kernels", "kv_cache", "prompts", "chat_template"]),
+    ("base", ["errors", "files", "config", "cache", "runtime", "hugepages", "version", "tokenizer", "native", "fused_kernels", "matvec_kernels", "ops", "quantized_kernels", "kv_cache", "prompts", "chat_template"]),
     ("data", ["data", "data.dataset", "data.loader", "data.prepare", "data.shards", "data.sources", "data.chat_records",
                "data.chat_prepare", "data.chat_loader"]),
     ("model", ["model", "formats", "formats.hub_files", "formats.native", "formats.transformers_gpt2", "formats.transformers_llama", "quantize",

@@ -1,7 +1,8 @@
-"""Building and loading gpt2lab's C kernels (`quantized_kernels.c`, `fused_kernels.c`): compiled
-with the system's C compiler on first use into the gpt2lab cache (`<cache>/kernels/<digest of
-source, compiler and flags>/`), atomically, and loaded with ctypes. They link the OpenMP runtime
-that PyTorch has already loaded (libgomp in the PyPI wheels), so they share its threads."""
+"""Building and loading gpt2lab's C kernels (`quantized_kernels.c`, `fused_kernels.c`,
+`matvec_kernels.c`): compiled with the system's C compiler on first use into the gpt2lab cache
+(`<cache>/kernels/<digest of source, compiler and flags>/`), atomically, and loaded with ctypes.
+They link the OpenMP runtime that PyTorch has already loaded (libgomp in the PyPI wheels), so they
+share its threads."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import fused_kernels
+from . import fused_kernels, matvec_kernels
 
 
 def _cpu_is_amd_with_avx512() -> bool:
@@ -84,8 +84,11 @@ def _uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, routed to oneDNN where `_uses_onednn` says so, and to float32 products where
+    """F.linear, routed to gpt2lab's matrix-vector kernels for the few rows of eager decoding
+    (`matvec_kernels.takes`), to oneDNN where `_uses_onednn` says so, and to float32 products where
     bfloat16 autocast would run on a CPU without fast bfloat16 (`_emulates_bfloat16_autocast`)."""
+    if matvec_kernels.takes(x, weight, bias):
+        return matvec_kernels.linear(x, weight, bias)
     if _uses_onednn(x, weight):
         return onednn_linear(x, weight, bias)
     if _emulates_bfloat16_autocast(x, weight):

@@ -1,0 +1,80 @@
+"""Products of a few rows with float32, bfloat16 or float16 weights on a CPU (`matvec_kernels.c`):
+the linear layers of eager decoding, where a step reads every weight once and its speed is how fast
+the weights stream from memory. MKL's float32 matrix-vector product runs on one thread (124M,
+batch 1, 2-core AVX2 EPYC: 35-40 ms a step's products against 19-23 here); PyTorch's bfloat16
+product converts element by element.
+
+Built on first use and loaded as `native` says. Where they cannot run (not Linux on x86-64 with
+AVX2, no compiler, `GPT2LAB_MATVEC_KERNELS=0`), `takes` says no and `ops.linear` calls F.linear,
+which gives the same products to rounding."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import warnings
+from pathlib import Path
+
+import torch
+
+from . import native
+
+SOURCE = Path(__file__).with_name("matvec_kernels.c")
+SWITCH = "GPT2LAB_MATVEC_KERNELS"
+LIBRARY = "libgpt2lab_matvec.so"
+# Each weight row, read once, serves every input row from the L1 cache, so the kernels win while
+# the weights' memory traffic dominates. Measured on one 124M step's products (2-core AVX2 EPYC,
+# float32, kernels vs MKL): 1 row 22 vs 35 ms, 16 rows 65 vs 90, 32 rows 115 vs 119, 64 rows 222
+# vs 165; bfloat16 wins at every size there (MKL has no native bf16 there), but 16 keeps one rule.
+MAX_ROWS = 16
+TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+_pointer, _int64 = ctypes.c_void_p, ctypes.c_int64
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The kernels, or None. Only a failed build or load warns: elsewhere (another platform, no
+    compiler, the switch) F.linear is simply what runs."""
+    if native.why_not_here(SWITCH) is not None:
+        return None
+    library, reason = native.load(SOURCE, LIBRARY, native.compiler())
+    if library is None:
+        warnings.warn(f"gpt2lab's matrix-vector CPU kernels are not used: {reason}; decoding's linear layers "
+                      "run through PyTorch instead, up to twice as slow", stacklevel=3)
+        return None
+    library.gpt2lab_matvec.argtypes = [_pointer, _int64, _int64, _pointer, _pointer, _int64, _pointer, _int64, _int64]
+    library.gpt2lab_matvec.restype = None
+    return library
+
+
+def takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether the kernels compute F.linear(x, weight, bias) here: no gradient wanted, outside
+    torch.compile or autocast, CPU tensors of one supported dtype, a row-major weight, at most
+    MAX_ROWS rows."""
+    return (
+        not torch.is_grad_enabled()
+        and x.device.type == "cpu"
+        and x.dtype in TYPES
+        and weight.dtype == x.dtype
+        and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()))
+        and weight.dim() == 2
+        and weight.is_contiguous()
+        and 0 < x.numel() <= MAX_ROWS * weight.size(1)
+        and x.size(-1) == weight.size(1)
+        and not torch.compiler.is_compiling()
+        and not torch.is_autocast_enabled("cpu")
+        and _library() is not None
+    )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) in the kernels, for inputs `takes` accepts: float32 sums, the
+    result rounded once to x's dtype."""
+    n, k = weight.shape
+    x = x.contiguous()
+    y = torch.empty(x.shape[:-1] + (n,), dtype=x.dtype)
+    _library().gpt2lab_matvec(x.data_ptr(), x.numel() // k, k, weight.data_ptr(),
+                              None if bias is None else bias.data_ptr(), n, y.data_ptr(), TYPES[x.dtype],
+                              torch.get_num_threads())
+    return y

@@ -1,0 +1,149 @@
+"""gpt2lab's matrix-vector kernels (`matvec_kernels`): the linear layers of eager decoding, against
+float64 products and F.linear, the rules that route `ops.linear` to them, and their fallback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt2lab import matvec_kernels, ops
+from gpt2lab.generate import generate
+from gpt2lab.model import GPT, GPTConfig
+
+needs_kernels = pytest.mark.skipif(matvec_kernels._library() is None, reason="the matvec kernels do not run here")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def operands(rows: int, n: int, k: int, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    weight = (torch.randn(n, k, generator=g) / k**0.5).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype)
+    return x, weight, bias
+
+
+def ulps_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many steps of a's dtype lie between a and b (same sign, finite)."""
+    bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[a.dtype]
+    return (a.view(bits).long() - b.view(bits).long()).abs()
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows, n, k", [(1, 2304, 768), (3, 50, 3072), (16, 7, 45), (2, 5, 3), (1, 1, 8)])
+def test_products_equal_float64_rounded_once(dtype, rows, n, k):
+    x, weight, bias = operands(rows, n, k, dtype)
+    with torch.no_grad():
+        assert matvec_kernels.takes(x, weight, bias)
+        y = matvec_kernels.linear(x, weight, bias)
+    exact = x.double() @ weight.double().T + bias.double()
+    assert y.dtype == dtype and y.shape == (rows, n)
+    if dtype == torch.float32:
+        # float32 sums of k products: within k float32 roundings of the magnitudes summed.
+        bound = k * torch.finfo(torch.float32).eps * (x.double().abs() @ weight.double().abs().T + bias.double().abs())
+        assert ((y.double() - exact).abs() <= bound).all()
+        torch.testing.assert_close(y, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+    else:
+        # Summed in float32 and rounded once: the exact result rounded, or its neighbour where
+        # the float32 sum fell on the other side of a rounding boundary.
+        nearest = exact.to(dtype)
+        same_sign = torch.sign(y) == torch.sign(nearest)
+        assert (ulps_apart(y, nearest)[same_sign] <= 1).all()
+        assert ((y.double() - nearest.double()).abs()[~same_sign] <= 2 * torch.finfo(dtype).tiny).all()
+        assert (y == nearest).float().mean() >= 0.9  # rounded to nearest, not truncated
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_without_bias_and_with_leading_dimensions(dtype):
+    x, weight, _ = operands(6, 40, 96, dtype)
+    x = x.view(2, 3, 96)
+    with torch.no_grad():
+        y = ops.linear(x, weight)
+        expected = matvec_kernels.linear(x.reshape(6, 96), weight).view(2, 3, 40)
+    assert y.shape == (2, 3, 40) and torch.equal(y, expected)
+    torch.testing.assert_close(y.double(), x.double() @ weight.double().T, rtol=1e-2, atol=1e-2)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_and_infinity_propagate(dtype):
+    x, weight, bias = operands(2, 9, 40, dtype)
+    x[0, 5] = float("nan")
+    x[1, 7] = float("inf")
+    weight[3, 7] = 0.0  # inf * 0 is NaN, as in PyTorch
+    with torch.no_grad():
+        y = matvec_kernels.linear(x, weight, bias)
+    assert y[0].isnan().all()
+    assert y[1, 3].isnan()
+    torch.testing.assert_close(y.isinf(), F.linear(x.double(), weight.double(), bias.double()).isinf())
+
+
+@needs_kernels
+def test_one_thread_and_two_give_the_same_bits():
+    x, weight, bias = operands(3, 1001, 768, torch.float32)
+    threads = torch.get_num_threads()
+    with torch.no_grad():
+        try:
+            torch.set_num_threads(1)
+            one = matvec_kernels.linear(x, weight, bias)
+            torch.set_num_threads(2)
+            two = matvec_kernels.linear(x, weight, bias)
+        finally:
+            torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+@needs_kernels
+def test_ops_linear_takes_the_kernels_only_for_few_rows_without_gradients(monkeypatch):
+    calls = []
+    kernel = matvec_kernels.linear
+    monkeypatch.setattr(matvec_kernels, "linear", lambda *a: calls.append(a) or kernel(*a))
+    x, weight, bias = operands(matvec_kernels.MAX_ROWS + 1, 8, 32, torch.float32)
+    with torch.no_grad():
+        ops.linear(x[:1], weight, bias)
+        assert len(calls) == 1
+        ops.linear(x, weight, bias)  # too many rows: MKL's GEMM is faster there
+        ops.linear(x[:1], weight.t().contiguous().t(), bias)  # not row-major
+        ops.linear(x[:1].double(), weight.double(), bias.double())  # float64: not a kernel of theirs
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ops.linear(x[:1], weight, bias)
+        assert len(calls) == 1
+    y = ops.linear(x[:1], weight.requires_grad_(), bias)  # training wants a graph
+    assert len(calls) == 1 and y.requires_grad
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decoding_with_the_kernels_gives_the_logits_of_pytorchs_products(dtype, monkeypatch):
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=300, block_size=64, n_layer=2, n_head=4, n_embd=64)
+    model = GPT(config).to(dtype).eval()
+    prompt = torch.randint(0, 300, (1, 9))
+    with torch.no_grad():
+        kernel_logits = model(prompt[:, :1])[0]
+        kernel_tokens = generate(model, prompt, 12, temperature=0.0)
+        monkeypatch.setattr(matvec_kernels, "MAX_ROWS", 0)
+        torch_logits = model(prompt[:, :1])[0]
+        torch_tokens = generate(model, prompt, 12, temperature=0.0)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(kernel_logits, torch_logits, rtol=tolerance, atol=tolerance)
+    assert torch.equal(kernel_tokens, torch_tokens)
+
+
+def test_switched_off_nothing_is_built_and_pytorch_computes():
+    code = (
+        "import torch; from gpt2lab import matvec_kernels, ops\n"
+        "x, w = torch.randn(1, 8), torch.randn(4, 8)\n"
+        "with torch.no_grad(): y = ops.linear(x, w)\n"
+        "assert matvec_kernels._library() is None and not matvec_kernels.takes(x, w, None)\n"
+        "torch.testing.assert_close(y, torch.nn.functional.linear(x, w))\n"
+    )
+    env = {**os.environ, matvec_kernels.SWITCH: "0"}
+    result = subprocess.run([sys.executable, "-W", "error", "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
