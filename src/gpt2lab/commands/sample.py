@@ -36,9 +36,10 @@ weights elsewhere and pass their folder (config.json + model.safetensors) as --m
 A prompt longer than the model's context keeps its last block-size tokens.
 
 --compile runs each new token's step through torch.compile. On a CPU the weights are
-frozen into the graph and inductor's C++ matrix-vector kernels read them near memory
-bandwidth: float32 decoding ran 1.7-2x faster on a 2-core AVX2 EPYC, level with ggml
-(docs/benchmarks.md). The first compile takes about a minute there (autotuning each matrix
+frozen into the graph and the step's small operators fuse: float32 and bfloat16 decoding ran
+about 1.2x eager's tokens/s on a 2-core AVX2 EPYC, 1.14x and 1.01x ggml's f32 and f16
+(docs/benchmarks.md; eager streams the weights through gpt2lab's own matrix-vector
+kernels, GPT2LAB_MATVEC_KERNELS=0 switches them off). The first compile takes about a minute there (autotuning each matrix
 shape); inductor caches it on disk, so later runs compile in 10-30 s. It pays for long or
 many samples. It needs the KV cache (not with --no-cache). int8 and int4 models compile
 too, around their own matrix kernels: there int4 decoded 16% faster and int8 0-7%. Compiled

@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -105,6 +106,11 @@ class Engine:
         # Unseeded sequences draw from this one, leaving the caller's global torch RNG alone.
         self._rng = torch.Generator(device=self.device)
         self._rng.seed()
+        # Seeded rows draw their noise on these threads, a share of the rows each: a generator
+        # fills its row on one thread only (about 1 ms for GPT-2's vocabulary), and with 50
+        # seeded rows that was most of a step. Each row's numbers depend on its generator alone.
+        self._draw_threads = max(1, torch.get_num_threads()) if self.device.type == "cpu" else 1
+        self._draw_pool: ThreadPoolExecutor | None = None
         self._active: list[Sequence] = []  # index == slot
         self._pending: list[Sequence] = []
         self._ids = itertools.count()
@@ -135,6 +141,9 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        if self._draw_pool is not None:
+            self._draw_pool.shutdown()
+            self._draw_pool = None
 
     def submit(
         self, prompt: list[int], params: SamplingParams, *, owner: Any = None, seed_offset: int = 0
@@ -309,8 +318,21 @@ class Engine:
             # Drawing q row by row from each sequence's generator and dividing once gives its
             # tokens (the seeded tests compare with generate()) at a fraction of the cost.
             noise = torch.empty(len(seeded), probs.size(1), dtype=probs.dtype, device=probs.device)
-            for row, j in enumerate(seeded):
-                noise[row].exponential_(1, generator=generators[j])
+
+            inference = torch.is_inference_mode_enabled()  # thread-local: the pool's threads need it too
+
+            def fill(rows: range) -> None:
+                with torch.inference_mode(inference):
+                    for row in rows:
+                        noise[row].exponential_(1, generator=generators[seeded[row]])
+
+            shares = [range(i, len(seeded), self._draw_threads) for i in range(min(self._draw_threads, len(seeded)))]
+            if len(shares) > 1:
+                if self._draw_pool is None:
+                    self._draw_pool = ThreadPoolExecutor(self._draw_threads, thread_name_prefix="gpt2lab-draw")
+                list(self._draw_pool.map(fill, shares))
+            else:
+                fill(range(len(seeded)))
             drawn[seeded] = (probs[seeded] / noise).argmax(dim=-1)
         unseeded = [j for j, g in enumerate(generators) if g is None]
         if unseeded:
