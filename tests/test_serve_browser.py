@@ -1,6 +1,7 @@
 """The web playground in headless Chromium (Debian's, driven by Playwright): text streams in, in
 the completion view and in the chat view."""
 
+import time
 from pathlib import Path
 
 import pytest
@@ -30,10 +31,18 @@ CHROMIUM_ARGS = [
 ]
 
 
+def paced(model, seconds=0.01):
+    """The model, each forward made to last `seconds` longer. The tiny test models decode 40
+    tokens faster than the browser paints, and text that arrives within one frame is painted once
+    whether or not it was streamed; spaced steps make streaming visible to the page."""
+    model.transformer.h[-1].register_forward_hook(lambda *_: time.sleep(seconds))
+    return model
+
+
 @pytest.fixture(scope="module")
 def served(make_model_folder):
     folder = make_model_folder("browser", block_size=1024, vocab_size=50257, peaked=True)
-    model, tokenizer = load_model(folder), load_tokenizer(folder)
+    model, tokenizer = paced(load_model(folder)), load_tokenizer(folder)
     engine = Engine(model, tokenizer)
     with serve_in_thread(create_app(engine, tokenizer, model_name="tiny")) as url:
         yield url, engine, model, tokenizer
@@ -107,7 +116,7 @@ def test_a_base_model_gets_no_chat_view(served, page):
 @pytest.fixture(scope="module")
 def chat_served(make_chat_model_folder):
     folder = make_chat_model_folder("browser-chat", block_size=1024)  # answers never end by themselves
-    model, tokenizer = load_model(folder), load_tokenizer(folder)
+    model, tokenizer = paced(load_model(folder)), load_tokenizer(folder)
     engine = Engine(model, tokenizer)
     with serve_in_thread(create_app(engine, tokenizer, model_name="tiny-chat")) as url:
         yield url, engine, model, ChatTemplate(tokenizer)
