@@ -125,9 +125,13 @@ def test_decoding_with_the_kernels_gives_the_logits_of_pytorchs_products(dtype, 
     config = GPTConfig(vocab_size=300, block_size=64, n_layer=2, n_head=4, n_embd=64)
     model = GPT(config).to(dtype).eval()
     prompt = torch.randint(0, 300, (1, 9))
+    calls = []
+    kernel = matvec_kernels.linear
+    monkeypatch.setattr(matvec_kernels, "linear", lambda *a: calls.append(a) or kernel(*a))
     with torch.no_grad():
         kernel_logits = model(prompt[:, :1])[0]
         kernel_tokens = generate(model, prompt, 12, temperature=0.0)
+        assert len(calls) >= 12 * (4 * config.n_layer + 1)  # every layer of every single-token step
         monkeypatch.setattr(matvec_kernels, "MAX_ROWS", 0)
         torch_logits = model(prompt[:, :1])[0]
         torch_tokens = generate(model, prompt, 12, temperature=0.0)
@@ -147,3 +151,47 @@ def test_switched_off_nothing_is_built_and_pytorch_computes():
     env = {**os.environ, matvec_kernels.SWITCH: "0"}
     result = subprocess.run([sys.executable, "-W", "error", "-c", code], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+@needs_kernels
+def test_the_kernels_see_only_plain_cpu_tensors_they_can_read(monkeypatch):
+    """Whatever the kernels would misread (a weight elsewhere than in CPU memory, a bias F.linear
+    broadcasts, a tensor traced or wrapped by a transform) goes to F.linear and gives its result."""
+    calls = []
+    kernel = matvec_kernels.linear
+    monkeypatch.setattr(matvec_kernels, "linear", lambda *a: calls.append(a) or kernel(*a))
+    x, weight, bias = operands(2, 8, 32, torch.float32)
+    with torch.no_grad():
+        with torch.device("meta"):  # a default device elsewhere: the result is still the CPU's
+            torch.testing.assert_close(ops.linear(x, weight, bias), F.linear(x, weight, bias))
+        assert len(calls) == 1
+        assert not matvec_kernels.takes(x, weight.to("meta"), bias)
+        assert not matvec_kernels.takes(x, weight, bias.to("meta"))
+        assert not matvec_kernels.takes(x.to_sparse(), weight, bias)
+        for broadcast in (bias[:1], bias.expand(2, 8).contiguous()):
+            torch.testing.assert_close(ops.linear(x, weight, broadcast), F.linear(x, weight, broadcast))
+        traced = torch.jit.trace(lambda x: ops.linear(x, weight, bias), x, check_trace=False)
+        torch.testing.assert_close(traced(x + 1), F.linear(x + 1, weight, bias))
+        batched = torch.vmap(lambda row: ops.linear(row, weight, bias))(x)
+        torch.testing.assert_close(batched, F.linear(x, weight, bias))
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode() as mode:
+            assert ops.linear(mode.from_tensor(x), mode.from_tensor(weight)).shape == (2, 8)
+        with torch.autograd.forward_ad.dual_level():
+            tangent = torch.ones_like(x)
+            dual = ops.linear(torch.autograd.forward_ad.make_dual(x, tangent), weight)
+            torch.testing.assert_close(torch.autograd.forward_ad.unpack_dual(dual).tangent, tangent @ weight.T)
+    assert len(calls) == 1
+
+
+@needs_kernels
+def test_views_with_strides_and_offsets_give_the_products_of_their_values():
+    x, weight, bias = operands(6, 40, 64, torch.bfloat16)
+    with torch.no_grad():
+        for view in (x[2:5], x[:, 3:35].t().contiguous().t()[:, :32].contiguous().t().t(), x.t()[:8].t()[1:3]):
+            width = view.size(-1)
+            torch.testing.assert_close(
+                matvec_kernels.linear(view, weight[:, :width].contiguous(), bias), F.linear(view.float(), weight[:, :width].float(), bias.float()).bfloat16(),
+                rtol=1e-2, atol=1e-2,
+            )

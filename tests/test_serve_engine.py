@@ -152,10 +152,13 @@ def test_queued_and_batched_requests_give_the_tokens_of_generate(model, run_engi
     assert engine.tokens_generated == sum(lengths)
 
 
-def test_seeded_sampling_gives_the_tokens_of_generate_with_that_seed(model, run_engine):
+@pytest.mark.parametrize("draw_threads", [1, 3])
+def test_seeded_sampling_gives_the_tokens_of_generate_with_that_seed(model, run_engine, draw_threads):
     """Sequences with different settings decode in one batch; each gets what generate() gives it
-    alone with the same seed and settings."""
+    alone with the same seed and settings, whether its noise is drawn on the engine's thread or
+    on one of the pool's."""
     engine, collector = run_engine()
+    engine._draw_threads = draw_threads
     prompt = prompts_of((6,), seed=4)[0]
     settings = [
         dict(temperature=0.9, top_k=40, top_p=0.95, seed=11),

@@ -84,14 +84,15 @@ static inline void store_any(void *p, int64_t i, float value, int type) {
     else ((uint16_t *)p)[i] = _cvtss_sh(value, _MM_FROUND_TO_NEAREST_INT);
 }
 
-/* y (m x n) = x (m x k) @ W.T (+ bias), x, W, bias and y all of `type`. */
-void gpt2lab_matvec(const void *x, int64_t m, int64_t k, const void *w, const void *bias, int64_t n, void *y,
-                    int64_t type, int64_t threads) {
+/* y (m x n) = x (m x k) @ W.T (+ bias), x, W, bias and y all of `type`. Returns 0, or -1 where
+   memory for the widened 16-bit input could not be had (y then untouched). */
+int gpt2lab_matvec(const void *x, int64_t m, int64_t k, const void *w, const void *bias, int64_t n, void *y,
+                   int64_t type, int64_t threads) {
     float *widened = NULL;
     const float *x32 = x;
     if (type != FLOAT32) {
         widened = malloc((size_t)(m * k) * sizeof(float));
-        if (!widened) abort();
+        if (!widened) return -1;
         for (int64_t i = 0; i < m * k; i++) widened[i] = load_any(x, i, (int)type);
         x32 = widened;
     }
@@ -108,4 +109,5 @@ void gpt2lab_matvec(const void *x, int64_t m, int64_t k, const void *w, const vo
         }
     }
     free(widened);
+    return 0;
 }

@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.autograd import forward_ad
 
 from . import native
 
@@ -28,6 +29,7 @@ LIBRARY = "libgpt2lab_matvec.so"
 # vs 165; bfloat16 wins at every size there (MKL has no native bf16 there), but 16 keeps one rule.
 MAX_ROWS = 16
 TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # not fake, functional or other subclasses
 
 _pointer, _int64 = ctypes.c_void_p, ctypes.c_int64
 
@@ -44,27 +46,48 @@ def _library() -> ctypes.CDLL | None:
                       "run through PyTorch instead, up to twice as slow", stacklevel=3)
         return None
     library.gpt2lab_matvec.argtypes = [_pointer, _int64, _int64, _pointer, _pointer, _int64, _pointer, _int64, _int64]
-    library.gpt2lab_matvec.restype = None
+    library.gpt2lab_matvec.restype = ctypes.c_int
     return library
 
 
 def takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether the kernels compute F.linear(x, weight, bias) here: no gradient wanted, outside
-    torch.compile or autocast, CPU tensors of one supported dtype, a row-major weight, at most
-    MAX_ROWS rows."""
+    torch.compile, tracing, vmap, forward-mode AD and autocast, plain dense CPU tensors of one
+    supported dtype, a row-major weight, a bias of one value per output, at most MAX_ROWS rows.
+    Anything else would read memory the kernels cannot (meta, fake or GPU tensors) or record
+    nothing in a graph."""
     return (
         not torch.is_grad_enabled()
-        and x.device.type == "cpu"
+        and type(x) is torch.Tensor
+        and type(weight) in _PLAIN
         and x.dtype in TYPES
         and weight.dtype == x.dtype
-        and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()))
+        and x.device.type == "cpu"
+        and weight.device.type == "cpu"
+        and x.layout == torch.strided
+        and weight.layout == torch.strided
         and weight.dim() == 2
         and weight.is_contiguous()
+        and (bias is None or _plain_bias(bias, weight))
         and 0 < x.numel() <= MAX_ROWS * weight.size(1)
         and x.size(-1) == weight.size(1)
         and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
         and not torch.is_autocast_enabled("cpu")
+        and forward_ad._current_level < 0
+        and not torch._C._functorch.is_functorch_wrapped_tensor(x)
         and _library() is not None
+    )
+
+
+def _plain_bias(bias: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
+        type(bias) in _PLAIN
+        and bias.dtype == weight.dtype
+        and bias.device.type == "cpu"
+        and bias.layout == torch.strided
+        and bias.shape == weight.shape[:1]
+        and bias.is_contiguous()
     )
 
 
@@ -73,8 +96,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     result rounded once to x's dtype."""
     n, k = weight.shape
     x = x.contiguous()
-    y = torch.empty(x.shape[:-1] + (n,), dtype=x.dtype)
-    _library().gpt2lab_matvec(x.data_ptr(), x.numel() // k, k, weight.data_ptr(),
-                              None if bias is None else bias.data_ptr(), n, y.data_ptr(), TYPES[x.dtype],
-                              torch.get_num_threads())
+    y = torch.empty(x.shape[:-1] + (n,), dtype=x.dtype, device="cpu")
+    failed = _library().gpt2lab_matvec(x.data_ptr(), x.numel() // k, k, weight.data_ptr(),
+                                       None if bias is None else bias.data_ptr(), n, y.data_ptr(),
+                                       TYPES[x.dtype], torch.get_num_threads())
+    if failed:
+        raise MemoryError(f"gpt2lab's matrix-vector kernels could not allocate {x.numel() * 4} bytes")
     return y
