@@ -154,6 +154,7 @@ def test_switched_off_nothing_is_built_and_pytorch_computes():
 
 
 @needs_kernels
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit.trace` is deprecated")
 def test_the_kernels_see_only_plain_cpu_tensors_they_can_read(monkeypatch):
     """Whatever the kernels would misread (a weight elsewhere than in CPU memory, a bias F.linear
     broadcasts, a tensor traced or wrapped by a transform) goes to F.linear and gives its result."""
