@@ -196,3 +196,13 @@ def test_views_with_strides_and_offsets_give_the_products_of_their_values():
                 matvec_kernels.linear(view, weight[:, :width].contiguous(), bias), F.linear(view.float(), weight[:, :width].float(), bias.float()).bfloat16(),
                 rtol=1e-2, atol=1e-2,
             )
+
+
+def test_a_cpu_that_hides_f16c_gets_no_kernels_and_says_which_flag(monkeypatch):
+    from gpt2lab import native
+
+    monkeypatch.setattr(native, "_cpu_flags", lambda: frozenset({"sse2", "avx", "avx2", "fma"}))
+    monkeypatch.setattr(native.torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert native.why_not_here(matvec_kernels.SWITCH) == "this CPU does not report f16c"
+    monkeypatch.setattr(native, "_cpu_flags", lambda: frozenset())  # no /proc/cpuinfo: PyTorch's check stands
+    assert native.why_not_here(matvec_kernels.SWITCH) in (None, "no C compiler (cc, gcc, or $CC) was found")

@@ -7,6 +7,7 @@ share its threads."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -43,9 +44,29 @@ def why_not_here(switch: str) -> str | None:
         return f"they are for Linux on x86-64, and this is {sys.platform} on {platform.machine()}"
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return "this CPU has no AVX2"
+    missing = _missing_cpu_flags("avx2", "fma", "f16c")
+    if missing:
+        return f"this CPU does not report {', '.join(missing)}"
     if compiler() is None:
         return "no C compiler (cc, gcc, or $CC) was found"
     return None
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    """The flags the kernel reports for this CPU (a virtual machine may hide some of them)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return frozenset(line.partition(":")[2].split())
+
+
+def _missing_cpu_flags(*flags: str) -> list[str]:
+    """Which of `flags` the CPU lacks; none where /proc/cpuinfo cannot tell (PyTorch's AVX2 check stands)."""
+    reported = _cpu_flags()
+    return [flag for flag in flags if reported and flag not in reported]
 
 
 def build(source: Path, name: str, command: list[str], *, again: bool = False) -> Path:
