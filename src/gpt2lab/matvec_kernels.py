@@ -5,7 +5,7 @@ batch 1, 2-core AVX2 EPYC: 35-40 ms a step's products against 19-23 here); PyTor
 product converts element by element.
 
 Built on first use and loaded as `native` says. Where they cannot run (not Linux on x86-64 with
-AVX2, no compiler, `GPT2LAB_MATVEC_KERNELS=0`), `takes` says no and `ops.linear` calls F.linear,
+AVX2, FMA and F16C, no compiler, `GPT2LAB_MATVEC_KERNELS=0`), `takes` says no and `ops.linear` calls F.linear,
 which gives the same products to rounding."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ LIBRARY = "libgpt2lab_matvec.so"
 # Each weight row, read once, serves every input row from the L1 cache, so the kernels win while
 # the weights' memory traffic dominates. Measured on one 124M step's products (2-core AVX2 EPYC,
 # float32, kernels vs MKL): 1 row 22 vs 35 ms, 16 rows 65 vs 90, 32 rows 115 vs 119, 64 rows 222
-# vs 165; bfloat16 wins at every size there (MKL has no native bf16 there), but 16 keeps one rule.
+# vs 165. bfloat16 won at every size (that CPU has no native bfloat16), but one limit keeps one rule.
 MAX_ROWS = 16
 TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # not fake, functional or other subclasses

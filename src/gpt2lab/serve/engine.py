@@ -106,9 +106,8 @@ class Engine:
         # Unseeded sequences draw from this one, leaving the caller's global torch RNG alone.
         self._rng = torch.Generator(device=self.device)
         self._rng.seed()
-        # Seeded rows draw their noise on these threads, a share of the rows each: a generator
-        # fills its row on one thread only (about 1 ms for GPT-2's vocabulary), and with 50
-        # seeded rows that was most of a step. Each row's numbers depend on its generator alone.
+        # Seeded rows' noise is drawn on this many threads (`_exponential_noise`); each row's
+        # numbers depend on its own generator alone, whichever thread draws them.
         self._draw_threads = max(1, torch.get_num_threads()) if self.device.type == "cpu" else 1
         self._draw_pool: ThreadPoolExecutor | None = None
         self._active: list[Sequence] = []  # index == slot
@@ -317,22 +316,7 @@ class Engine:
             # generator, after checks of the probabilities that cost several times the draw.
             # Drawing q row by row from each sequence's generator and dividing once gives its
             # tokens (the seeded tests compare with generate()) at a fraction of the cost.
-            noise = torch.empty(len(seeded), probs.size(1), dtype=probs.dtype, device=probs.device)
-
-            inference = torch.is_inference_mode_enabled()  # thread-local: the pool's threads need it too
-
-            def fill(rows: range) -> None:
-                with torch.inference_mode(inference):
-                    for row in rows:
-                        noise[row].exponential_(1, generator=generators[seeded[row]])
-
-            shares = [range(i, len(seeded), self._draw_threads) for i in range(min(self._draw_threads, len(seeded)))]
-            if len(shares) > 1:
-                if self._draw_pool is None:
-                    self._draw_pool = ThreadPoolExecutor(self._draw_threads, thread_name_prefix="gpt2lab-draw")
-                list(self._draw_pool.map(fill, shares))
-            else:
-                fill(range(len(seeded)))
+            noise = self._exponential_noise([generators[j] for j in seeded], probs.size(1), probs)
             drawn[seeded] = (probs[seeded] / noise).argmax(dim=-1)
         unseeded = [j for j, g in enumerate(generators) if g is None]
         if unseeded:
@@ -344,6 +328,27 @@ class Engine:
             u = u * cdf[:, -1:]
             drawn[unseeded] = torch.searchsorted(cdf, u, right=True).squeeze(1)
         return drawn
+
+    def _exponential_noise(self, generators: list[torch.Generator], width: int, like: torch.Tensor) -> torch.Tensor:
+        """(len(generators), width) of Exp(1), row i from generators[i], the rows shared out
+        between the draw threads (on one thread, a generator fills about 1 ms of GPT-2's
+        vocabulary, most of a step with 50 seeded rows)."""
+        noise = torch.empty(len(generators), width, dtype=like.dtype, device=like.device)
+        inference = torch.is_inference_mode_enabled()  # thread-local: the pool's threads need it too
+
+        def fill(rows: range) -> None:
+            with torch.inference_mode(inference):
+                for row in rows:
+                    noise[row].exponential_(1, generator=generators[row])
+
+        shares = [range(i, len(generators), self._draw_threads) for i in range(self._draw_threads)]
+        if len(generators) > 1 and self._draw_threads > 1:
+            if self._draw_pool is None:
+                self._draw_pool = ThreadPoolExecutor(self._draw_threads, thread_name_prefix="gpt2lab-draw")
+            list(self._draw_pool.map(fill, shares))
+        else:
+            fill(range(len(generators)))
+        return noise
 
     def _accept(self, sequence: Sequence, token: int, updates: list[Update]) -> None:
         """Record a new token and emit its text; finish the sequence at end-of-text, a stop token,
