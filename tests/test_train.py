@@ -73,6 +73,35 @@ def test_gradient_accumulation_is_derived_and_checked():
         resolve_config("gpt2-124m", overrides=["batch.micro_batch=48"]).grad_accum_steps(1)
 
 
+def test_a_budget_override_replaces_the_presets_budget(tmp_path):
+    notes = []
+    config = resolve_config("sft", overrides=["max_steps=600"], notes=notes)
+    assert (config.max_steps, config.max_tokens, config.max_epochs) == (600, 0, 0)
+    assert notes == ["--set max_steps=600 replaces max_epochs=3 of preset sft"]
+    toml = tmp_path / "run.toml"
+    toml.write_text("max_steps = 50\n")
+    config = resolve_config("sft", toml, ["max_tokens=4096"], notes)
+    assert (config.max_steps, config.max_tokens, config.max_epochs) == (0, 4096, 0)
+    assert notes[-1] == f"--set max_tokens=4096 replaces max_steps=50 and max_epochs=3 of preset sft and {toml}"
+    config.validate()
+
+
+def test_two_budgets_on_the_command_line_stay_an_error(capsys):
+    with pytest.raises(UserError, match="set only one of max_steps, max_tokens and max_epochs"):
+        resolve_config("sft", overrides=["max_steps=600", "max_tokens=4096"]).validate()
+    # Zeroing the preset's budget explicitly, the old way, still works and needs no note.
+    notes = []
+    config = resolve_config("sft", overrides=["max_epochs=0", "max_steps=600"], notes=notes)
+    assert (config.max_steps, config.max_epochs, notes) == (600, 0, [])
+
+
+def test_train_says_which_budget_its_override_replaced(capsys):
+    code = main(["train", "--preset", "sft", "--set", "max_steps=600", "--print-config"])
+    captured = capsys.readouterr()
+    assert code == 0 and "max_steps = 600" in captured.out and "max_epochs = 0" in captured.out
+    assert captured.err == "--set max_steps=600 replaces max_epochs=3 of preset sft\n"
+
+
 def test_training_writes_metrics_checkpoints_and_a_usable_model(char_data, tmp_path, capsys):
     run = tmp_path / "run"
     config = tiny_config(char_data, "max_steps=20", "checkpoint.interval=10", "checkpoint.keep_last=1",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
 
 from ..errors import UserError
@@ -34,7 +36,7 @@ settings (--set key=value, or the same keys in a TOML file given with --config):
                  random_offset
   batch.*        total_tokens (per optimizer step; 0 = one micro-batch) micro_batch seq_len
   max_steps | max_tokens | max_epochs   how long to train (one of them; max_epochs counts
-                 passes over the training split)
+                 passes over the training split; a --set of one replaces the preset's)
   optim.*        name (adamw|sgd|muon) lr min_lr weight_decay beta1 beta2 eps momentum fused grad_clip
                  muon_lr muon_momentum muon_weight_decay muon_ns_steps (Muon on the hidden
                  matrices, AdamW at lr on embeddings, head, gains and biases)
@@ -111,7 +113,11 @@ def add_train_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser])
 def cmd_train(args: argparse.Namespace) -> int:
     if args.preset is None and args.config is None:
         raise UserError("give --preset NAME or --config FILE.toml (see gpt2lab train --help)")
-    config = resolve_config(args.preset, args.config, args.overrides)
+    notes: list[str] = []
+    config = resolve_config(args.preset, args.config, args.overrides, notes)
+    if os.environ.get("RANK", "0") == "0":  # torchrun's other ranks resolve the same settings
+        for note in notes:
+            print(note, file=sys.stderr)
     if args.print_config:
         print(config.to_toml(), end="")
         return 0

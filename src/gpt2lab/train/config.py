@@ -421,10 +421,21 @@ PRESETS: dict[str, TrainConfig] = {
 }
 
 
+BUDGETS = ("max_steps", "max_tokens", "max_epochs")
+
+
 def resolve_config(
-    preset: str | None = None, config_file: str | Path | None = None, overrides: list[str] | None = None
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: list[str] | None = None,
+    notes: list[str] | None = None,
 ) -> TrainConfig:
-    """Preset, then the TOML file's values, then `key=value` overrides, each on top of the last."""
+    """Preset, then the TOML file's values, then `key=value` overrides, each on top of the last.
+
+    A run has one budget, so an override of one budget replaces whichever budget the preset or
+    the file set (a line saying so is appended to `notes`); two budgets given as overrides stay an
+    error for `validate`.
+    """
     if preset is not None and preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     config = dataclasses.replace(PRESETS[preset]) if preset else TrainConfig()
@@ -434,4 +445,23 @@ def resolve_config(
             config = merge_values(config, values)
         except UserError as error:
             raise UserError(f"{config_file}: {error}") from None
-    return apply_overrides(config, overrides or [])
+    overridden = apply_overrides(config, overrides or [])
+    given = {key for key in BUDGETS if getattr(overridden, key) and _overrides_key(overrides or [], key)}
+    if len(given) != 1:
+        return overridden
+    replaced = [key for key in BUDGETS if key not in given and getattr(overridden, key)]
+    if replaced and notes is not None:
+        source = " and ".join(
+            ([f"preset {preset}"] if preset else []) + ([str(config_file)] if config_file else [])
+        ) or "the defaults"
+        (budget,) = given
+        notes.append(
+            f"--set {budget}={getattr(overridden, budget)} replaces "
+            + " and ".join(f"{key}={getattr(overridden, key)}" for key in replaced)
+            + f" of {source}"
+        )
+    return dataclasses.replace(overridden, **{key: 0 for key in replaced})
+
+
+def _overrides_key(overrides: list[str], key: str) -> bool:
+    return any(item.partition("=")[0].strip() == key for item in overrides)
