@@ -21,6 +21,7 @@ import time
 import torch
 
 from gpt2lab import GPT
+from gpt2lab.kernels import accelerate
 from gpt2lab.quantize import quantize
 
 
@@ -61,8 +62,9 @@ def bench_decode(hf, ours, repeats: int, new_tokens: int) -> dict:
     candidates["gpt2lab bfloat16 weights"] = lambda: bf16.generate(prompt, new_tokens, temperature=0)[
         0, prompt.size(1) :
     ].tolist()
-    for precision in ("int8", "int4"):
-        candidates[f"gpt2lab {precision} weights"] = lambda m=quantize(ours, precision): m.generate(
+    quantized = {precision: accelerate(quantize(ours, precision)) for precision in ("int8", "int4")}
+    for precision, model in quantized.items():
+        candidates[f"gpt2lab {precision} weights"] = lambda m=model: m.generate(
             prompt, new_tokens, temperature=0
         )[0, prompt.size(1) :].tolist()
 
@@ -76,7 +78,7 @@ def bench_decode(hf, ours, repeats: int, new_tokens: int) -> dict:
         ref_logits, _ = ours(prompt)
         logit_diff = {
             "gpt2lab bfloat16 weights": (bf16(prompt)[0].float() - ref_logits).abs().max().item(),
-            "gpt2lab int8 weights": (int8(prompt)[0].float() - ref_logits).abs().max().item(),
+            "gpt2lab int8 weights": (quantized["int8"](prompt)[0].float() - ref_logits).abs().max().item(),
         }
     base = statistics.median(times["transformers float32"])
     result = {}
@@ -150,7 +152,7 @@ def quality_on_trained(run: str, data: str) -> dict:
 
     model = GPT.from_pretrained(run).eval()
     variants = {"float32": model, "bfloat16 weights": copy.deepcopy(model).to(torch.bfloat16),
-                "int8 weights": quantize(model, "int8"), "int4 weights": quantize(model, "int4")}
+                "int8 weights": accelerate(quantize(model, "int8")), "int4 weights": accelerate(quantize(model, "int4"))}
     loader = TokenLoader(data, split="val", batch_size=16, seq_len=model.config.block_size, shuffle=False)
     result = {}
     for name, variant in variants.items():

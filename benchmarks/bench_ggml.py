@@ -10,10 +10,11 @@ alternating round by round.
 ggml is built beside the project (in --work, by default `ggml-bench` next to the repository), never
 inside it and never in CI. Each round runs every pair once, in turn: ggml's `gpt-2-ctx` on a model
 file this script writes (f32, f16, and q8_0 / q4_0 made by ggml's own `gpt-2-quantize`), and
-gpt2lab's `GPT.generate` on the same weights (float32, bfloat16, int8, int4). Both read the same
-8-token prompt and make 128 greedy tokens (one prefill and 127 single-token steps); tokens/s is 128
-over the time of that, ggml's from its own `predict` and `sample` timers, gpt2lab's from the wall
-clock around `generate` (with --compile, also `generate(..., compile=True)`, compiled in the
+gpt2lab's `GPT.generate` on the same weights (float32, bfloat16, int8, int4), each model with the
+CPU fast paths (`gpt2lab.kernels.accelerate`), as gpt2lab loads a model onto a CPU. Both read the
+same 8-token prompt and make 128 greedy tokens (one prefill and 127 single-token steps); tokens/s
+is 128 over the time of that, ggml's from its own `predict` and `sample` timers, gpt2lab's from the
+wall clock around `generate` (with --compile, also `generate(..., compile=True)`, compiled in the
 warm-up round). Greedy tokens are compared with gpt2lab float32's. Run it on a quiet machine.
 """
 
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 
 from gpt2lab import GPT, GPTConfig
+from gpt2lab.kernels import accelerate
 from gpt2lab.quantize import quantize
 from gpt2lab.tokenizer import GPT2Tokenizer
 
@@ -134,12 +136,15 @@ def run_ggml(binary: Path, model_file: Path, threads: int, new_tokens: int) -> t
 
 
 def gpt2lab_models(model: GPT) -> dict[str, GPT]:
-    return {
+    """The float32 `model` (accelerated in place) at each precision, as gpt2lab loads a model onto a
+    CPU (`pretrained.load_for_inference`: cast or quantized, then `accelerate`)."""
+    models = {
         "float32": model,
         "bfloat16": copy.deepcopy(model).to(torch.bfloat16),
         "int8": quantize(model, "int8"),
         "int4": quantize(model, "int4"),
     }
+    return {name: accelerate(ours) for name, ours in models.items()}
 
 
 def main() -> None:

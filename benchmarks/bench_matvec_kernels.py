@@ -1,6 +1,6 @@
-"""Eager decoding's linear layers on a CPU: gpt2lab's matrix-vector kernels (`matvec_kernels`)
-against PyTorch's F.linear, for float32, bfloat16 and float16 weights of a 124M GPT-2, alternating
-round by round.
+"""Eager decoding's linear layers on a CPU: gpt2lab's matrix-vector kernels
+(`gpt2lab.kernels.matvec`) against PyTorch's F.linear, for float32, bfloat16 and float16 weights of
+a 124M GPT-2, alternating round by round.
 
     python benchmarks/bench_matvec_kernels.py                         # medians of 7 rounds
     python benchmarks/bench_matvec_kernels.py --rows 1 4 16 32 --rounds 9 --json matvec.json
@@ -9,9 +9,10 @@ Two measurements per precision:
 - products: every linear layer of the model (48 in the blocks and the 50,304-row head) applied
   once to `rows` input rows, as a decoding step of that batch applies them; the weights do not fit
   in the CPU's caches, so each layer streams from memory, as in a real step;
-- decoding: `generate` on random 124M weights, batch 1, an 8-token prompt, 128 greedy tokens,
-  with the kernels and with them switched off (`matvec_kernels.MAX_ROWS = 0`), and whether the
-  two chose the same tokens.
+- decoding: `generate` on random 124M weights (the model `gpt2lab.kernels.accelerate` gives the
+  CPU fast paths, as `GPT.from_pretrained` does), batch 1, an 8-token prompt, 128 greedy tokens,
+  with the kernels and with them switched off (`matvec.MAX_ROWS = 0`), and whether the two chose
+  the same tokens.
 Run it on a quiet machine.
 """
 
@@ -26,8 +27,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from gpt2lab import GPT, GPTConfig, matvec_kernels
+from gpt2lab import GPT, GPTConfig
 from gpt2lab.generate import generate
+from gpt2lab.kernels import accelerate, matvec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -39,7 +41,7 @@ def layer_shapes(n_layer: int = 12, n_embd: int = 768, vocab: int = 50304) -> li
 
 
 def time_products(weights: list[torch.Tensor], inputs: dict[int, torch.Tensor], kernels: bool) -> float:
-    linear = matvec_kernels.linear if kernels else F.linear
+    linear = matvec.linear if kernels else F.linear
     start = time.perf_counter()
     for weight in weights:
         linear(inputs[weight.size(1)], weight)
@@ -65,20 +67,20 @@ def products(dtype: torch.dtype, rows: int, rounds: int) -> dict:
 
 def decoding(dtype: torch.dtype, rounds: int, new_tokens: int = 128) -> dict:
     torch.manual_seed(0)
-    model = GPT(GPTConfig()).to(dtype).eval()
+    model = accelerate(GPT(GPTConfig()).to(dtype).eval())  # its linear layers call the kernels
     prompt = torch.randint(0, 50257, (1, 8), generator=torch.Generator().manual_seed(1))
     rates, tokens = {"kernels": [], "pytorch": []}, {}
-    max_rows = matvec_kernels.MAX_ROWS
+    max_rows = matvec.MAX_ROWS
     try:
         for round_ in range(rounds + 1):
             for name in rates:
-                matvec_kernels.MAX_ROWS = max_rows if name == "kernels" else 0
+                matvec.MAX_ROWS = max_rows if name == "kernels" else 0
                 start = time.perf_counter()
                 tokens[name] = generate(model, prompt, new_tokens, temperature=0.0)
                 if round_:
                     rates[name].append(new_tokens / (time.perf_counter() - start))
     finally:
-        matvec_kernels.MAX_ROWS = max_rows
+        matvec.MAX_ROWS = max_rows
     same = int((tokens["kernels"][0, 8:] == tokens["pytorch"][0, 8:]).sum())
     return {"tokens_per_s": {name: statistics.median(r) for name, r in rates.items()},
             "same_greedy_tokens": f"{same}/{new_tokens}"}
@@ -92,10 +94,11 @@ def main() -> None:
     parser.add_argument("--no-decoding", action="store_true", help="time the products only")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
-    if matvec_kernels._library() is None:
-        sys.exit("gpt2lab's matrix-vector kernels do not run here (see matvec_kernels.takes)")
-    if max(args.rows) > matvec_kernels.MAX_ROWS:
-        print(f"note: ops.linear gives the kernels at most {matvec_kernels.MAX_ROWS} rows; more are timed all the same")
+    if matvec._library() is None:
+        sys.exit("gpt2lab's matrix-vector kernels do not run here (see gpt2lab.kernels.matvec.takes)")
+    if max(args.rows) > matvec.MAX_ROWS:
+        print(f"note: an accelerated model's linear layers give the kernels at most {matvec.MAX_ROWS} rows; "
+              "more are timed all the same")
     figures = {"torch": torch.__version__, "threads": torch.get_num_threads(), "rounds": args.rounds, "dtypes": {}}
     for name in args.dtypes:
         entry = figures["dtypes"][name] = {"products": []}

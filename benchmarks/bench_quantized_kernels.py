@@ -1,8 +1,9 @@
 """The matrix-vector products of one decoding step of a quantized 124M GPT-2, alone: every linear
 layer of the model (48 in the blocks and the 50,304-row head) applied once to one input row, as a
-step applies them, for gpt2lab's int8 and int4 kernels, the same arithmetic in PyTorch (where the
-kernels cannot run), and torch.ao's dynamically quantized int8 layer (fbgemm, what gpt2lab used
-before), alternating round by round.
+step applies them, for gpt2lab's int8 and int4 kernels (the layers `gpt2lab.kernels.accelerate`
+gives a quantized model), the same arithmetic in PyTorch (where the kernels cannot run), and
+torch.ao's dynamically quantized int8 layer (fbgemm, what gpt2lab used before), alternating round
+by round.
 
     python benchmarks/bench_quantized_kernels.py                  # medians of 9 rounds
     python benchmarks/bench_quantized_kernels.py --rounds 15 --json kernels.json
@@ -24,8 +25,9 @@ import warnings
 import torch
 import torch.nn as nn
 
-from gpt2lab import quantized_kernels as kernels
-from gpt2lab.quantize import Int4Linear, Int8Linear
+from gpt2lab.kernels import quantized as kernels
+from gpt2lab.kernels.quantized import CPUInt4Linear, CPUInt8Linear
+from gpt2lab.quantize import GROUP
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # torch.ao's notice that it moves to torchao
@@ -58,13 +60,13 @@ def stacks(shapes: list[tuple[int, int]]) -> dict[str, list]:
         layer = nn.Linear(in_features, out_features)
         nn.init.normal_(layer.weight, std=0.02)
         floats.append(layer)
-    int8 = [Int8Linear(layer) for layer in floats]
+    int8 = [CPUInt8Linear(layer) for layer in floats]
     built = {
         "gpt2lab int8": int8, "gpt2lab int8, PyTorch path": int8,
         "torch.ao int8 (fbgemm)": [fbgemm_int8(layer) for layer in floats],
     }
-    if all(layer.in_features % kernels.GROUP == 0 for layer in floats):
-        int4 = [Int4Linear(layer) for layer in floats]
+    if all(layer.in_features % GROUP == 0 for layer in floats):
+        int4 = [CPUInt4Linear(layer) for layer in floats]
         built.update({"gpt2lab int4": int4, "gpt2lab int4, PyTorch path": int4})
     return built
 

@@ -2,12 +2,14 @@
 nn.Linear layers, scaled_dot_product_attention, F.cross_entropy on the full logits), with the same
 weights, shape and batch: forward + backward + fused AdamW, in float32, bf16 autocast, bf16 +
 torch.compile and float32 + torch.compile, the two measured in alternating rounds, medians
-reported. Each model steps in a process of its own; --allocator says which is set up as gpt2lab
-sets up its own process on a CPU (large tensors in transparent huge pages, gpt2lab.hugepages,
-from the import of gpt2lab; freed memory kept, runtime.reuse_freed_cpu_memory, by `gpt2lab
-train`): by default gpt2lab's, as shipped, and not the plain model's, as a script of its own would
-run; `--allocator default` (neither) or `gpt2lab` (both) gives both the same, which measures the
-models alone.
+reported. gpt2lab's model steps as `gpt2lab train` steps it: on its device, with the CPU fast paths
+applied by `gpt2lab.kernels.accelerate` where that is a CPU, then compiled where the mode says.
+Each model steps in a process of its own; --allocator says which is set up as `gpt2lab train`
+sets up its own process on a CPU (`gpt2lab.kernels.tune_cpu_memory`: large tensors in transparent
+huge pages, which the CLI asks for before any verb runs; freed memory kept, which the trainer adds
+on a CPU with system.reuse_cpu_memory, on by default): by default gpt2lab's, as shipped, and not
+the plain model's, as a script of its own would run; `--allocator default` (neither) or `gpt2lab`
+(both) gives both the same, which measures the models alone.
 
     python benchmarks/bench_vs_plain.py                          # 124M, B=4, T=256, every mode
     python benchmarks/bench_vs_plain.py --modes bf16 --rounds 10 --json out.json
@@ -42,8 +44,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt2lab import GPT, GPTConfig
-from gpt2lab.hugepages import THP_SWITCH, kernel_offers_huge_pages
-from gpt2lab.runtime import reuse_freed_cpu_memory
+from gpt2lab.kernels import accelerate, tune_cpu_memory
+from gpt2lab.kernels.memory import THP_SWITCH
+from gpt2lab.train.config import SystemSettings
 
 # "compile" is bf16 autocast + torch.compile (the seed's first comparison); "compile-fp32" compiles
 # the float32 step, the one a CPU without native bf16 trains in.
@@ -123,7 +126,8 @@ class PlainGPT(nn.Module):
 
 
 def build(impl: str, args, device: torch.device) -> nn.Module:
-    """The model `impl` (gpt2lab or plain) with the weights of seed 0, on `device`."""
+    """The model `impl` (gpt2lab or plain) with the weights of seed 0, on `device`, in training
+    mode; gpt2lab's as its trainer steps it, with the CPU fast paths where `device` is a CPU."""
     torch.manual_seed(0)
     vocab_size = min(args.vocab, 50257)
     config = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.seq_len,
@@ -133,8 +137,9 @@ def build(impl: str, args, device: torch.device) -> nn.Module:
     if impl == "plain":
         plain = PlainGPT(args.vocab, args.seq_len, args.n_layer, args.n_head, args.n_embd)
         plain.load_state_dict(model.state_dict())
-        model = plain
-    return model.to(device).train()
+        return plain.to(device).train()
+    # As the trainer: placed on its device, then accelerated (a no-op off the CPU), then compiled.
+    return accelerate(model.to(device).train())
 
 
 def make_step(impl: str, mode: str, args, device: torch.device):
@@ -169,20 +174,36 @@ def set_up_as_gpt2lab(impl: str, allocator: str) -> bool:
     return allocator == "gpt2lab" or (allocator == "as-shipped" and impl == "gpt2lab")
 
 
-def huge_page_switch(impl: str, allocator: str) -> str:
-    """PyTorch's huge-page switch for `impl`'s process, read at the child's first allocation: set
-    either way, so that importing gpt2lab does not decide it."""
-    return "1" if set_up_as_gpt2lab(impl, allocator) and kernel_offers_huge_pages() else "0"
+def huge_page_switch(impl: str, allocator: str) -> str | None:
+    """PyTorch's huge-page switch for `impl`'s process, read at its first allocation: None (unset)
+    for a process set up as gpt2lab's, which `set_up_process` then decides as the CLI does on a
+    machine where it is not set; off for the others, whatever this process's environment says."""
+    return None if set_up_as_gpt2lab(impl, allocator) else "0"
+
+
+def child_environment(impl: str, allocator: str) -> dict[str, str]:
+    """This process's environment with `impl`'s huge-page switch."""
+    environment = {key: value for key, value in os.environ.items() if key != THP_SWITCH}
+    switch = huge_page_switch(impl, allocator)
+    if switch is not None:
+        environment[THP_SWITCH] = switch
+    return environment
+
+
+def set_up_process(impl: str, allocator: str, device: torch.device) -> None:
+    """Set up this process as `gpt2lab train` sets up its own, where `allocator` says so for `impl`:
+    before the first tensor, the CLI's huge pages and, on a CPU, the trainer's kept freed memory."""
+    if set_up_as_gpt2lab(impl, allocator):
+        tune_cpu_memory(reuse_freed=device.type == "cpu" and SystemSettings().reuse_cpu_memory)
 
 
 def step_server(conn, impl: str, mode: str, args) -> None:
     """A child process's loop: build `impl`'s step, warm up, send the first loss, then for each
     request of n steps send their mean time, until asked for 0."""
     device = torch.device(args.device)
-    if device.type == "cpu" and set_up_as_gpt2lab(impl, args.allocator):
-        reuse_freed_cpu_memory()
+    set_up_process(impl, args.allocator, device)
     step = make_step(impl, mode, args, device)
-    conn.send((step().item(), os.environ[THP_SWITCH] == "1"))
+    conn.send((step().item(), os.environ.get(THP_SWITCH) == "1"))
     for _ in range(args.warmup - 1):
         step()
     sync(device)
@@ -203,13 +224,14 @@ def time_mode(mode: str, args, device: torch.device) -> dict:
         ours, theirs = context.Pipe()
         child = context.Process(target=step_server, args=(theirs, impl, mode, args))
         # A spawned child starts with this process's environment as it is at start().
-        ours_switch = os.environ.get(THP_SWITCH)
-        os.environ[THP_SWITCH] = huge_page_switch(impl, args.allocator)
+        ours_switch = os.environ.pop(THP_SWITCH, None)
+        if (switch := huge_page_switch(impl, args.allocator)) is not None:
+            os.environ[THP_SWITCH] = switch
         try:
             child.start()
         finally:
             if ours_switch is None:
-                del os.environ[THP_SWITCH]
+                os.environ.pop(THP_SWITCH, None)
             else:
                 os.environ[THP_SWITCH] = ours_switch
         pipes[impl] = ours
@@ -248,8 +270,7 @@ def time_mode(mode: str, args, device: torch.device) -> dict:
 def child_peak(args, device: torch.device) -> dict:
     """MEMORY_STEPS training steps of `args.child` (in this process alone): its peak memory, and
     the first step's loss."""
-    if device.type == "cpu" and set_up_as_gpt2lab(args.child, args.allocator):
-        reuse_freed_cpu_memory()
+    set_up_process(args.child, args.allocator, device)
     step = make_step(args.child, args.memory_mode, args, device)
     loss = step().item()
     for _ in range(MEMORY_STEPS - 1):
@@ -267,9 +288,8 @@ def measure_memory(args) -> dict:
              "--device", args.device, "--memory-mode", args.memory_mode, "--allocator", args.allocator]
     peaks = {}
     for impl in ("plain", "gpt2lab"):
-        environment = {**os.environ, THP_SWITCH: huge_page_switch(impl, args.allocator)}
         out = subprocess.run([sys.executable, __file__, "--child", impl, *shape], check=True,
-                             capture_output=True, text=True, env=environment).stdout
+                             capture_output=True, text=True, env=child_environment(impl, args.allocator)).stdout
         peaks[impl] = json.loads(out.strip().splitlines()[-1])
     key = "cuda_max_allocated_mib" if "cuda_max_allocated_mib" in peaks["plain"] else "maxrss_mib"
     ratio = peaks["gpt2lab"][key] / peaks["plain"][key]

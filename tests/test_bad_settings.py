@@ -115,7 +115,7 @@ def test_bench_json_into_a_missing_folder_is_refused_before_the_benchmark(capsys
     def no_benchmark(args):
         raise AssertionError("the benchmark ran before --json was checked")
 
-    monkeypatch.setattr("gpt2lab.train.cli.run_ladder", no_benchmark)
+    monkeypatch.setattr("gpt2lab.cli.bench.run_ladder", no_benchmark)
     target = tmp_path / "no-such-folder" / "bench.json"
     code, out, err = run_cli(capsys, "bench", "--json", target)
     assert_one_line_error(code, err, f"the folder {target.parent} does not exist", "create it")
@@ -127,7 +127,7 @@ def test_bench_json_into_a_missing_folder_is_refused_before_the_benchmark(capsys
 def test_bench_json_is_written_whole(capsys, tmp_path, monkeypatch):
     rows = [{"rung": "fp32 baseline", "step_ms": 1.0, "tokens_per_s": 2.0, "mfu": None, "first_loss": 3.0,
              "last_loss": 2.5}]
-    monkeypatch.setattr("gpt2lab.train.cli.run_ladder", lambda args: rows)
+    monkeypatch.setattr("gpt2lab.cli.bench.run_ladder", lambda args: rows)
     target = tmp_path / "bench.json"
     code, _, err = run_cli(capsys, "bench", "--json", target)
     assert code == 0, err

@@ -1,7 +1,8 @@
 """The benchmark scripts the lead runs elsewhere still run: benchmarks/gpu_check.py in its CPU smoke
 mode, and benchmarks/bench_vs_plain.py and benchmarks/bench_modern.py at a tiny shape (no timings are
-checked)."""
+checked); and the models they time are gpt2lab's as gpt2lab runs them (accelerated on a CPU)."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -11,9 +12,27 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt2lab.hugepages import kernel_offers_huge_pages
+from gpt2lab import GPT, GPTConfig
+from gpt2lab.kernels.attention import CPUSelfAttention
+from gpt2lab.kernels.fused import FusedGELU
+from gpt2lab.kernels.linear import CPULinear
+from gpt2lab.kernels.loss import HEAD_KERNELS
+from gpt2lab.kernels.memory import THP_SWITCH, kernel_offers_huge_pages
+from gpt2lab.kernels.quantized import CPUInt4Linear, CPUInt8Linear
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_script(name: str):
+    """benchmarks/`name`.py as a module, its main not run."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def kernel_modules(model: torch.nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if type(m).__module__.startswith("gpt2lab.kernels")]
 
 
 def run_script(args, tmp_path, **env):
@@ -57,6 +76,39 @@ def test_bench_vs_plain_runs_at_a_tiny_shape_and_both_models_agree(tmp_path):
         # As shipped: gpt2lab's process as gpt2lab sets it up, the plain one as a script of its own.
         assert row["plain_huge_pages"] is False
         assert row["gpt2lab_huge_pages"] is kernel_offers_huge_pages()
+
+
+def test_bench_vs_plain_steps_gpt2lab_as_its_trainer_does_and_the_plain_model_as_it_is(monkeypatch):
+    bench = load_script("bench_vs_plain")
+    args = bench.parse_args(["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--batch", "2", "--seq-len", "16",
+                             "--vocab", "128"])
+    cpu = torch.device("cpu")
+    ours, plain = bench.build("gpt2lab", args, cpu), bench.build("plain", args, cpu)
+    assert ours.training and plain.training
+    block = ours.transformer.h[0]
+    assert type(block.attn) is CPUSelfAttention and type(block.mlp.gelu) is FusedGELU
+    assert type(block.mlp.c_fc) is CPULinear and type(ours.lm_head) is CPULinear
+    assert ours.head_kernels is HEAD_KERNELS
+    assert not kernel_modules(plain)
+    # Set up as gpt2lab's process: the switch left to tune_cpu_memory, as the CLI; the others' off.
+    monkeypatch.setenv(THP_SWITCH, "1")
+    assert THP_SWITCH not in bench.child_environment("gpt2lab", "as-shipped")
+    assert bench.child_environment("plain", "as-shipped")[THP_SWITCH] == "0"
+    assert THP_SWITCH not in bench.child_environment("plain", "gpt2lab")
+    assert bench.child_environment("gpt2lab", "default")[THP_SWITCH] == "0"
+
+
+def test_bench_ggml_times_accelerated_models_from_one_plain_one():
+    bench = load_script("bench_ggml")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=64, block_size=16, vocab_size=100, padded_vocab_size=128))
+    ours = bench.gpt2lab_models(model.eval())
+    assert sorted(ours) == ["bfloat16", "float32", "int4", "int8"]
+    assert ours["bfloat16"].lm_head.weight.dtype == torch.bfloat16
+    for name in ("float32", "bfloat16"):
+        assert type(ours[name].lm_head) is CPULinear and ours[name].head_kernels is HEAD_KERNELS
+    assert type(ours["int8"].lm_head) is CPUInt8Linear and type(ours["int4"].lm_head) is CPUInt4Linear
+    assert all(type(m.mlp.gelu) is FusedGELU for models in ours.values() for m in models.transformer.h)
 
 
 @pytest.mark.slow

@@ -19,11 +19,11 @@ import pytest
 import torch
 
 from gpt2lab import GPT, GPTConfig
-from gpt2lab import chat as chat_library
-from gpt2lab.chat import Chat, ChatSettings, load_chat
-from gpt2lab.chat_template import ChatTemplate
+from gpt2lab.chat import session as chat_library
+from gpt2lab.chat.session import Chat, ChatSettings, load_chat
+from gpt2lab.chat.template import ChatTemplate
 from gpt2lab.cli import main
-from gpt2lab.commands.chat import Conversation, Session
+from gpt2lab.cli.chat import Conversation, Session
 from gpt2lab.errors import UserError
 from gpt2lab.pretrained import save_pretrained
 from gpt2lab.tokenizer import CharTokenizer, GPT2Tokenizer

@@ -13,12 +13,12 @@ import torch.nn.functional as F
 
 from chat_tasks import conversation, split_tasks, write_jsonl
 from gpt2lab import GPT, GPTConfig, UserError
-from gpt2lab.chat_template import ChatTemplate
+from gpt2lab.chat.template import ChatTemplate
 from gpt2lab.cli import main
 from gpt2lab.data import open_dataset
 from gpt2lab.data.chat_loader import ChatLoader
 from gpt2lab.data.chat_prepare import fit_to_context, prepare_chat
-from gpt2lab.data.chat_records import hub_conversations
+from gpt2lab.chat.records import hub_conversations
 from gpt2lab.eval.loss import evaluate_loss
 from gpt2lab.pretrained import load_model, save_pretrained
 from gpt2lab.tokenizer import GPT2Tokenizer

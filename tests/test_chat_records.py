@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from gpt2lab.data.chat_records import parse_chat_records
+from gpt2lab.chat.records import parse_chat_records
 from gpt2lab.errors import UserError
 
 

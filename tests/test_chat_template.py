@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from gpt2lab.chat_template import ChatTemplate, validate_messages
+from gpt2lab.chat.template import ChatTemplate, validate_messages
 from gpt2lab.config import GPTConfig
 from gpt2lab.errors import UserError
 from gpt2lab.prompts import checked_prompt

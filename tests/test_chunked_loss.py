@@ -1,5 +1,5 @@
-"""The chunked head + loss (`ops.linear_cross_entropy`, `GPT.loss`) against the loss over the full
-logits that the model computed before it."""
+"""The chunked head + loss (`loss.linear_cross_entropy`, `GPT.loss`) against the loss over the full
+logits that the model computed before it, in PyTorch and with the CPU kernels (`accelerate`)."""
 
 import pytest
 import torch
@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gpt2lab import GPT, GPTConfig
-from gpt2lab import ops
+from gpt2lab import loss as chunked
+from gpt2lab.kernels import accelerate, cpu
+from gpt2lab.kernels.loss import HEAD_KERNELS
 from gpt2lab.quantize import quantize
 
 
@@ -37,7 +39,7 @@ def chunked_loss(model, idx, targets):
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of 3 rows of a 128-row head: several chunks and a ragged last one."""
-    monkeypatch.setattr(ops, "CHUNK_ELEMENTS", 3 * 128)
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 3 * 128)
 
 
 @pytest.mark.parametrize("options", [
@@ -46,9 +48,12 @@ def small_chunks(monkeypatch):
     {"tie_embeddings": False},
     {"tie_embeddings": False, "logit_softcap": 1.5, "padded_vocab_size": None},
 ], ids=["tied", "softcap", "untied", "untied-softcap-unpadded"])
-def test_loss_and_gradients_match_the_full_logits_loss(small_chunks, options):
+@pytest.mark.parametrize("fast", [False, True], ids=["pytorch", "cpu-kernels"])
+def test_loss_and_gradients_match_the_full_logits_loss(small_chunks, options, fast):
     torch.manual_seed(0)
     model = GPT(tiny(**options))
+    if fast:
+        accelerate(model)
     idx = torch.randint(0, 100, (3, 11))
     targets = torch.randint(0, 100, (3, 11))
     targets[0, :4] = -1
@@ -69,7 +74,7 @@ def test_three_backward_passes_through_a_kept_graph_into_leaves_triple_the_gradi
     hidden = torch.randn(2, 9, 32, requires_grad=True)
     weight = torch.randn(128, 32, requires_grad=True)
     targets = torch.randint(0, 100, (2, 9))
-    loss = ops.linear_cross_entropy(hidden, weight, targets) * scale
+    loss = chunked.linear_cross_entropy(hidden, weight, targets, kernels=HEAD_KERNELS) * scale
     once = torch.autograd.grad(loss, (hidden, weight), retain_graph=True)
     for _ in range(3):
         loss.backward(retain_graph=True)
@@ -82,7 +87,7 @@ def test_backward_twice_through_a_kept_graph_doubles_the_gradients(small_chunks,
     # At scale 1 the loss hands its saved gradients on as they are; autograd must not let the
     # tied embedding's rows be added into them in place while the graph still holds them.
     torch.manual_seed(0)
-    model = GPT(tiny())
+    model = accelerate(GPT(tiny()))
     idx, targets = torch.randint(0, 100, (2, 11)), torch.randint(0, 100, (2, 11))
     _, once = loss_and_grads(model, lambda m, i, t: chunked_loss(m, i, t) * scale, idx, targets)
     model.zero_grad(set_to_none=True)
@@ -99,7 +104,7 @@ def test_float64_matches_and_ignored_targets_carry_no_gradient(small_chunks):
     weight = torch.randn(128, 32, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 100, (2, 9))
     targets[1] = -1
-    loss = ops.linear_cross_entropy(hidden, weight, targets, softcap=3.0)
+    loss = chunked.linear_cross_entropy(hidden, weight, targets, softcap=3.0, kernels=HEAD_KERNELS)
     loss.backward()
     reference_h = hidden.detach().clone().requires_grad_()
     reference_w = weight.detach().clone().requires_grad_()
@@ -113,14 +118,14 @@ def test_float64_matches_and_ignored_targets_carry_no_gradient(small_chunks):
 
 
 def test_no_counted_target_gives_nan_as_cross_entropy_does():
-    model = GPT(tiny())
+    model = accelerate(GPT(tiny()))
     loss = model(torch.zeros(1, 4, dtype=torch.long), torch.full((1, 4), -1))[1]
     assert torch.isnan(loss)
 
 
 def test_bf16_autocast_matches_the_full_logits_loss_to_bf16_precision(small_chunks):
     torch.manual_seed(0)
-    model = GPT(tiny(logit_softcap=4.0))
+    model = accelerate(GPT(tiny(logit_softcap=4.0)))
     idx, targets = torch.randint(0, 100, (2, 16)), torch.randint(0, 100, (2, 16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want_loss, want = loss_and_grads(model, full_logits_loss, idx, targets)
@@ -134,21 +139,21 @@ def test_bf16_autocast_matches_the_full_logits_loss_to_bf16_precision(small_chun
 
 def test_bf16_autocast_keeps_the_loss_in_float32_where_the_cpu_lacks_fast_bfloat16(small_chunks, monkeypatch):
     # There bfloat16 products cost time and the chunked head saves no memory by them.
-    monkeypatch.setattr(ops, "_CPU_FAST_BF16", False)
+    monkeypatch.setattr(cpu, "fast_bfloat16", lambda: False)
     torch.manual_seed(0)
     hidden = torch.randn(2, 9, 32, requires_grad=True)
     weight = torch.randn(128, 32, requires_grad=True)
     targets = torch.randint(0, 100, (2, 9))
-    want = ops.linear_cross_entropy(hidden, weight, targets)
+    want = chunked.linear_cross_entropy(hidden, weight, targets, kernels=HEAD_KERNELS)
     want_grads = torch.autograd.grad(want, (hidden, weight))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = ops.linear_cross_entropy(hidden, weight, targets)
+        got = chunked.linear_cross_entropy(hidden, weight, targets, kernels=HEAD_KERNELS)
     assert torch.equal(got, want)
     for g, w in zip(torch.autograd.grad(got, (hidden, weight)), want_grads):
         assert torch.equal(g, w)
-    monkeypatch.setattr(ops, "_CPU_FAST_BF16", True)
+    monkeypatch.setattr(cpu, "fast_bfloat16", lambda: True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not torch.equal(ops.linear_cross_entropy(hidden, weight, targets), want)
+        assert not torch.equal(chunked.linear_cross_entropy(hidden, weight, targets, kernels=HEAD_KERNELS), want)
 
 
 class LargestTensor(TorchDispatchMode):
@@ -167,8 +172,8 @@ class LargestTensor(TorchDispatchMode):
 
 
 def test_a_training_step_never_holds_the_full_logits(monkeypatch):
-    monkeypatch.setattr(ops, "CHUNK_ELEMENTS", 4 * 512)
-    model = GPT(tiny(n_embd=16, vocab_size=500, padded_vocab_size=512))
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 4 * 512)
+    model = accelerate(GPT(tiny(n_embd=16, vocab_size=500, padded_vocab_size=512)))
     idx, targets = torch.randint(0, 500, (4, 16)), torch.randint(0, 500, (4, 16))
     with LargestTensor() as seen:
         model(idx, targets)[1].backward()
@@ -181,7 +186,7 @@ def test_a_training_step_never_holds_the_full_logits(monkeypatch):
 
 def test_no_grad_loss_matches_and_quantized_models_still_give_a_loss():
     torch.manual_seed(0)
-    model = GPT(tiny()).eval()
+    model = accelerate(GPT(tiny())).eval()
     idx, targets = torch.randint(0, 100, (2, 8)), torch.randint(0, 100, (2, 8))
     with torch.no_grad():
         loss = model(idx, targets)[1]
@@ -195,7 +200,7 @@ def test_a_frozen_head_gets_no_gradient_and_the_rest_the_same(small_chunks):
     """Fine-tuning with the head frozen (LoRA): the weight's gradient is neither computed nor
     returned, and hidden's is unchanged."""
     torch.manual_seed(0)
-    model = GPT(tiny(tie_embeddings=False))
+    model = accelerate(GPT(tiny(tie_embeddings=False)))
     idx, targets = torch.randint(0, 100, (2, 12)), torch.randint(0, 100, (2, 12))
     _, want = loss_and_grads(model, full_logits_loss, idx, targets)
     model.lm_head.weight.requires_grad_(False)
@@ -208,28 +213,28 @@ def test_a_frozen_head_gets_no_gradient_and_the_rest_the_same(small_chunks):
 
 
 def test_chunks_hold_a_bounded_number_of_logits_are_even_and_are_never_more_than_max_chunks():
-    assert ops._chunk_rows(50304, 8 * 1024) == 640  # 13 chunks of B=8, T=1024
-    assert ops._chunk_rows(50304, 4 * 256) == 512  # two even chunks, not 640 and 384
-    assert ops._chunk_rows(50304, 4 * 1024) == 592  # seven, the last 544 rows
-    assert ops._chunk_rows(50304, 64 * 1024) == 2048  # B=64: 32 chunks, not 103
-    assert ops._chunk_rows(65, 12 * 64) >= 12 * 64  # a character vocabulary: one chunk
-    assert ops._chunk_rows(10**9, 5) == 1
-    assert ops._chunk_rows(50304, 0) == 1
-    assert ops._chunk_rows(128256, 3841) == 241  # sixteen of 241 or fewer, not fifteen of 256 and one of 1
+    assert chunked.chunk_rows(50304, 8 * 1024) == 640  # 13 chunks of B=8, T=1024
+    assert chunked.chunk_rows(50304, 4 * 256) == 512  # two even chunks, not 640 and 384
+    assert chunked.chunk_rows(50304, 4 * 1024) == 592  # seven, the last 544 rows
+    assert chunked.chunk_rows(50304, 64 * 1024) == 2048  # B=64: 32 chunks, not 103
+    assert chunked.chunk_rows(65, 12 * 64) >= 12 * 64  # a character vocabulary: one chunk
+    assert chunked.chunk_rows(10**9, 5) == 1
+    assert chunked.chunk_rows(50304, 0) == 1
+    assert chunked.chunk_rows(128256, 3841) == 241  # sixteen of 241 or fewer, not fifteen of 256 and one of 1
     for vocab, cap in ((50304, 640), (128256, 256)):
         for rows in range(1, 5000, 7):
-            chunk = ops._chunk_rows(vocab, rows)
+            chunk = chunked.chunk_rows(vocab, rows)
             chunks = -(-rows // chunk)
             assert chunk <= cap and chunks == -(-rows // cap)
             assert rows - chunk * (chunks - 1) >= min(chunk // 2, rows)  # the last chunk keeps half
 
 
 def test_many_rows_split_into_max_chunks_give_the_same_loss(monkeypatch):
-    monkeypatch.setattr(ops, "CHUNK_ELEMENTS", 1)
-    monkeypatch.setattr(ops, "MAX_CHUNKS", 4)
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(chunked, "MAX_CHUNKS", 4)
     torch.manual_seed(0)
     hidden = torch.randn(37, 16, dtype=torch.float64)
     weight = torch.randn(50, 16, dtype=torch.float64)
     targets = torch.randint(0, 50, (37,))
     expected = F.cross_entropy(hidden @ weight.T, targets)
-    assert abs(ops.linear_cross_entropy(hidden, weight, targets).item() - expected.item()) < 1e-12
+    assert abs(chunked.linear_cross_entropy(hidden, weight, targets, kernels=HEAD_KERNELS).item() - expected.item()) < 1e-12

@@ -69,6 +69,7 @@ def test_bf16_sampling_runs(capsys, bpe_model_dir):
 
 
 def test_int4_sampling_follows_the_quantized_model(capsys, bpe_model_dir):
+    from gpt2lab.kernels import accelerate
     from gpt2lab.quantize import quantize
 
     code, out, err = run_cli(
@@ -77,7 +78,7 @@ def test_int4_sampling_follows_the_quantized_model(capsys, bpe_model_dir):
     )
     assert code == 0 and "int4" in err
     tokenizer = load_tokenizer(bpe_model_dir)
-    quantized = quantize(GPT.from_pretrained(bpe_model_dir), "int4")
+    quantized = accelerate(quantize(GPT.from_pretrained(bpe_model_dir), "int4"))  # as the CLI loads it
     expected = quantized.generate([tokenizer.encode("Hello")], 6, temperature=0)[0]
     assert out == tokenizer.decode(expected) + "\n"
 

@@ -15,7 +15,6 @@ from gpt2lab.config import (
     coerce,
     from_dict,
     load_toml,
-    set_path,
     to_toml,
 )
 
@@ -216,7 +215,7 @@ def test_malformed_override(override):
 
 def test_dotted_override_into_a_non_table_is_refused():
     with pytest.raises(UserError, match="n_layer"):
-        set_path(GPTConfig(), "n_layer.x", "1")
+        apply_overrides(GPTConfig(), ["n_layer.x=1"])
 
 
 def test_nested_dataclass_overrides():

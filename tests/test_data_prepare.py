@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from gpt2lab import UserError, load_tokenizer
 from gpt2lab.cli import main
 from gpt2lab.data import open_dataset, prepare_dataset, read_shard
-from gpt2lab.data import cli as prepare_cli
+from gpt2lab.cli import prepare as prepare_cli
 from gpt2lab.data import prepare as prepare_module
 from gpt2lab.data import shards as shards_module
 from gpt2lab.data import sources

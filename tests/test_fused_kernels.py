@@ -1,5 +1,6 @@
-"""gpt2lab's fused float32 CPU kernels (`fused_kernels`): the tanh GELU and its gradient, and the
-softmax cross-entropy of a chunk of logits, against PyTorch's operators, and their fallbacks."""
+"""gpt2lab's fused float32 CPU kernels (`gpt2lab.kernels.fused`): the tanh GELU and its gradient,
+and the softmax cross-entropy of a chunk of logits, against PyTorch's operators, the GELU module that
+`accelerate` gives a model, and their fallbacks."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt2lab import fused_kernels, ops
+from gpt2lab.kernels import accelerate, build, fused
 
-needs_kernels = pytest.mark.skipif(not fused_kernels.available(torch.zeros(1)), reason="the fused kernels do not run here")
+needs_kernels = pytest.mark.skipif(not fused.available(torch.zeros(1)), reason="the fused kernels do not run here")
 
 
 def awkward_values(n: int) -> torch.Tensor:
@@ -30,8 +31,8 @@ def test_gelu_and_its_gradient_equal_pytorchs_to_float32_rounding(shape):
     grad_y = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     exact = x.double().requires_grad_()
     F.gelu(exact, approximate="tanh").backward(grad_y.double())
-    y = fused_kernels.gelu_tanh_forward(x)
-    grad_x = fused_kernels.gelu_tanh_backward(x, grad_y)
+    y = fused.gelu_tanh_forward(x)
+    grad_x = fused.gelu_tanh_backward(x, grad_y)
     eps = torch.finfo(torch.float32).eps
     # Within two float32 roundings of the exact value, as PyTorch's own operators are.
     assert ((y.double() - F.gelu(x.double(), approximate="tanh")).abs() <= 2 * eps * x.double().abs().clamp(min=1e-6)).all()
@@ -45,55 +46,66 @@ def test_gelu_far_out_gives_what_pytorch_gives_not_an_overflow():
     grad_y = torch.ones_like(x)
     want = F.gelu(x.double(), approximate="tanh")
     eps = torch.finfo(torch.float32).eps
-    assert ((fused_kernels.gelu_tanh_forward(x).double() - want).abs() <= 2 * eps * x.double().abs()).all()
+    assert ((fused.gelu_tanh_forward(x).double() - want).abs() <= 2 * eps * x.double().abs()).all()
     exact = x.double().requires_grad_()
     F.gelu(exact, approximate="tanh").backward(grad_y.double())
-    torch.testing.assert_close(fused_kernels.gelu_tanh_backward(x, grad_y).double(), exact.grad, atol=1e-20, rtol=1e-6)
+    torch.testing.assert_close(fused.gelu_tanh_backward(x, grad_y).double(), exact.grad, atol=1e-20, rtol=1e-6)
     infinite = torch.tensor([float("inf"), float("-inf")] * 4)
-    assert fused_kernels.gelu_tanh_forward(infinite)[0] == float("inf")
-    assert torch.isnan(fused_kernels.gelu_tanh_forward(infinite)[1])  # -inf * 0, as in PyTorch
+    assert fused.gelu_tanh_forward(infinite)[0] == float("inf")
+    assert torch.isnan(fused.gelu_tanh_forward(infinite)[1])  # -inf * 0, as in PyTorch
 
 
 @needs_kernels
 def test_the_wrappers_refuse_what_the_c_cannot_read():
     for bad in (torch.zeros(8, dtype=torch.bfloat16), torch.zeros(8, dtype=torch.float64)):
         with pytest.raises(ValueError, match="float32 CPU tensors"):
-            fused_kernels.gelu_tanh_forward(bad)
+            fused.gelu_tanh_forward(bad)
         with pytest.raises(ValueError, match="float32 CPU tensors"):
-            fused_kernels.gelu_tanh_backward(torch.zeros(8), bad)
+            fused.gelu_tanh_backward(torch.zeros(8), bad)
     with pytest.raises(ValueError, match="float32 CPU tensors"):
-        fused_kernels.softmax_cross_entropy_(torch.zeros(2, 8, dtype=torch.float64), torch.tensor([0, 1]))
+        fused.softmax_cross_entropy_(torch.zeros(2, 8, dtype=torch.float64), torch.tensor([0, 1]))
 
 
 @needs_kernels
 def test_gelu_of_nan_is_nan_and_the_output_is_the_same_on_one_thread():
     x = awkward_values(64)
     x[9] = float("nan")
-    y = fused_kernels.gelu_tanh_forward(x)
+    y = fused.gelu_tanh_forward(x)
     assert torch.isnan(y[9]) and torch.isfinite(y[torch.arange(64) != 9]).all()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        torch.testing.assert_close(fused_kernels.gelu_tanh_forward(x), y, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(fused.gelu_tanh_forward(x), y, rtol=0, atol=0, equal_nan=True)
     finally:
         torch.set_num_threads(threads)
 
 
 @needs_kernels
-def test_the_model_gelu_takes_the_kernels_differentiably_and_non_contiguous_inputs():
+def test_the_model_gelu_takes_the_kernels_differentiably_and_non_contiguous_inputs(make_model):
+    model = make_model()
+    assert type(model.transformer.h[0].mlp.gelu) is torch.nn.GELU  # plain until accelerated
+    gelu = accelerate(model).transformer.h[0].mlp.gelu
+    assert isinstance(gelu, fused.FusedGELU) and gelu.approximate == "tanh"
     x = awkward_values(6 * 40).view(6, 40).t().requires_grad_()  # a transposed view
     reference = x.detach().clone().requires_grad_()
-    ops.gelu_tanh(x).square().sum().backward()
+    gelu(x).square().sum().backward()
     F.gelu(reference, approximate="tanh").square().sum().backward()
     torch.testing.assert_close(x.grad, reference.grad, atol=1e-5, rtol=1e-5)
-    assert "gpt2lab_gelu_tanh" in ops.gelu_tanh(x).grad_fn.name()
+    assert "gpt2lab_gelu_tanh" in gelu(x).grad_fn.name()
+    assert "gpt2lab_gelu_tanh" in fused.gelu(x).grad_fn.name()
+
+
+def test_accelerate_gives_only_the_tanh_gelu_the_kernels():
+    exact = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU())
+    accelerate(exact)
+    assert type(exact[1]) is torch.nn.GELU  # the erf GELU is not the kernels'
 
 
 @needs_kernels
 def test_the_gelu_operator_is_registered_for_tracing_and_autograd():
     x = awkward_values(48).view(6, 8).requires_grad_()
-    torch.library.opcheck(fused_kernels.gelu_tanh, (x,), test_utils=("test_schema", "test_autograd_registration",
-                                                                      "test_faketensor", "test_aot_dispatch_dynamic"))
+    torch.library.opcheck(fused.gelu_tanh, (x,), test_utils=("test_schema", "test_autograd_registration",
+                                                             "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
 def softmax_reference(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,7 +124,7 @@ def test_softmax_cross_entropy_gives_the_loss_and_turns_the_logits_into_the_grad
     targets = torch.randint(0, classes, (9,), generator=g)
     targets[3] = 0
     want_loss, want_grad = softmax_reference(logits, targets)
-    loss = fused_kernels.softmax_cross_entropy_(logits, targets)
+    loss = fused.softmax_cross_entropy_(logits, targets)
     torch.testing.assert_close(loss.double(), want_loss, atol=1e-5, rtol=1e-6)
     torch.testing.assert_close(logits.double(), want_grad, atol=2e-7, rtol=1e-5)
     assert (logits[3, 5:40] == 0).all()
@@ -126,7 +138,7 @@ def test_softmax_cross_entropy_rows_of_nan_or_infinity_give_nan_as_log_softmax_d
     logits[3] = float("-inf")
     targets = torch.tensor([0, 1, 2, 3])
     expected = -torch.log_softmax(logits, -1).gather(1, targets[:, None])[:, 0]
-    loss = fused_kernels.softmax_cross_entropy_(logits, targets)
+    loss = fused.softmax_cross_entropy_(logits, targets)
     assert torch.isfinite(loss[0]) and torch.isnan(loss[1:]).all() and torch.isnan(expected[1:]).all()
     assert torch.isnan(logits[1:]).all()
 
@@ -137,51 +149,54 @@ def test_softmax_cross_entropy_refuses_targets_outside_the_classes_before_touchi
     before = logits.clone()
     for bad in ([0, 10], [-1, 3]):
         with pytest.raises(IndexError, match="outside the 10 classes"):
-            fused_kernels.softmax_cross_entropy_(logits, torch.tensor(bad))
+            fused.softmax_cross_entropy_(logits, torch.tensor(bad))
     assert torch.equal(logits, before)
     with pytest.raises(ValueError, match="contiguous"):
-        fused_kernels.softmax_cross_entropy_(logits.t(), torch.tensor([0] * 10))
+        fused.softmax_cross_entropy_(logits.t(), torch.tensor([0] * 10))
 
 
 def test_a_platform_without_the_kernels_is_silent(monkeypatch):
-    monkeypatch.setattr(fused_kernels.native, "why_not_here", lambda switch: "this CPU has no AVX2")
-    fused_kernels._library.cache_clear()
+    monkeypatch.setattr(build, "why_not_here", lambda switch: "this CPU has no AVX2")
+    fused._library.cache_clear()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            assert not fused_kernels.available(torch.zeros(3))
+            assert not fused.available(torch.zeros(3))
     finally:
-        fused_kernels._library.cache_clear()
+        fused._library.cache_clear()
 
 
 def test_the_switch_turns_the_kernels_off_silently_and_pytorch_computes_instead(monkeypatch):
-    monkeypatch.setenv(fused_kernels.SWITCH, "0")
-    fused_kernels._library.cache_clear()
+    monkeypatch.setenv(fused.SWITCH, "0")
+    fused._library.cache_clear()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             x = awkward_values(100)
-            assert not fused_kernels.available(x)
-            assert torch.equal(ops.gelu_tanh(x), F.gelu(x, approximate="tanh"))
+            assert not fused.available(x)
+            assert torch.equal(fused.gelu(x), F.gelu(x, approximate="tanh"))
     finally:
-        fused_kernels._library.cache_clear()
+        fused._library.cache_clear()
 
 
 def test_a_failed_build_warns_once_and_training_goes_on_in_pytorch(monkeypatch, tmp_path):
     monkeypatch.setenv("GPT2LAB_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # a compiler that always fails
-    monkeypatch.setattr(fused_kernels.native, "why_not_here", lambda switch: None)
-    fused_kernels._library.cache_clear()
+    monkeypatch.setattr(build, "why_not_here", lambda switch: None)
+    build.forget()  # the library this process has loaded already, if any
+    fused._library.cache_clear()
     try:
         x = awkward_values(100)
         with pytest.warns(UserWarning, match="fused CPU kernels are not used: they could not be built.*false failed"):
-            assert not fused_kernels.available(x)
+            assert not fused.available(x)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            assert torch.equal(ops.gelu_tanh(x), F.gelu(x, approximate="tanh"))  # no second warning
+            assert torch.equal(fused.gelu(x), F.gelu(x, approximate="tanh"))  # no second warning
+            assert torch.equal(fused.FusedGELU(approximate="tanh")(x), F.gelu(x, approximate="tanh"))
         assert not list(tmp_path.rglob("*.so*"))
     finally:
-        fused_kernels._library.cache_clear()
+        build.forget()
+        fused._library.cache_clear()
 
 
 def graph_targets(compile_and_run) -> set[str]:
@@ -202,38 +217,75 @@ def test_a_compiled_training_step_calls_the_gelu_kernels_and_decoding_leaves_the
     reference = x.detach().clone().requires_grad_()
 
     def training(backend):
-        torch.compile(ops.gelu_tanh, backend=backend, fullgraph=True)(x).square().sum().backward()
+        torch.compile(fused.gelu, backend=backend, fullgraph=True)(x).square().sum().backward()
 
     assert any("gpt2lab.gelu_tanh" in target for target in graph_targets(training))
     F.gelu(reference, approximate="tanh").square().sum().backward()
     torch.testing.assert_close(x.grad, reference.grad, atol=1e-5, rtol=1e-5)
-    compiled = torch.compile(ops.gelu_tanh, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(fused.gelu, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
         assert torch.equal(compiled(x), F.gelu(x, approximate="tanh"))
 
         def decoding(backend):
-            torch.compile(ops.gelu_tanh, backend=backend, fullgraph=True)(x.detach() + 1)
+            torch.compile(fused.gelu, backend=backend, fullgraph=True)(x.detach() + 1)
 
         assert not any("gpt2lab" in target for target in graph_targets(decoding))
-    assert torch.equal(ops.gelu_tanh(x.detach().double()), F.gelu(x.detach().double(), approximate="tanh"))
+    assert torch.equal(fused.gelu(x.detach().double()), F.gelu(x.detach().double(), approximate="tanh"))
 
 
 @needs_kernels
 def test_a_cached_library_that_no_longer_loads_is_built_again(monkeypatch, tmp_path):
     monkeypatch.setenv("GPT2LAB_CACHE", str(tmp_path))
-    cached = fused_kernels.native.build(fused_kernels.SOURCE, fused_kernels.LIBRARY, fused_kernels.native.compiler())
+    cached = build.build(build.compiler())
+    assert cached.name == build.LIBRARY
     cached.write_bytes(b"damaged")
-    library, reason = fused_kernels.native.load(fused_kernels.SOURCE, fused_kernels.LIBRARY,
-                                                fused_kernels.native.compiler())
-    assert reason is None and library.gpt2lab_gelu_tanh_forward
-    assert cached.read_bytes().startswith(b"\x7fELF")
+    build.forget()
+    try:
+        library, reason = build._load()
+        assert reason is None and library.gpt2lab_gelu_tanh_forward and library.gpt2lab_matvec
+        assert cached.read_bytes().startswith(b"\x7fELF")
+    finally:
+        build.forget()
+
+
+@needs_kernels
+def test_an_accelerated_training_step_takes_the_kernels_and_equals_the_plain_models(make_model, monkeypatch):
+    calls = {"gelu": 0, "softmax": 0}
+    gelu_kernel, softmax_kernel = fused.gelu_tanh_forward, fused.softmax_cross_entropy_
+
+    def counted(name, kernel):
+        def call(*args):
+            calls[name] += 1
+            return kernel(*args)
+        return call
+
+    monkeypatch.setattr(fused, "gelu_tanh_forward", counted("gelu", gelu_kernel))
+    monkeypatch.setattr(fused, "softmax_cross_entropy_", counted("softmax", softmax_kernel))
+    idx = torch.randint(0, 50257, (2, 17), generator=torch.Generator().manual_seed(0))
+
+    def loss_and_grads(accelerated: bool):
+        model = make_model(seed=3, peaked=True).train()
+        if accelerated:
+            model = accelerate(model)
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+    plain_loss, plain_grads = loss_and_grads(accelerated=False)
+    assert calls == {"gelu": 0, "softmax": 0}  # a model built with GPT(config) is plain
+    fast_loss, fast_grads = loss_and_grads(accelerated=True)
+    assert calls["gelu"] == 2 and calls["softmax"] >= 1  # each block's GELU, the head's loss
+    torch.testing.assert_close(fast_loss, plain_loss, atol=1e-5, rtol=1e-5)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 @needs_kernels
 @pytest.mark.slow
 def test_a_compiled_float32_training_step_equals_the_eager_one(make_model):
     def loss_and_grads(compiled: bool):
-        model = make_model(seed=3, peaked=True).train()
+        model = accelerate(make_model(seed=3, peaked=True).train())
+        assert isinstance(model.transformer.h[0].mlp.gelu, fused.FusedGELU)
         forward = torch.compile(model) if compiled else model  # inductor, the GELU operator inside
         idx = torch.randint(0, 50257, (2, 17), generator=torch.Generator().manual_seed(0))
         _, loss = forward(idx[:, :-1], idx[:, 1:])
@@ -250,10 +302,10 @@ def test_a_compiled_float32_training_step_equals_the_eager_one(make_model):
 @needs_kernels
 def test_a_graph_compiled_with_the_kernels_computes_in_pytorch_once_they_are_switched_off(monkeypatch):
     x = awkward_values(64).requires_grad_()
-    compiled = torch.compile(ops.gelu_tanh, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(fused.gelu, backend="aot_eager", fullgraph=True)
     compiled(x).sum().backward()
-    monkeypatch.setenv(fused_kernels.SWITCH, "0")
-    fused_kernels._library.cache_clear()
+    monkeypatch.setenv(fused.SWITCH, "0")
+    fused._library.cache_clear()
     try:
         x.grad = None
         y = compiled(x)  # the graph still calls the operator: it must not need the library
@@ -263,4 +315,4 @@ def test_a_graph_compiled_with_the_kernels_computes_in_pytorch_once_they_are_swi
         expected.square().sum().backward()
         assert torch.equal(y, expected) and torch.equal(x.grad, reference.grad)
     finally:
-        fused_kernels._library.cache_clear()
+        fused._library.cache_clear()

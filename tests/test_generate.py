@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2lab import UserError
-from gpt2lab.generate import filter_logits
+from gpt2lab.sampling import filter_logits
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +143,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 
 def test_sampling_with_top_k_draws_only_kept_tokens():
     logits = torch.tensor([[0.0, 3.0, 2.9, -1.0, 2.8]]).repeat(500, 1)
-    from gpt2lab.generate import sample_next_token
+    from gpt2lab.sampling import sample_next_token
 
     draws = sample_next_token(logits, temperature=1.0, top_k=2, generator=torch.Generator().manual_seed(0))
     assert set(draws.tolist()) == {1, 2}

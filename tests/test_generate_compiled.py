@@ -125,9 +125,10 @@ def test_a_compiler_that_fails_is_one_clear_error(model, monkeypatch):
 
 @pytest.mark.slow
 def test_compiled_int8_equals_eager(model):
+    from gpt2lab.kernels import accelerate
     from gpt2lab.quantize import quantize
 
-    int8 = quantize(model, "int8")
+    int8 = accelerate(quantize(model, "int8"))
     eager = int8.generate(PROMPTS, 20, temperature=0)
     assert int8.generate(PROMPTS, 20, temperature=0, compile=True) == eager
     assert len(set(eager[0])) > 5
@@ -135,9 +136,10 @@ def test_compiled_int8_equals_eager(model):
 
 @pytest.mark.slow
 def test_compiled_int4_equals_eager_and_follows_its_buffers_changed_in_place(model):
+    from gpt2lab.kernels import accelerate
     from gpt2lab.quantize import quantize
 
-    int4 = quantize(model, "int4")
+    int4 = accelerate(quantize(model, "int4"))
     eager = int4.generate(PROMPTS, 12, temperature=0)
     assert int4.generate(PROMPTS, 12, temperature=0, compile=True) == eager
     # int4's weights and biases are buffers, not parameters: changed in place, they must reach the

@@ -14,12 +14,16 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "gpt2lab"
 # the eval scorers are libraries over a model (the trainer samples and scores with them); the
 # verbs that drive them come last.
 STAGES = [
-    ("base", ["errors", "files", "config", "cache", "runtime", "hugepages", "version", "tokenizer", "native", "fused_kernels", "matvec_kernels", "ops", "quantized_kernels", "kv_cache", "prompts", "chat_template"]),
-    ("data", ["data", "data.dataset", "data.loader", "data.prepare", "data.shards", "data.sources", "data.chat_records",
+    ("base", ["errors", "files", "config", "cache", "runtime", "version", "tokenizer", "masks", "sampling", "stopping",
+              "kv_cache", "prompts",
+              "chat", "chat.template"]),
+    ("data", ["data", "data.dataset", "data.loader", "data.prepare", "data.shards", "data.sources", "chat.records",
                "data.chat_prepare", "data.chat_loader"]),
-    ("model", ["model", "formats", "formats.hub_files", "formats.native", "formats.transformers_gpt2", "formats.transformers_llama", "quantize",
-               "lora", "pretrained"]),
-    ("model libraries", ["generate", "chat", "eval", "eval.loss", "eval.hellaswag", "eval.chat"]),
+    ("model", ["model", "layers", "loss", "formats", "formats.hub_files", "formats.native", "formats.transformers_gpt2",
+               "formats.transformers_llama", "quantize", "lora", "kernels", "kernels.build", "kernels.cpu", "kernels.torch_compat",
+               "kernels.fused", "kernels.matvec", "kernels.quantized", "kernels.linear", "kernels.attention", "kernels.loss",
+               "kernels.memory", "kernels.compile", "kernels.overrides", "pretrained"]),
+    ("model libraries", ["generate", "chat.session", "eval", "eval.loss", "eval.hellaswag", "eval.chat", "eval.report"]),
     ("train", ["train", "train.config", "train.muon", "train.optim", "train.distributed", "train.metrics", "train.checkpoint",
                "train.profiling", "train.trainer"]),
     ("api", ["api", ""]),
@@ -65,7 +69,8 @@ def imports_of(name: str) -> set[str]:
 
 
 def test_the_import_reader_sees_relative_absolute_and_lazy_imports():
-    assert {"config", "ops"} <= imports_of("model")
+    assert {"config", "layers"} <= imports_of("model")
+    assert "kernels" in imports_of("pretrained")  # lazy, inside a function
     assert "model" in imports_of("quantize")
     assert "api" in imports_of("")  # the package's own __init__
 
@@ -124,7 +129,70 @@ def test_no_module_imports_a_later_stage():
 def test_model_is_the_transformer_alone():
     source = MODULES["model"].read_text()
     assert len(source.splitlines()) <= 300
-    assert imports_of("model") <= {"config", "ops", "kv_cache"}
+    assert imports_of("model") <= {"config", "layers", "loss", "kv_cache"}
+
+
+def test_the_kernels_are_entered_by_their_door_alone():
+    through_a_side_door = [
+        f"gpt2lab.{name} imports gpt2lab.{target}"
+        for name in MODULES
+        if name != "kernels" and not name.startswith("kernels.")
+        for target in imports_of(name)
+        if target.startswith("kernels.")
+    ]
+    assert not through_a_side_door, "import gpt2lab.kernels instead:\n" + "\n".join(sorted(through_a_side_door))
+
+
+def test_private_torch_apis_live_in_the_kernels_alone():
+    private = [
+        f"gpt2lab.{name}:{node.lineno} {ast.unparse(node)}"
+        for name, path in MODULES.items()
+        if name != "kernels" and not name.startswith("kernels.")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+        and ast.unparse(node.value).split(".")[0] == "torch"
+    ]
+    assert not private, "move these behind gpt2lab.kernels.torch_compat:\n" + "\n".join(private)
+
+
+# Imports every module of gpt2lab in a fresh interpreter, recording what the imports did.
+IMPORT_EVERYTHING = """
+import importlib, json, os, pkgutil, sys
+before = dict(os.environ)
+touched = []
+def watch(event, args):
+    if event == "open" and isinstance(args[0], str) and args[0].startswith(("/proc/", "/sys/")):
+        touched.append(args[0])
+    elif event in ("subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "ctypes.dlopen"):
+        touched.append(f"{event} {args[0]}")
+sys.addaudithook(watch)
+import gpt2lab
+names = [m.name for m in pkgutil.walk_packages(gpt2lab.__path__, "gpt2lab.") if m.name != "gpt2lab.__main__"]
+for name in names:
+    importlib.import_module(name)
+changed = sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k))
+print(json.dumps({"modules": len(names), "changed": changed, "touched": sorted(set(touched)),
+                  "cache": sorted(os.listdir(os.environ["GPT2LAB_CACHE"]))}))
+"""
+
+
+def test_importing_gpt2lab_does_nothing_to_the_process(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    env = {**os.environ, "GPT2LAB_CACHE": str(cache), "PYTHONPATH": str(PACKAGE.parent)}
+    env.pop("THP_MEM_ALLOC_ENABLE", None)
+    out = subprocess.run([sys.executable, "-c", IMPORT_EVERYTHING], capture_output=True, text=True, env=env, check=True)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["modules"] > 50
+    assert report["changed"] == []
+    # Python's own imports open no file under /proc; PyTorch's loading of its libraries is no gpt2lab doing.
+    assert not [t for t in report["touched"] if "gpt2lab" in t or t.startswith(("/proc/cpuinfo", "/sys/kernel/mm", "subprocess"))]
+    assert report["cache"] == []  # no C build ran
 
 
 def test_only_the_model_touches_its_head():

@@ -18,12 +18,23 @@ from safetensors.torch import load_file, save_file
 from gpt2lab import GPTConfig, UserError
 from gpt2lab.cli import main
 from gpt2lab.data.prepare import prepare
+from gpt2lab.kernels import accelerate
 from gpt2lab.lora import (
-    LoRALinear, apply_lora, lora_config, lora_state_dict, merge_lora, parameter_counts,
+    LoRALinear,
+    apply_lora,
+    lora_config,
+    lora_state_dict,
+    merge_lora,
+    parameter_counts,
 )
 from gpt2lab.model import GPT
 from gpt2lab.pretrained import (
-    ADAPTERS_FILE, checkpoint_folders, load_model, newest_checkpoint, read_state_dict, save_pretrained,
+    ADAPTERS_FILE,
+    checkpoint_folders,
+    load_model,
+    newest_checkpoint,
+    read_state_dict,
+    save_pretrained,
 )
 from gpt2lab.train.checkpoint import CHECKPOINT_FILES
 from gpt2lab.train.config import resolve_config
@@ -82,18 +93,20 @@ def test_adapters_start_at_the_base_and_merge_to_the_same_logits(options):
 
 
 def test_the_wrapper_keeps_the_class_of_the_layer_it_wraps():
-    model = tiny()
+    from gpt2lab.kernels import accelerate
+
+    model = accelerate(tiny())
     block = model.transformer.h[0]
     plain = nn.Linear(32, 96)
     with torch.no_grad():
         plain.weight.copy_(block.attn.c_attn.weight)
         plain.bias.copy_(block.attn.c_attn.bias)
-    block.attn.c_attn = plain  # a model built from torch's own Linear rather than ops.Linear
+    block.attn.c_attn = plain  # a model built from torch's own Linear rather than kernels.linear.CPULinear
     apply_lora(model, rank=2, targets=["attn.c_attn"])
     with_random_adapters(model)
     unmerged = logits(model, IDX)
     merge_lora(model)
-    assert type(block.attn.c_attn) is nn.Linear and type(block.mlp.c_fc).__name__ == "Linear"
+    assert type(block.attn.c_attn) is nn.Linear and type(block.mlp.c_fc).__name__ == "CPULinear"
     assert (logits(model, IDX) - unmerged).abs().max() < 1e-5
 
 
@@ -286,8 +299,9 @@ def test_resume_with_other_lora_settings_is_refused(lora_run, char_data, tmp_pat
 
 
 def unmerged_model(checkpoint: Path, config: GPTConfig) -> GPT:
-    """The LoRA model of a checkpoint as training ran it: base, wrappers, adapters."""
-    model = GPT(config)
+    """The LoRA model of a checkpoint as training ran it: base (with the CPU kernels, as the
+    trainer's), wrappers, adapters."""
+    model = accelerate(GPT(config))
     model.load_state_dict(read_state_dict(checkpoint, config), strict=False)  # the tied head shares wte
     apply_lora(model, rank=4, alpha=16.0, dropout=0.1)
     model.load_state_dict(load_file(str(checkpoint / ADAPTERS_FILE)), strict=False)

@@ -260,7 +260,7 @@ def test_keep_padded_vocab_round_trips_exactly(tmp_path, tie):
     assert record["model"]["padded_vocab_size"] == 128
     assert record["model"]["vocab_size"] == 100
 
-    again = GPT.from_pretrained(tmp_path)
+    again = GPT.from_pretrained(tmp_path, accelerate=False)  # bit for bit: the same kernels as `model`
     assert again.config == model.config
     assert again.state_dict().keys() == model.state_dict().keys()
     for name, tensor in model.state_dict().items():
@@ -289,7 +289,7 @@ def test_no_bias_model_exports_zero_biases(tmp_path, tie):
     ids = random_ids(100, 16)
     reference = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     assert max_diff(hf_logits(reference, ids), our_logits(model, ids)) < TOL
-    again = GPT.from_pretrained(tmp_path)
+    again = GPT.from_pretrained(tmp_path, accelerate=False)
     assert again.config.bias is False
     assert torch.equal(our_logits(again, ids), our_logits(model, ids))
 
@@ -521,7 +521,7 @@ def test_load_model_picks_newest_complete_checkpoint(tmp_path):
 
     assert newest_checkpoint(run) == checkpoints / "step_00000020"
     assert resolve_model_path(run) == checkpoints / "step_00000020"
-    loaded = load_model(run)
+    loaded = load_model(run, accelerate=False)
     assert not torch.equal(models[10].transformer.wte.weight, models[20].transformer.wte.weight)
     state = loaded.state_dict()
     for name, tensor in models[20].state_dict().items():
@@ -573,7 +573,7 @@ def test_native_layout_round_trips_exactly(tmp_path, tie):
     tensors = load_file(tmp_path / "model.safetensors")
     assert tensors["transformer.h.0.attn.c_attn.weight"].shape == (96, 32)  # nn.Linear's (out, in)
     assert ("lm_head.weight" in tensors) is not tie
-    loaded = load_model(tmp_path)
+    loaded = load_model(tmp_path, accelerate=False)
     assert loaded.config == model.config
     for (name, ours), (_, theirs) in zip(model.named_parameters(), loaded.named_parameters()):
         assert torch.equal(ours, theirs), name
@@ -588,7 +588,7 @@ def test_folder_of_an_older_gpt2lab_without_a_recorded_layout_loads(tmp_path):
     del record["weights"]
     (tmp_path / "gpt2lab.json").write_text(json.dumps(record))
     ids = random_ids(100, 16)
-    assert max_diff(our_logits(model, ids), our_logits(load_model(tmp_path), ids)) == 0
+    assert max_diff(our_logits(model, ids), our_logits(load_model(tmp_path, accelerate=False), ids)) == 0
 
 
 def test_unknown_layout_is_refused(tmp_path):

@@ -1,5 +1,7 @@
-"""Int8 and int4 weights: the packed layouts, the C kernels against the same arithmetic in
-PyTorch, quantized models against float32, and the kernels' build and its fallbacks."""
+"""Int8 and int4 weights: the packed layouts, the C kernels (the layers `accelerate` gives a
+quantized model, `kernels.quantized.CPUInt8Linear` and `CPUInt4Linear`) against the same arithmetic
+in PyTorch (`quantize.Int8Linear` and `Int4Linear`, and the kernels' own fallback), quantized models
+against float32, and the kernels' build and its fallbacks."""
 
 from __future__ import annotations
 
@@ -10,9 +12,13 @@ import torch
 import torch.nn as nn
 
 from gpt2lab import GPT, GPTConfig
-from gpt2lab import quantized_kernels as kernels
 from gpt2lab.errors import UserError
-from gpt2lab.quantize import INT4_GROUP_SIZE, Int4Linear, Int8Linear, quantize
+from gpt2lab.kernels import accelerate, build
+from gpt2lab.kernels import quantized as kernels
+from gpt2lab.kernels.quantized import CPUInt4Linear, CPUInt8Linear
+from gpt2lab.quantize import (
+    INT4_GROUP_SIZE, Int4Linear, Int8Linear, pack_int4, pack_int8, quantize, unpack_int4, unpack_int8,
+)
 
 needs_kernels = pytest.mark.skipif(
     kernels.kernels_unavailable_reason() is not None, reason="gpt2lab's C kernels do not run here"
@@ -29,7 +35,7 @@ def reference_int8(layer: Int8Linear, x: torch.Tensor) -> torch.Tensor:
     rows = x.reshape(-1, layer.in_features)
     x_scale = rows.abs().amax(1) / 127
     x_levels = (rows * (1 / x_scale)[:, None]).round()  # by the reciprocal, as the kernels
-    w_levels = kernels.unpack_int8(layer.packed, layer.out_features, layer.in_features).float()
+    w_levels = unpack_int8(layer.packed, layer.out_features, layer.in_features).float()
     y = (x_levels @ w_levels.t()) * layer.scale * x_scale[:, None]
     return (y if layer.bias is None else y + layer.bias).view(*x.shape[:-1], layer.out_features)
 
@@ -37,16 +43,16 @@ def reference_int8(layer: Int8Linear, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("out_features, in_features", [(10, 48), (100, 64), (37, 768)])
 def test_packing_round_trips_for_widths_that_are_not_whole_blocks(out_features, in_features):
     levels = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8)
-    packed = kernels.pack_int8(levels)
+    packed = pack_int8(levels)
     assert packed.shape == (-(-out_features // 4), -(-in_features // 32), 4, 32)
-    assert torch.equal(kernels.unpack_int8(packed, out_features, in_features), levels)
+    assert torch.equal(unpack_int8(packed, out_features, in_features), levels)
     if in_features % 32 == 0:
         groups = in_features // 32
         nibbles = torch.randint(0, 16, (out_features, in_features))
         scale, minimum = torch.rand(out_features, groups), torch.randn(out_features, groups)
-        packed4 = kernels.pack_int4(nibbles, scale, minimum)
+        packed4 = pack_int4(nibbles, scale, minimum)
         assert packed4.shape == (-(-out_features // 4), groups, 80) and packed4.dtype == torch.uint8
-        got_levels, got_scale, got_minimum = kernels.unpack_int4(packed4, out_features, in_features)
+        got_levels, got_scale, got_minimum = unpack_int4(packed4, out_features, in_features)
         assert torch.equal(got_levels.long(), nibbles)
         assert torch.equal(got_scale, scale.half()) and torch.equal(got_minimum, minimum.half())
 
@@ -57,7 +63,7 @@ def test_packing_round_trips_for_widths_that_are_not_whole_blocks(out_features, 
 def test_int8_kernel_equals_the_integer_arithmetic_exactly(out_features, in_features, bias):
     torch.manual_seed(0)
     layer = nn.Linear(in_features, out_features, bias=bias)
-    quantized = Int8Linear(layer)
+    quantized = CPUInt8Linear(layer)
     for rows in (1, 3, 40):
         x = torch.randn(rows, 1, in_features)
         with torch.no_grad():
@@ -72,7 +78,7 @@ def test_int8_kernel_equals_the_integer_arithmetic_exactly(out_features, in_feat
 def test_int4_kernel_equals_pytorch_on_the_same_weights(monkeypatch, out_features, in_features):
     torch.manual_seed(0)
     layer = nn.Linear(in_features, out_features)
-    quantized = Int4Linear(layer)
+    quantized, plain = CPUInt4Linear(layer), Int4Linear(layer)
     x = torch.randn(3, 5, in_features)
     with torch.no_grad():
         strided = torch.randn(in_features, 3).t()
@@ -81,6 +87,7 @@ def test_int4_kernel_equals_pytorch_on_the_same_weights(monkeypatch, out_feature
             with monkeypatch.context() as patch:
                 pytorch_path(patch)
                 want = quantized(rows)
+            assert torch.equal(plain(rows), want)  # the layer quantize() makes, before accelerate
             # The same products, summed in another order.
             assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
@@ -88,7 +95,7 @@ def test_int4_kernel_equals_pytorch_on_the_same_weights(monkeypatch, out_feature
 @needs_kernels
 def test_int8_kernel_takes_strided_inputs_and_refuses_a_wrong_width():
     torch.manual_seed(0)
-    quantized = Int8Linear(nn.Linear(96, 40))
+    quantized = CPUInt8Linear(nn.Linear(96, 40))
     strided = torch.randn(96, 3).t()
     assert not strided.is_contiguous()
     with torch.no_grad():
@@ -102,7 +109,7 @@ def test_rows_of_zeros_or_of_tiny_values_give_the_bias(monkeypatch):
     layer = nn.Linear(64, 8)
     x = torch.zeros(3, 64)
     x[1, 0] = 1e-40  # a subnormal scale, whose reciprocal would overflow
-    for quantized in (Int8Linear(layer), Int4Linear(layer)):
+    for quantized in (CPUInt8Linear(layer), CPUInt4Linear(layer), Int8Linear(layer), Int4Linear(layer)):
         with torch.no_grad():
             for patch_path in (False, True):
                 with monkeypatch.context() as patch:
@@ -114,10 +121,13 @@ def test_rows_of_zeros_or_of_tiny_values_give_the_bias(monkeypatch):
 
 def test_int8_pytorch_path_takes_the_same_arithmetic(monkeypatch):
     torch.manual_seed(0)
-    quantized = Int8Linear(nn.Linear(96, 40))
+    layer = nn.Linear(96, 40)
     x = torch.randn(20, 96)
-    pytorch_path(monkeypatch)
     with torch.no_grad():
+        plain = Int8Linear(layer)  # computes in PyTorch until accelerated
+        assert torch.equal(plain(x), reference_int8(plain, x))
+        pytorch_path(monkeypatch)
+        quantized = CPUInt8Linear(layer)
         assert torch.equal(quantized(x), reference_int8(quantized, x))
 
 
@@ -132,7 +142,7 @@ def test_kernels_give_the_same_numbers_on_one_thread_and_on_several():
         for count in (1, max(2, threads)):
             torch.set_num_threads(count)
             with torch.no_grad():
-                outputs.append((Int8Linear(layer)(x), Int4Linear(layer)(x)))
+                outputs.append((CPUInt8Linear(layer)(x), CPUInt4Linear(layer)(x)))
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(*outputs))
@@ -152,21 +162,38 @@ def test_int4_weights_stay_within_half_a_step_of_the_originals():
     assert error.max() > 0  # 4 bits cannot hold these weights exactly
 
 
-@pytest.mark.parametrize("precision, cls, tolerance", [("int8", Int8Linear, 0.05), ("int4", Int4Linear, 0.3)])
-def test_quantized_model_predicts_close_to_float32_and_leaves_the_original_alone(precision, cls, tolerance):
+@pytest.mark.parametrize(
+    "precision, cls, cpu_cls, tolerance",
+    [("int8", Int8Linear, CPUInt8Linear, 0.05), ("int4", Int4Linear, CPUInt4Linear, 0.3)],
+)
+def test_quantized_model_predicts_close_to_float32_and_leaves_the_original_alone(precision, cls, cpu_cls, tolerance):
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=100, padded_vocab_size=128)).eval()
     before = {name: p.clone() for name, p in model.named_parameters()}
     quantized = quantize(model, precision)
-    assert sum(isinstance(m, cls) for m in quantized.modules()) == 2 * 4 + 1  # four per block and the head
+    assert sum(type(m) is cls for m in quantized.modules()) == 2 * 4 + 1  # four per block and the head
     assert not any(isinstance(m, nn.Linear) for m in quantized.modules())
     ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ours, exact = quantized(ids)[0], model(ids)[0]
+        in_pytorch, exact = quantized(ids)[0], model(ids)[0]
+        assert accelerate(quantized) is quantized  # in place: the kernels' layers
+        assert sum(type(m) is cpu_cls for m in quantized.modules()) == 2 * 4 + 1
+        ours = quantized(ids)[0]
         assert torch.isfinite(quantized(ids, ids)[1])
     assert 0 < (ours - exact).abs().max() < tolerance
+    assert 0 < (in_pytorch - exact).abs().max() < tolerance
+    torch.testing.assert_close(ours, in_pytorch, rtol=1e-4, atol=1e-4)
     assert model.lm_head.weight is model.transformer.wte.weight  # the original stays tied
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
+def test_accelerate_gives_lone_quantized_layers_the_kernels_and_leaves_meta_ones_alone():
+    layer = nn.Linear(64, 8)
+    layers = nn.ModuleList([Int8Linear(layer), Int4Linear(layer)])  # buffers, no parameters
+    accelerate(layers)
+    assert [type(m) for m in layers] == [CPUInt8Linear, CPUInt4Linear]
+    meta = Int8Linear(layer).to("meta")
+    assert type(accelerate(meta)) is Int8Linear
 
 
 def test_int4_refuses_a_width_that_is_not_whole_groups():
@@ -178,20 +205,22 @@ def test_int4_refuses_a_width_that_is_not_whole_groups():
 @needs_kernels
 def test_the_kernels_are_built_once_into_the_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("GPT2LAB_CACHE", str(tmp_path))
-    library = kernels.native.build(kernels.SOURCE, kernels.LIBRARY, kernels.native.compiler())
+    library = build.build(build.compiler())
     assert library.is_relative_to(tmp_path / "kernels") and library.stat().st_size > 0
+    assert library.name == build.LIBRARY
     built = library.stat().st_mtime_ns
-    assert kernels.native.build(kernels.SOURCE, kernels.LIBRARY, kernels.native.compiler()) == library and library.stat().st_mtime_ns == built
+    assert build.build(build.compiler()) == library and library.stat().st_mtime_ns == built
     assert [p.name for p in library.parent.iterdir()] == [library.name]  # no partial file left
 
 
 def test_a_failed_build_warns_once_and_falls_back_to_pytorch(monkeypatch, tmp_path):
     monkeypatch.setenv("GPT2LAB_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # a compiler that always fails
-    monkeypatch.setattr(kernels.native, "why_not_here", lambda switch: None)
+    monkeypatch.setattr(build, "why_not_here", lambda switch: None)
+    build.forget()  # the library this process has loaded already, if any
     kernels._library.cache_clear()
     try:
-        layer = Int8Linear(nn.Linear(64, 8))
+        layer = CPUInt8Linear(nn.Linear(64, 8))
         x = torch.randn(1, 64)
         with pytest.warns(UserWarning, match="kernels are not used: they could not be built.*false failed"):
             with torch.no_grad():
@@ -203,6 +232,7 @@ def test_a_failed_build_warns_once_and_falls_back_to_pytorch(monkeypatch, tmp_pa
         assert kernels.kernels_unavailable_reason().startswith("they could not be built")
         assert not list((tmp_path / "kernels").rglob("*.so*"))
     finally:
+        build.forget()
         kernels._library.cache_clear()
 
 
@@ -213,7 +243,7 @@ def test_the_switch_turns_the_kernels_off_without_a_warning(monkeypatch):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert kernels.kernels_unavailable_reason() == f"{kernels.SWITCH}=0"
-            layer = Int8Linear(nn.Linear(64, 8))
+            layer = CPUInt8Linear(nn.Linear(64, 8))
             x = torch.randn(1, 64)
             assert torch.equal(layer(x), reference_int8(layer, x))
     finally:
@@ -224,10 +254,18 @@ def test_compiled_graphs_reach_the_layers_through_operators():
     torch.manual_seed(0)
     layer = nn.Linear(64, 24)
     x = torch.randn(2, 64)
-    for quantized in (Int8Linear(layer), Int4Linear(layer)):
-        compiled = torch.compile(quantized, backend="eager", fullgraph=True)
+    for quantized, operator in ((CPUInt8Linear(layer), "gpt2lab.int8_linear"),
+                                (CPUInt4Linear(layer), "gpt2lab.int4_linear")):
+        seen = set()
+
+        def backend(graph_module, example_inputs):
+            seen.update(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+            return graph_module.forward
+
+        compiled = torch.compile(quantized, backend=backend, fullgraph=True)
         with torch.no_grad():
             assert torch.equal(compiled(x), quantized(x))
+        assert any(operator in target for target in seen), seen
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -236,7 +274,7 @@ def test_a_non_finite_input_gives_nan_on_both_paths_not_a_finite_guess(monkeypat
     layer = nn.Linear(64, 8)
     x = torch.randn(2, 64)
     x[0, 5] = bad
-    for quantized in (Int8Linear(layer), Int4Linear(layer)):
+    for quantized in (CPUInt8Linear(layer), CPUInt4Linear(layer)):
         with torch.no_grad():
             got = quantized(x)
             with monkeypatch.context() as patch:
@@ -250,7 +288,7 @@ def test_layers_cast_to_another_dtype_still_multiply_in_float32():
     torch.manual_seed(0)
     layer = nn.Linear(64, 8)
     x = torch.randn(1, 64)
-    for quantized in (Int8Linear(layer), Int4Linear(layer)):
+    for quantized in (CPUInt8Linear(layer), CPUInt4Linear(layer), Int8Linear(layer), Int4Linear(layer)):
         with torch.no_grad():
             want = quantized(x)
             quantized.to(torch.bfloat16)  # casts the float buffers (scale, bias), not the packed levels

@@ -7,7 +7,7 @@ import pytest
 
 from gpt2lab import UserError
 from gpt2lab.cli import main
-from gpt2lab.report import build_figure, load_run, load_runs, read_metrics, size_class, write_report
+from gpt2lab.eval.report import build_figure, load_run, load_runs, read_metrics, size_class, write_report
 
 TINY = [
     "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "batch.micro_batch=4",

@@ -1,5 +1,6 @@
-"""runtime.reuse_freed_cpu_memory: glibc keeps freed memory for the next allocation. Run in a
-child process, since the setting lasts for the whole process."""
+"""kernels.memory.reuse_freed_cpu_memory: glibc keeps freed memory for the next allocation (what
+`tune_cpu_memory()` applies with reuse_freed, as the trainer does on a CPU). Run in a child process,
+since the setting lasts for the whole process."""
 
 import platform
 import subprocess
@@ -8,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from gpt2lab.runtime import _GLIBC_MEMALIGN_MERGES, glibc_version
+from gpt2lab.kernels import memory, tune_cpu_memory
+from gpt2lab.kernels.memory import _GLIBC_MEMALIGN_MERGES, glibc_version
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -17,7 +19,7 @@ ROUNDS = 6
 # what the function answered.
 CHILD = f"""
 import sys, torch
-from gpt2lab.runtime import reuse_freed_cpu_memory
+from gpt2lab.kernels.memory import reuse_freed_cpu_memory
 took = reuse_freed_cpu_memory() if sys.argv[1] == "reuse" else None
 def resident():
     return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
@@ -83,3 +85,14 @@ def test_glibc_version_is_read_where_there_is_one():
         assert version == tuple(map(int, expected.split(".")[:2]))
     elif platform.system() != "Linux":
         assert version is None
+
+
+def test_tune_cpu_memory_keeps_freed_memory_only_when_asked(monkeypatch):
+    """The CLI's `main` asks for huge pages alone; the trainer on a CPU for kept memory too."""
+    calls = []
+    monkeypatch.setattr(memory, "prefer_huge_pages", lambda: calls.append("huge pages") or True)
+    monkeypatch.setattr(memory, "reuse_freed_cpu_memory", lambda: calls.append("reuse") or True)
+    assert tune_cpu_memory(reuse_freed=False) == {"huge_pages": True, "reuse_freed": False}
+    assert calls == ["huge pages"]
+    assert tune_cpu_memory() == {"huge_pages": True, "reuse_freed": True}
+    assert calls == ["huge pages", "huge pages", "reuse"]

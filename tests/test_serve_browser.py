@@ -15,7 +15,7 @@ if not CHROMIUM.exists():
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
 
 from gpt2lab import load_model, load_tokenizer  # noqa: E402
-from gpt2lab.chat_template import ChatTemplate  # noqa: E402
+from gpt2lab.chat.template import ChatTemplate  # noqa: E402
 from gpt2lab.serve import Engine, create_app  # noqa: E402
 from gpt2lab.serve.api import serve_in_thread  # noqa: E402
 

@@ -11,7 +11,7 @@ openai = pytest.importorskip("openai")
 from starlette.testclient import TestClient  # noqa: E402
 
 from gpt2lab import load_model, load_tokenizer  # noqa: E402
-from gpt2lab.chat_template import ChatTemplate  # noqa: E402
+from gpt2lab.chat.template import ChatTemplate  # noqa: E402
 from gpt2lab.cli import main  # noqa: E402
 from gpt2lab.serve import Engine, create_app  # noqa: E402
 from gpt2lab.serve.api import serve_in_thread  # noqa: E402
@@ -199,7 +199,7 @@ def test_a_base_model_gets_a_400_that_says_so_and_how_to_make_a_chat_model(base_
 @pytest.mark.parametrize(
     "tokenizer, vocab_size, why",
     [
-        (GPT2Tokenizer(), 50304, "its tokenizer record is 'gpt2', without a chat format"),
+        (GPT2Tokenizer(), 50304, "its tokenizer record is plain 'gpt2', without a chat format"),
         (GPT2Tokenizer(chat="gpt2lab-chat-v1"), 50257, "its vocabulary has 50257 ids and the chat tokens need 50261"),
         (CharTokenizer(list("abc \n")), 5, "it has a character vocabulary"),
     ],

@@ -280,10 +280,10 @@ def test_existing_run_needs_resume(char_data, tmp_path, capsys):
 
 @pytest.mark.parametrize("reuse", [True, False])
 def test_cpu_training_keeps_freed_memory_unless_told_not_to(char_data, tmp_path, monkeypatch, reuse):
-    import gpt2lab.train.trainer as trainer_module
+    import gpt2lab.kernels as kernels
 
     calls = []
-    monkeypatch.setattr(trainer_module, "reuse_freed_cpu_memory", lambda: calls.append("reuse") or True)
+    monkeypatch.setattr(kernels, "tune_cpu_memory", lambda reuse_freed: calls.append(("reuse", reuse_freed)) or {})
     config = tiny_config(char_data, "max_steps=1", "system.device=cpu", f"system.reuse_cpu_memory={str(reuse).lower()}")
     Trainer(config, tmp_path / "run", echo=lambda line: None)
-    assert calls == (["reuse"] if reuse else [])
+    assert calls == ([("reuse", True)] if reuse else [])

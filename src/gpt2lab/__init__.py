@@ -1,9 +1,9 @@
-"""gpt2lab: GPT-2 from scratch in PyTorch, and everything around it."""
+"""gpt2lab: GPT-2 from scratch in PyTorch, and everything around it.
 
-from .hugepages import prefer_huge_pages
-
-# Before anything below imports torch and allocates: PyTorch reads the switch once (hugepages.py).
-prefer_huge_pages()
+Importing gpt2lab changes nothing in the process: no environment variable, no file read, no
+compiler run. The CPU fast paths are applied explicitly (`gpt2lab.kernels.accelerate`, which
+`GPT.from_pretrained` calls for a model on a CPU), and so are the memory settings of CPU training
+(`gpt2lab.kernels.tune_cpu_memory`, which `gpt2lab train` applies)."""
 
 from .api import GPT, load_model
 from .config import GPTConfig

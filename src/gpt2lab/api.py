@@ -25,8 +25,15 @@ class GPT(transformer.GPT):
     @classmethod
     def from_pretrained(cls, spec: str | Path, **options: Any) -> GPT:
         """Load a hub name (``gpt2``, ``gpt2-medium``, ..., ``owner/name``), a model folder, a
-        checkpoint or a run folder; options as `gpt2lab.pretrained.load_model`."""
-        return pretrained.load_model(spec, model_class=cls, **options)
+        checkpoint or a run folder; options as `gpt2lab.pretrained.load_model`. A model loaded onto
+        a CPU gets the CPU kernels (`gpt2lab.kernels.accelerate`); `accelerate=False` keeps it plain."""
+        accelerated = options.pop("accelerate", True)
+        model = pretrained.load_model(spec, model_class=cls, **options)
+        if accelerated and next(model.parameters()).device.type == "cpu":
+            from .kernels import accelerate
+
+            model = accelerate(model)
+        return model
 
     def save_pretrained(self, directory: str | Path, **options: Any) -> Path:
         """Write a model folder that gpt2lab and transformers load; see `gpt2lab.pretrained.save_pretrained`."""

@@ -339,13 +339,6 @@ def _nest(dotted_key: str, value: Any, into: dict[str, Any]) -> None:
     into[leaf] = value
 
 
-def set_path(obj: T, dotted_key: str, raw_value: Any) -> T:
-    """A copy of dataclass `obj` with `dotted_key` (e.g. 'model.n_layer') set to `raw_value`."""
-    nested: dict[str, Any] = {}
-    _nest(dotted_key, raw_value, nested)
-    return merge_values(obj, nested)
-
-
 def apply_overrides(obj: T, overrides: list[str]) -> T:
     """Apply command-line `key=value` strings to a dataclass (a later one wins over an earlier)."""
     nested: dict[str, Any] = {}
@@ -421,6 +414,5 @@ __all__ = [
     "from_dict",
     "load_toml",
     "merge_values",
-    "set_path",
     "to_toml",
 ]

@@ -10,79 +10,24 @@ forward and the steps past the block size stay eager.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import math
-import warnings
 import weakref
 from typing import TYPE_CHECKING, Iterator, Sequence, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .errors import UserError
+from . import masks
 from .kv_cache import KVCache
 from .prompts import checked_prompt
 from .runtime import check_fits, format_bytes
+from .sampling import check_sampling_options, sample_next_token
 
 if TYPE_CHECKING:
     from .model import GPT
 
 PromptBatch = Union[torch.Tensor, Sequence[Sequence[int]]]
-
-
-def filter_logits(
-    logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None
-) -> torch.Tensor:
-    """Set to -inf every logit outside the top-k and outside the top-p nucleus.
-
-    Top-k keeps the k largest (ties with the k-th all kept). Top-p keeps, in order of decreasing
-    probability, each token whose predecessors hold less than p of the probability mass: the
-    smallest set whose mass reaches p.
-    """
-    if top_k is not None and top_k < logits.size(-1):
-        kth_largest = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        sorted_probs = F.softmax(sorted_logits, dim=-1)
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        drop_sorted = mass_before >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
-def sample_next_token(
-    logits: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """One token id per row of `logits` (B, V); temperature 0 is greedy."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    filtered = filter_logits(logits.float() / temperature, top_k, top_p)
-    probs = F.softmax(filtered, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def check_sampling_options(
-    max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None
-) -> None:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise UserError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-        raise UserError(
-            f"temperature must be a finite number >= 0 (0 means greedy), got {temperature!r}"
-        )
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise UserError(f"top_k must be a positive integer (or unset), got {top_k!r}")
-    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        raise UserError(f"top_p must be in (0, 1] (or unset), got {top_p!r}")
 
 
 def _prompt_rows(prompts: PromptBatch, vocab_size: int, eos_token_id: int | None) -> list[list[int]]:
@@ -127,21 +72,16 @@ class _SingleTokenStep(nn.Module):
         return self.model.logits(hidden[:, -1])
 
 
-# A one-token step reads every weight once, so on a CPU its speed is the speed of the
-# matrix-vector products. With the weights frozen into the graph, inductor's C++ GEMM template
-# (chosen by max-autotune) streams them near memory bandwidth, where MKL's products reach about
-# 60% of it: 1.7-2x the float32 tokens/s on a 2-core AVX2 EPYC, level with ggml (docs/benchmarks.md).
-_CPU_COMPILE_SETTINGS = dict(
-    freezing=True, max_autotune=True, max_autotune_gemm_backends="CPP,ATEN", max_autotune_report_choices_stats=False
-)
 _compiled_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _weights_fingerprint(model: nn.Module) -> tuple:
     # Frozen weights (and buffers, such as int4's packed weights) are constants of the compiled
     # graph: an optimizer step (which bumps a tensor's version) or a new tensor must compile afresh.
+    from .kernels import tensor_version
+
     tensors = itertools.chain(model.parameters(), model.buffers())
-    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+    return tuple((t.data_ptr(), tensor_version(t), t.dtype, t.device) for t in tensors)
 
 
 def compiled_step(model: GPT) -> _SingleTokenStep:
@@ -153,34 +93,14 @@ def compiled_step(model: GPT) -> _SingleTokenStep:
     if cached is not None and cached[0] != fingerprint:
         # Dynamo's guards pass for the same tensors changed in place, so the graph holding the old
         # values would be reused: drop the compiled graphs (other models' steps recompile on use).
-        torch._dynamo.eval_frame.remove_from_cache(_SingleTokenStep.forward)
+        from .kernels import forget_compiled
+
+        forget_compiled(_SingleTokenStep.forward)
         cached = None
     if cached is None:
         cached = (fingerprint, torch.compile(_SingleTokenStep(model), dynamic=False, fullgraph=True))
         _compiled_steps[model] = cached
     return cached[1]
-
-
-@contextlib.contextmanager
-def _compile_settings(device: torch.device):
-    if device.type != "cpu":
-        yield
-        return
-    import torch._inductor.config as inductor_config
-    import torch._inductor.select_algorithm as select_algorithm
-
-    # The autotuner prints a table per matrix shape to stderr, and warns of its own use of a
-    # deprecated storage API: neither should land among the user's text.
-    printing = getattr(select_algorithm, "PRINT_AUTOTUNE", None)
-    if printing is not None:
-        select_algorithm.PRINT_AUTOTUNE = False
-    try:
-        with inductor_config.patch(**_CPU_COMPILE_SETTINGS), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
-            yield
-    finally:
-        if printing is not None:
-            select_algorithm.PRINT_AUTOTUNE = printing
 
 
 class _Decoder:
@@ -209,8 +129,10 @@ class _Decoder:
             # One graph for every generation length: the cache's length is a symbol of the graph
             # (it enters no product with the weights, so the autotuned GEMM kernels keep their
             # static shapes).
+            from .kernels import mark_dynamic
+
             for tensor in self.cache.keys + self.cache.values:
-                torch._dynamo.mark_dynamic(tensor, 2)
+                mark_dynamic(tensor, 2)
 
     def _cache_rows(self, start: int):
         return None if self.cache is None else self.cache.all_rows(start)
@@ -225,13 +147,7 @@ class _Decoder:
             columns = torch.arange(T, device=window.device)
             first_real = (self.pads - start).clamp(min=0)
             position_ids = (columns[None, :] - first_real[:, None]).clamp(min=0)
-            key_is_real = columns[None, :] >= first_real[:, None]
-            causal = torch.ones(T, T, dtype=torch.bool, device=window.device).tril()
-            # A padding query sees itself, so that no softmax row is empty.
-            attn_mask = (causal[None] & key_is_real[:, None, :]) | torch.eye(
-                T, dtype=torch.bool, device=window.device
-            )
-            attn_mask = attn_mask[:, None]
+            attn_mask = masks.left_padded(first_real, T)
         with torch.no_grad():
             hidden = self.model.hidden_states(
                 window, position_ids=position_ids, attn_mask=attn_mask, kv_cache=self._cache_rows(0)
@@ -249,8 +165,7 @@ class _Decoder:
         position_ids = attn_mask = None
         if self.padded:
             position_ids = (position - self.pads)[:, None]
-            key_is_real = torch.arange(self.length, device=idx.device)[None, :] >= self.pads[:, None]
-            attn_mask = key_is_real[:, None, None, :]
+            attn_mask = masks.real_keys(self.pads, self.length)
         with torch.no_grad():
             hidden = self.model.hidden_states(
                 idx,
@@ -265,12 +180,16 @@ class _Decoder:
         # A column of the token buffer has the buffer's width as its stride, which the graph's
         # guards would check: a copy is laid out the same for every generation.
         idx = idx.clone(memory_format=torch.contiguous_format)
+        from .kernels import compiler_failure, decoding_compile_settings
+
         try:
-            with torch.no_grad(), _compile_settings(idx.device):
+            with torch.no_grad(), decoding_compile_settings(idx.device):
                 return self.compiled(idx, self.cache, position_tensor, self.pads)
-        except torch._dynamo.exc.BackendCompilerFailed as error:
+        except Exception as error:
             # Inductor builds C++ (or Triton) kernels: without a working compiler there is no step.
-            cause = error.inner_exception
+            cause = compiler_failure(error)
+            if cause is None:
+                raise
             raise UserError(
                 f"torch.compile could not build the decoding step here ({type(cause).__name__}: "
                 f"{str(cause).strip().splitlines()[0] if str(cause).strip() else 'no message'}); "

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 
+from . import masks
 from .config import GPTConfig
 
 
@@ -88,8 +89,7 @@ class CacheRows:
         last T keys is exact (every row at the same start, and one query or nothing cached)."""
         if self.uniform_start and (T == 1 or self.starts[0] == 0):
             return None
-        limit = self.positions(T, device)[:, :, None]  # (B, T, 1): a query sees keys up to itself
-        return (torch.arange(self.end(T), device=device) <= limit)[:, None]
+        return masks.up_to(self.positions(T, device), self.end(T))
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this layer's new keys/values (B, H, T, D); return each row's keys/values so far,
@@ -138,9 +138,7 @@ class StepRows:
         return (self.position - self.pads)[:, None]
 
     def key_mask(self, T: int, device) -> torch.Tensor:
-        keys = torch.arange(self.end(1), device=device)
-        visible = (keys[None, :] <= self.position) & (keys[None, :] >= self.pads[:, None])
-        return visible[:, None, None, :]
+        return masks.within_window(self.position, self.pads, self.end(1))
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.cache.keys[layer], self.cache.values[layer]

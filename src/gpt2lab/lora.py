@@ -18,14 +18,17 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .errors import UserError
-from .ops import linear
 
 # Names of the targetable matrices in model.py: `c_proj` is both attention's output and the
 # MLP's; `attn.c_proj` / `mlp.c_proj` name one of them.
 LORA_TARGETS = ("c_attn", "c_proj", "c_fc", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 ADAPTER_KEYS = ("lora_A", "lora_B")
+# The defaults of `apply_lora` and of training's finetune.lora_* settings.
+DEFAULT_ALPHA = 16.0
+DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc")
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,7 @@ def check_lora_settings(rank: int, alpha: float, dropout: float, targets: list[s
 class LoRALinear(nn.Module):
     """A frozen linear layer plus a trainable low-rank update. `weight` and `bias` are the base
     layer's own parameters; its class computes the frozen part, so whatever kernel it picked
-    (ops.Linear's oneDNN path, nn.Linear's BLAS) still runs."""
+    (`gpt2lab.kernels.accelerate`'s CPU layer, nn.Linear's BLAS) still runs."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
         super().__init__()
@@ -95,7 +98,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         frozen = self.base_class.forward(self, x)
-        update = linear(linear(self.lora_dropout(x), self.lora_A), self.lora_B)
+        update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
         return frozen + update * self.scale
 
     def merged(self) -> nn.Linear:
@@ -122,8 +125,8 @@ def _targeted(name: str, targets: tuple[str, ...]) -> bool:
     return ".h." in f".{name}" and any(f".{name}".endswith(f".{target}") for target in targets)
 
 
-def apply_lora(model: nn.Module, rank: int, alpha: float = 16.0, dropout: float = 0.0,
-               targets: list[str] | tuple[str, ...] = ("c_attn", "c_proj", "c_fc")) -> nn.Module:
+def apply_lora(model: nn.Module, rank: int, alpha: float = DEFAULT_ALPHA, dropout: float = 0.0,
+               targets: list[str] | tuple[str, ...] = DEFAULT_TARGETS) -> nn.Module:
     """Wrap each targeted linear layer of the transformer blocks in `LoRALinear` and freeze every
     other parameter, in place; returns `model`. Call it before torch.compile, DDP or FSDP wrap
     the model, and before the optimizer is built over its trainable parameters."""

@@ -1,9 +1,17 @@
-"""The GPT-2 model: pre-LayerNorm decoder blocks, tanh-GELU MLP, learned positions, tied embeddings,
-and the options of the modern recipe (RoPE, RMSNorm, QK-norm, ReLU² / SwiGLU, logit soft-capping,
-zero-initialised projections, grouped-query attention), each off by default.
+"""The GPT-2 model in plain PyTorch, readable in one sitting.
 
-Module and parameter names follow transformers' GPT2LMHeadModel (``transformer.h.0.attn.c_attn``
-and so on) so that converting weights is a matter of transposing the Conv1D matrices.
+Design:
+- pre-LayerNorm decoder blocks, tanh-GELU MLP, learned positions, tied embeddings (GPT-2);
+- the options of the modern recipe, each off by default (`GPTConfig`): RoPE, RMSNorm, QK-norm,
+  ReLU² / SwiGLU, logit soft-capping, zero-initialised projections, grouped-query attention;
+- attention through F.scaled_dot_product_attention (or `layers.plain_attention`), with a KV cache
+  (`kv_cache.CacheRows`) and per-row positions and masks for padded and packed batches;
+- the loss chunk by chunk from the hidden states (`loss.linear_cross_entropy`), never the full logits;
+- module and parameter names of transformers' GPT2LMHeadModel (``transformer.h.0.attn.c_attn``
+  and so on), so that converting weights is a matter of transposing the Conv1D matrices.
+
+Nothing here is specific to one kind of hardware: `gpt2lab.kernels.accelerate(model)` swaps in the
+CPU kernels, explicitly, where a model runs on a CPU.
 """
 
 from __future__ import annotations
@@ -16,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GPTConfig
-from .ops import Linear, apply_rope, gelu_tanh, linear_cross_entropy, plain_attention, rope_tables, scaled_dot_product_attention
+from .layers import apply_rope, plain_attention, rope_tables
+from .loss import PYTORCH, HeadKernels, linear_cross_entropy
 
 if TYPE_CHECKING:
     from .kv_cache import CacheRows
@@ -44,8 +53,8 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.attention = config.attention
         kv_width = self.kv_heads * self.head_dim
-        self.c_attn = Linear(config.n_embd, config.n_embd + 2 * kv_width, bias=config.bias)
-        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_width, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = make_dropout(config.dropout)
         if config.qk_norm:
             self.q_norm = nn.RMSNorm(self.head_dim, eps=config.layer_norm_epsilon)
@@ -58,35 +67,37 @@ class CausalSelfAttention(nn.Module):
         kv_cache: CacheRows | None = None,
         rope: Rope | None = None,
     ) -> torch.Tensor:
-        B, T, C = x.shape
+        B, T, C = x.shape  # batch, time, n_embd
         kv_width = self.kv_heads * self.head_dim
         q, k, v = self.c_attn(x).split([self.n_embd, kv_width, kv_width], dim=2)
-        q = q.view(B, T, self.n_head, self.head_dim)
-        k = k.view(B, T, self.kv_heads, self.head_dim)
+        q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, n_head, head_dim)
+        k = k.view(B, T, self.kv_heads, self.head_dim)  # (B, T, kv_heads, head_dim)
         if hasattr(self, "q_norm"):
             # Under autocast q and k are bf16 while the gains are float32: cast the gains, so
             # that the fused kernel runs (it computes the mean square in float32 either way).
             q = F.rms_norm(q, (self.head_dim,), self.q_norm.weight.to(q.dtype), self.q_norm.eps)
             k = F.rms_norm(k, (self.head_dim,), self.k_norm.weight.to(k.dtype), self.k_norm.eps)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, heads, T, head_dim)
+        v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, kv_heads, T, head_dim)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_index, k, v)
+            k, v = kv_cache.update(self.layer_index, k, v)  # (B, kv_heads, keys, head_dim)
         if self.kv_heads != self.n_head:
-            k = k.repeat_interleave(self.n_head // self.kv_heads, dim=1)
+            k = k.repeat_interleave(self.n_head // self.kv_heads, dim=1)  # (B, n_head, keys, head_dim)
             v = v.repeat_interleave(self.n_head // self.kv_heads, dim=1)
         # Without a mask, the queries are the last T of the keys: causal when T > 1, and a
         # single query may see every key.
         is_causal = attn_mask is None and T > 1
         dropout_p = self.dropout if self.training else 0.0
-        if self.attention == "sdpa":
-            y = scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
-        else:
-            y = plain_attention(q, k, v, attn_mask, is_causal, dropout_p)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = self.attend(q, k, v, attn_mask, dropout_p, is_causal)  # (B, n_head, T, head_dim)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # the heads side by side again
         return self.resid_dropout(self.c_proj(y))
+
+    def attend(self, q, k, v, attn_mask, dropout_p: float, is_causal: bool) -> torch.Tensor:
+        if self.attention == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
+        return plain_attention(q, k, v, attn_mask, is_causal, dropout_p)
 
 
 class MLP(nn.Module):
@@ -94,8 +105,10 @@ class MLP(nn.Module):
         super().__init__()
         self.activation = config.activation
         branches = 2 if config.activation == "swiglu" else 1  # swiglu's gate and value, stacked
-        self.c_fc = Linear(config.n_embd, branches * config.hidden_size, bias=config.bias)
-        self.c_proj = Linear(config.hidden_size, config.n_embd, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, branches * config.hidden_size, bias=config.bias)
+        self.c_proj = nn.Linear(config.hidden_size, config.n_embd, bias=config.bias)
+        if config.activation == "gelu_tanh":
+            self.gelu = nn.GELU(approximate="tanh")
         self.dropout = make_dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,7 +119,7 @@ class MLP(nn.Module):
         elif self.activation == "relu2":
             h = F.relu(h).square()
         else:
-            h = gelu_tanh(h)
+            h = self.gelu(h)
         return self.dropout(self.c_proj(h))
 
 
@@ -139,9 +152,10 @@ class GPT(nn.Module):
             ln_f=make_norm(config, config.n_embd),
         )
         self.transformer = nn.ModuleDict(layers)
-        self.lm_head = Linear(config.n_embd, config.embedding_rows, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.embedding_rows, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
+        self.head_kernels: HeadKernels = PYTORCH  # the loss's products and softmax (loss.py)
         self.apply(self._init_weights)
         # GPT-2 scales the projections that write into the residual stream, so that the
         # variance of the stream does not grow with depth; the modern recipe starts them at zero,
@@ -241,7 +255,7 @@ class GPT(nn.Module):
 
     def loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy over the targets that are not -1, from hidden states (B, T, n_embd),
-        chunk by chunk (`ops.linear_cross_entropy`): the (B, T, rows) logits are never built. The
+        chunk by chunk (`loss.linear_cross_entropy`): the (B, T, rows) logits are never built. The
         padded rows take part in the softmax, as they did in the loss over the full logits."""
         if hidden.device.type == "cpu" and not torch.compiler.is_compiling():
             # A chat batch ignores most targets (prompts, padding): their rows need no logits. On
@@ -250,7 +264,9 @@ class GPT(nn.Module):
             if not kept.all():
                 hidden, targets = hidden[kept], targets[kept]
         if isinstance(self.lm_head, nn.Linear):
-            return linear_cross_entropy(hidden, self.lm_head.weight, targets, self.config.logit_softcap)
+            return linear_cross_entropy(
+                hidden, self.lm_head.weight, targets, self.config.logit_softcap, self.head_kernels
+            )
         logits = self._head(hidden)  # a quantized head has no weight matrix to chunk
         return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
 

@@ -490,7 +490,8 @@ def check_finite_weights(model: GPT, folder: Path) -> None:
 
 def load_for_inference(spec: str | Path, device_name: str = "auto", dtype_name: str = "auto"):
     """(folder, model, device, precision name) for the commands that run a model: `--dtype int8`
-    or `int4` loads float32 weights and quantizes the linear layers (CPU only)."""
+    or `int4` loads float32 weights and quantizes the linear layers (CPU only). On a CPU the model
+    has the CPU kernels (`gpt2lab.kernels.accelerate`)."""
     device = resolve_device(device_name)
     quantized = dtype_name in QUANTIZERS
     if quantized and device.type != "cpu":
@@ -501,4 +502,8 @@ def load_for_inference(spec: str | Path, device_name: str = "auto", dtype_name: 
     check_finite_weights(model, folder)
     if quantized:
         model = quantize(model, dtype_name)
+    if device.type == "cpu":
+        from .kernels import accelerate
+
+        model = accelerate(model)
     return folder, model, device, dtype_name if quantized else str(dtype).removeprefix("torch.")

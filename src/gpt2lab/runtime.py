@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
-import platform
 
 import torch
 
@@ -52,49 +50,6 @@ def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-# mallopt's parameters, from glibc's malloc.h.
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_MAX = -4
-# Before 2.39, glibc's memalign put the small remainders it splits off an aligned block into the
-# tcache, where they keep the block from merging with its neighbours once freed (glibc bug 30723).
-# PyTorch allocates every CPU tensor 64-byte aligned, so with mmap off a loop that frees and
-# allocates the same large tensor takes a new block each time: measured on glibc 2.36, a 256 MiB
-# tensor made and freed twelve times ended up holding seven to nine blocks (up to 2.3 GiB). With
-# mmap on, as by default, such blocks are unmapped and the bug does not arise.
-_GLIBC_MEMALIGN_MERGES = (2, 39)
-
-
-def glibc_version() -> tuple[int, int] | None:
-    """(major, minor) of the glibc this process runs on; None elsewhere."""
-    try:
-        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
-        major, minor = version.split(".")[:2]
-        return (int(major), int(minor)) if name == "glibc" else None
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
-def reuse_freed_cpu_memory() -> bool:
-    """Make glibc's malloc keep the memory a process frees for its next allocations: no mmap for
-    large blocks, no trimming of the heap. A training step frees and allocates the same large
-    tensors (activations, logits, gradients, autocast's weight copies) every step; by default each
-    block over 32 MiB is mmapped afresh and its pages faulted in and zeroed by the kernel again,
-    about a fifth of a 124M bf16 step on a 2-core CPU with AMX (docs/benchmarks.md). The cost: the
-    resident set stays at its peak. Applies to the whole process; True where it took effect
-    (Linux with glibc 2.39 or later), False elsewhere, where nothing changes: older glibc would
-    leak blocks of aligned tensors (see _GLIBC_MEMALIGN_MERGES)."""
-    version = glibc_version()
-    if platform.system() != "Linux" or version is None or version < _GLIBC_MEMALIGN_MERGES:
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    # mallopt returns 1 on success; -1 as the trim threshold turns trimming off (mallopt(3)).
-    return mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, -1) == 1
 
 
 def free_memory_bytes(device: torch.device) -> int | None:

@@ -22,7 +22,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from ..chat_template import ChatTemplate
+from ..chat.template import ChatTemplate
+from .. import masks
 from ..errors import UserError
 from .dataset import TokenDataset, open_dataset
 from .loader import _positive
@@ -156,8 +157,7 @@ class ChatLoader:
         y = torch.from_numpy(np.where(mask[:, 1:], tokens[:, 1:], -1))
         position_ids = torch.from_numpy(positions[:, :-1])
         document = torch.from_numpy(documents[:, :-1])
-        causal = torch.ones(self.seq_len, self.seq_len, dtype=torch.bool).tril()
-        attn_mask = ((document[:, :, None] == document[:, None, :]) & causal).unsqueeze(1)
+        attn_mask = masks.packed(document)
         batch = (x, y, position_ids, attn_mask)
         if self.pin_memory:
             batch = tuple(t.pin_memory() for t in batch)

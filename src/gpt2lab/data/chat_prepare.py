@@ -22,12 +22,12 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from ..chat_template import ChatTemplate
+from ..chat.template import ChatTemplate
 from ..errors import UserError
 from ..files import write_atomic
 from ..tokenizer import GPT2Tokenizer
 from . import sources
-from .chat_records import hub_conversations, jsonl_conversations
+from ..chat.records import hub_conversations, jsonl_conversations
 from .prepare import _new_meta, _save_meta, _start, _summary, shard_name
 from .shards import write_shard
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..chat import Chat
-from ..chat_template import validate_messages
+from ..chat.session import Chat
+from ..chat.template import validate_messages
 from ..data.dataset import open_dataset
 from ..errors import UserError
 from .loss import LossResult, evaluate_loss

@@ -33,6 +33,7 @@ from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
 
 from ..cache import cache_dir, download, file_sha256
+from .. import masks
 from ..errors import UserError
 from ..files import write_atomic
 from ..runtime import autocast
@@ -296,12 +297,8 @@ def _batch_tensors(rows: Sequence[_Row], device: torch.device):
         n = len(row.tokens)
         tokens[r, :n], positions[r, :n], groups[r, :n] = row.tokens, row.positions, row.groups
     groups_t = torch.from_numpy(groups).to(device)
-    # A query sees earlier keys of the context or of its own ending. Padding (group -1) sees the
-    # context and earlier padding, so its rows stay finite; no real query sees padding.
-    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
-    same = groups_t[:, :, None] == groups_t[:, None, :]
-    mask = causal & (same | (groups_t[:, None, :] == 0))
-    return torch.from_numpy(tokens).to(device), torch.from_numpy(positions).to(device), mask.unsqueeze(1)
+    mask = masks.context_or_own_group(groups_t)  # the context is group 0, each ending its own
+    return torch.from_numpy(tokens).to(device), torch.from_numpy(positions).to(device), mask
 
 
 @torch.no_grad()

@@ -30,10 +30,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..chat_template import ChatTemplate
+from ..chat.template import ChatTemplate, base_model_reason
 from ..errors import UserError
 from ..prompts import checked_prompt, empty_prompt_start
-from ..tokenizer import GPT2Tokenizer, Tokenizer
+from ..tokenizer import Tokenizer
 from .engine import Engine, SamplingParams, Sequence, Update
 from .limits import Limits, RequestLimits, error_body, uvicorn_config
 from .sockets import listen
@@ -230,14 +230,8 @@ def _served(request: Request) -> _Served:
 
 def _chat_support(tokenizer: Tokenizer, vocab_size: int) -> tuple[ChatTemplate | None, str]:
     """The served model's chat template, or None and why it has none."""
-    if not isinstance(tokenizer, GPT2Tokenizer):
-        return None, "it has a character vocabulary, which holds no chat tokens"
-    if tokenizer.chat is None:
-        return None, f"its tokenizer record is {tokenizer.spec()!r}, without a chat format"
-    template = ChatTemplate(tokenizer)
-    if vocab_size < template.vocab_needed:
-        return None, f"its vocabulary has {vocab_size} ids and the chat tokens need {template.vocab_needed}"
-    return template, ""
+    reason = base_model_reason(tokenizer, vocab_size)
+    return (None, reason) if reason is not None else (ChatTemplate(tokenizer), "")
 
 
 def create_app(

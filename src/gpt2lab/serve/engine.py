@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..generate import check_sampling_options, filter_logits, sample_next_token
+from ..sampling import check_sampling_options, filter_logits, sample_next_token
+from ..stopping import StopRule
 from ..kv_cache import KVCache
 from ..model import GPT
 from ..prompts import checked_prompt
@@ -82,6 +83,7 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)  # generated so far
     cached: int = 0  # tokens whose keys and values are in the cache
     slot: int = -1
+    stop: StopRule = field(default_factory=StopRule)
     held: str = ""  # text held back because it may be the start of a stop string
     cancelled: bool = False
     finish_reason: str | None = None
@@ -171,6 +173,7 @@ class Engine:
             owner=owner,
             generator=generator,
             decoder=StreamDecoder(self.tokenizer),
+            stop=StopRule.of((self.eos_token_id, *stop_ids), params.stop),
         )
         with self._wake:
             if self._closed:
@@ -355,36 +358,17 @@ class Engine:
         a stop string or its length."""
         sequence.tokens.append(token)
         self.tokens_generated += 1
-        eos = token == self.eos_token_id or token in sequence.params.stop_token_ids
+        eos = sequence.stop.ends_at(token)
         last = eos or len(sequence.tokens) == sequence.params.max_tokens
         text = "" if eos else sequence.decoder.push(token)
         if last:
             text += sequence.decoder.flush()
-        text, stopped = self._apply_stop(sequence, text)
+        text, sequence.held, stopped = sequence.stop.cut(sequence.held, text)
         if stopped or last:
             self._release(sequence)
             self._finish(sequence, "stop" if stopped or eos else "length", updates, text + sequence.held)
         elif text:
             updates.append(Update(sequence, text))
-
-    @staticmethod
-    def _apply_stop(sequence: Sequence, text: str) -> tuple[str, bool]:
-        """Text safe to emit and whether a stop string was reached; holds back a tail that may
-        begin a stop string."""
-        stops = sequence.params.stop
-        if not stops:
-            return text, False
-        text = sequence.held + text
-        hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-        if hits:
-            sequence.held = ""
-            return text[: min(hits)], True
-        keep = max(
-            (n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])),
-            default=0,
-        )
-        sequence.held = text[len(text) - keep :] if keep else ""
-        return text[: len(text) - keep], False
 
     def _release(self, sequence: Sequence) -> None:
         """Free the sequence's slot, moving the last live sequence into it."""

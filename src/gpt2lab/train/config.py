@@ -13,7 +13,7 @@ from ..config import (
 )
 from ..errors import UserError
 from ..tokenizer import CHAT_FORMATS, DEFAULT_CHAT_FORMAT
-from ..lora import check_lora_settings
+from ..lora import DEFAULT_ALPHA, DEFAULT_TARGETS, check_lora_settings
 
 
 @dataclass
@@ -105,8 +105,8 @@ class SystemSettings:
     # Steps recorded by torch.profiler after the first: profile/trace.json in the run folder; 0 = off.
     profile_steps: int = 0
     # On the CPU (Linux, glibc 2.39 or later): keep freed memory for the next step's tensors instead
-    # of handing it back to the kernel and faulting it in again (runtime.reuse_freed_cpu_memory):
-    # about 1.2x faster bf16 steps; the process's resident set then stays at its peak.
+    # of handing it back to the kernel and faulting it in again (gpt2lab.kernels.reuse_freed_cpu_memory):
+    # faster steps (docs/benchmarks.md); the process's resident set then stays at its peak.
     reuse_cpu_memory: bool = True
 
 
@@ -121,10 +121,10 @@ class FinetuneSettings:
     # LoRA adapters of this rank on lora_targets; only they train, the rest is frozen.
     # 0: off (every parameter trains: full fine-tuning).
     lora_rank: int = 0
-    lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_rank
+    lora_alpha: float = DEFAULT_ALPHA  # the update is scaled by lora_alpha / lora_rank
     lora_dropout: float = 0.0  # on the adapters' input
     # c_attn (q, k, v), c_proj (attention's and the MLP's output; attn.c_proj / mlp.c_proj for one), c_fc
-    lora_targets: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])
+    lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
 
 
 @dataclass
@@ -326,8 +326,8 @@ PRESETS: dict[str, TrainConfig] = {
     ),
     # The modern recipe at GPT-2 (124M) size on FineWeb-EDU, one GPU (docs/recipes.md).
     "speedrun-124m": TrainConfig(
-        model=GPTConfig(n_layer=12, n_head=6, n_embd=768, block_size=1024, padded_vocab_size=GPT2_PADDED_VOCAB_SIZE,
-                        bias=False, logit_softcap=30.0, **MODERN_OPTIONS),
+        model=GPTConfig.from_preset("gpt2", n_head=6, padded_vocab_size=GPT2_PADDED_VOCAB_SIZE, bias=False,
+                                     logit_softcap=30.0, **MODERN_OPTIONS),
         data=DataSettings(path="data/fineweb-edu"),
         batch=BatchSettings(total_tokens=524_288, micro_batch=32, seq_len=1024),
         max_tokens=3_200_000_000,
@@ -341,7 +341,7 @@ PRESETS: dict[str, TrainConfig] = {
     ),
     # build-nanogpt's GPT-2 (124M) reproduction on FineWeb-EDU sample-10BT.
     "gpt2-124m": TrainConfig(
-        model=GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, padded_vocab_size=GPT2_PADDED_VOCAB_SIZE),
+        model=GPTConfig.from_preset("gpt2", padded_vocab_size=GPT2_PADDED_VOCAB_SIZE),
         data=DataSettings(path="data/fineweb-edu"),
         batch=BatchSettings(total_tokens=524_288, micro_batch=64, seq_len=1024),
         max_steps=19_073,
@@ -354,7 +354,7 @@ PRESETS: dict[str, TrainConfig] = {
     ),
     # llm.c's GPT-2 (350M) run: same recipe, 3e-4, 0.5M-token batches on FineWeb-EDU.
     "gpt2-350m": TrainConfig(
-        model=GPTConfig(n_layer=24, n_head=16, n_embd=1024, block_size=1024, padded_vocab_size=GPT2_PADDED_VOCAB_SIZE),
+        model=GPTConfig.from_preset("gpt2-medium", padded_vocab_size=GPT2_PADDED_VOCAB_SIZE),
         data=DataSettings(path="data/fineweb-edu"),
         batch=BatchSettings(total_tokens=524_288, micro_batch=32, seq_len=1024),
         max_steps=60_000,
@@ -366,7 +366,7 @@ PRESETS: dict[str, TrainConfig] = {
     ),
     # llm.c's GPT-2 (774M) run: 1M-token batches, 2.5e-4.
     "gpt2-774m": TrainConfig(
-        model=GPTConfig(n_layer=36, n_head=20, n_embd=1280, block_size=1024, padded_vocab_size=GPT2_PADDED_VOCAB_SIZE),
+        model=GPTConfig.from_preset("gpt2-large", padded_vocab_size=GPT2_PADDED_VOCAB_SIZE),
         data=DataSettings(path="data/fineweb-edu"),
         batch=BatchSettings(total_tokens=1_048_576, micro_batch=16, seq_len=1024),
         max_steps=286_102,
@@ -378,7 +378,7 @@ PRESETS: dict[str, TrainConfig] = {
     ),
     # llm.c's GPT-2 (1.5B) run: 1M-token batches, 6e-4, on a node of GPUs.
     "gpt2-1558m": TrainConfig(
-        model=GPTConfig(n_layer=48, n_head=25, n_embd=1600, block_size=1024, padded_vocab_size=GPT2_PADDED_VOCAB_SIZE),
+        model=GPTConfig.from_preset("gpt2-xl", padded_vocab_size=GPT2_PADDED_VOCAB_SIZE),
         data=DataSettings(path="data/fineweb-edu"),
         batch=BatchSettings(total_tokens=1_048_576, micro_batch=16, seq_len=1024),
         max_steps=32_000,
@@ -393,8 +393,7 @@ PRESETS: dict[str, TrainConfig] = {
     # tokens take GPT-2's spare padded rows. A small constant-then-cosine rate, as SFT of a
     # pretrained model wants (nanochat and litgpt use 1e-5 to 3e-5), for a few epochs.
     "sft": TrainConfig(
-        model=GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=CHAT_VOCAB_SIZE,
-                        padded_vocab_size=GPT2_PADDED_VOCAB_SIZE),
+        model=GPTConfig.from_preset("gpt2", vocab_size=CHAT_VOCAB_SIZE, padded_vocab_size=GPT2_PADDED_VOCAB_SIZE),
         init_from="gpt2",
         data=DataSettings(path="data/chat", random_offset=False),
         batch=BatchSettings(total_tokens=16_384, micro_batch=4, seq_len=1024),
@@ -407,7 +406,7 @@ PRESETS: dict[str, TrainConfig] = {
     ),
     # nanoGPT's config/finetune_shakespeare.py: OpenAI's gpt2 weights, constant small lr.
     "finetune-shakespeare": TrainConfig(
-        model=GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024),
+        model=GPTConfig.from_preset("gpt2"),
         init_from="gpt2",
         data=DataSettings(path="data/shakespeare"),
         batch=BatchSettings(total_tokens=32_768, micro_batch=1, seq_len=1024),

@@ -31,7 +31,7 @@ def orthogonalize(matrices: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> 
 
     On a GPU the iteration runs in bfloat16, which it tolerates and which runs its matmuls fastest.
     On a CPU it runs in float32: the hidden matrices of a CPU-sized model are small, float32 is as
-    fast there, and bf16 matmuls of that size were measured 70x slower than float32 on a loaded
+    fast there, and bf16 matmuls of that size were many times slower than float32 on a loaded
     2-core machine (threads waiting on each other), against no gain on a quiet one.
     """
     a, b, c = NEWTON_SCHULZ_COEFFICIENTS

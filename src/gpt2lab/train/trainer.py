@@ -8,7 +8,6 @@ import math
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -27,7 +26,7 @@ from ..generate import generate
 from ..lora import apply_lora, parameter_counts
 from ..model import GPT
 from ..prompts import checked_prompt, empty_prompt_start
-from ..runtime import check_fits, reuse_freed_cpu_memory
+from ..runtime import autocast, check_fits
 from ..tokenizer import Tokenizer, tokenizer_from_spec
 from .checkpoint import (
     find_resume_checkpoint,
@@ -37,7 +36,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import EvalSettings, FinetuneSettings, SystemSettings, TrainConfig
-from .distributed import all_reduce_max, finish_together, init_distributed, shard_model
+from .distributed import DistInfo, all_reduce_max, finish_together, init_distributed, shard_model
 from .metrics import MetricsLog, peak_flops_for
 from .optim import build_optimizer, learning_rate, set_learning_rate
 from .profiling import step_profiler
@@ -52,6 +51,26 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 TRAINING_COPIES = {"adamw": 4, "sgd": 3, "muon": 3}
 
 
+# ---- the builders: Trainer.__init__ calls them in this order ---------------------------------
+
+
+def open_process_group(config: TrainConfig) -> DistInfo:
+    """This process's place in the run (torchrun's process group, or alone) and its device, with
+    the settings checked against the number of processes."""
+    group = init_distributed(config.system.device)
+    config.validate(group.world_size)
+    return group
+
+
+def open_data(
+    config: TrainConfig, group: DistInfo, echo: Callable[[str], None]
+) -> tuple[TokenDataset, TokenLoader | ChatLoader, TokenLoader | ChatLoader | None]:
+    """The dataset, this rank's training loader and its validation loader (None: no evaluation)."""
+    dataset = _open_dataset(config)
+    train_loader = _train_loader(config, dataset, group, echo)
+    return dataset, train_loader, _val_loader(config, dataset, group)
+
+
 def _open_dataset(config: TrainConfig) -> TokenDataset:
     dataset = open_dataset(config.data.path)
     if dataset.vocab_size > config.model.vocab_size and config.init_from == "scratch":
@@ -60,6 +79,66 @@ def _open_dataset(config: TrainConfig) -> TokenDataset:
             f"model.vocab_size is {config.model.vocab_size}; set model.vocab_size={dataset.vocab_size}"
         )
     return dataset
+
+
+def _train_loader(
+    config: TrainConfig, dataset: TokenDataset, group: DistInfo, echo: Callable[[str], None]
+) -> TokenLoader | ChatLoader:
+    batch = config.batch
+    common = dict(
+        split=config.data.train_split, batch_size=batch.micro_batch, seq_len=batch.seq_len, rank=group.rank,
+        world_size=group.world_size, seed=config.system.seed, shuffle=config.data.shuffle,
+        pin_memory=group.device.type == "cuda",
+    )
+    if dataset.kind == "chat":
+        loader = ChatLoader(dataset, **common)
+        _note_cut_conversations(loader, echo)
+    else:
+        loader = TokenLoader(dataset, random_offset=config.data.random_offset, **common)
+    if loader.windows_per_epoch < batch.micro_batch:
+        raise UserError(
+            f"the {config.data.train_split} split of {config.data.path} is too short for one batch of "
+            f"{batch.micro_batch} x {batch.seq_len} tokens; lower batch.micro_batch or batch.seq_len"
+        )
+    return loader
+
+
+def _note_cut_conversations(loader: ChatLoader, echo: Callable[[str], None]) -> None:
+    if loader.truncated or loader.dropped:
+        echo(
+            f"{loader.split}: {loader.truncated:,} conversations longer than batch.seq_len + 1 tokens cut at "
+            f"a turn boundary, {loader.dropped:,} dropped (no answer fits); raise batch.seq_len to keep them"
+        )
+
+
+def _val_loader(config: TrainConfig, dataset: TokenDataset, group: DistInfo) -> TokenLoader | ChatLoader | None:
+    """None when no evaluation is asked for, or the split is shorter than one window."""
+    settings, batch = config.eval, config.batch
+    if not (settings.interval or settings.final_full or settings.at_start):
+        return None
+    if dataset.split_tokens(config.data.val_split) <= batch.seq_len:
+        return None
+    loader_class = ChatLoader if dataset.kind == "chat" else TokenLoader
+    return loader_class(
+        dataset, split=config.data.val_split, batch_size=batch.micro_batch,
+        seq_len=batch.seq_len, rank=group.rank, world_size=group.world_size, shuffle=False,
+        pin_memory=group.device.type == "cuda",
+    )
+
+
+def count_steps(config: TrainConfig, world_size: int, train_loader: TokenLoader | ChatLoader) -> tuple[int, int, int]:
+    """(micro-batches per optimizer step, tokens per optimizer step, optimizer steps of the run):
+    max_epochs counts the steps in the training loader's epoch."""
+    grad_accum = config.grad_accum_steps(world_size)
+    tokens_per_step = config.tokens_per_step(world_size)
+    return grad_accum, tokens_per_step, config.total_steps(world_size, train_loader.steps_per_epoch // grad_accum)
+
+
+def build_evaluators(settings: EvalSettings, dataset: TokenDataset) -> tuple[Tokenizer, HellaSwag | None]:
+    """The data's tokenizer (samples and checkpoints use it), and HellaSwag when
+    eval.hellaswag_interval asks for it."""
+    tokenizer = tokenizer_from_spec(dataset.tokenizer_spec)
+    return tokenizer, _load_hellaswag(settings, tokenizer)
 
 
 def _load_hellaswag(settings: EvalSettings, tokenizer: Tokenizer) -> HellaSwag | None:
@@ -71,16 +150,24 @@ def _load_hellaswag(settings: EvalSettings, tokenizer: Tokenizer) -> HellaSwag |
     return HellaSwag(examples, tokenizer)
 
 
-def _configure_torch(system: SystemSettings, device: torch.device) -> None:
-    """The seed, numerics and memory reuse of the run, set before the model draws its initial weights."""
-    if system.reuse_cpu_memory and device.type == "cpu":
-        reuse_freed_cpu_memory()
-    torch.manual_seed(system.seed)
-    if system.deterministic:
-        torch.use_deterministic_algorithms(True)
-    if system.precision == "tf32":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+def build_model(config: TrainConfig, group: DistInfo, data_vocab_size: int) -> tuple[GPT, TrainConfig]:
+    """The model to train, still on the CPU and whole (no adapters, shards or compilation yet):
+    drawn from system.seed, or loaded from init_from. Returned with the settings, whose model.*
+    is then the loaded model's shape. A model from scratch whose training cannot fit in memory
+    is refused before it is built."""
+    if config.init_from == "scratch":
+        fsdp = group.enabled and config.system.parallel == "fsdp"
+        _check_model_fits(config, group.device, group.world_size if fsdp else 1)
+    _configure_torch(config.system, group.device)
+    if config.init_from == "scratch":
+        model = GPT(config.model)
+    else:
+        model, config = _load_initial_model(config, data_vocab_size)
+    if group.device.type == "cpu":  # elsewhere the kernels package is not even imported
+        from ..kernels import accelerate
+
+        model = accelerate(model)
+    return model, config
 
 
 def _check_model_fits(config: TrainConfig, device: torch.device, shards: int) -> None:
@@ -100,11 +187,22 @@ def _check_model_fits(config: TrainConfig, device: torch.device, shards: int) ->
     check_fits(weights * copies // shards, device, f"training {what} with its gradients and optimizer state", fix)
 
 
-def _build_model(config: TrainConfig, data_vocab_size: int) -> tuple[GPT, TrainConfig]:
-    """The model to train, still on the CPU, and the settings: with a loaded model's shape in
-    model.* when it does not start from scratch."""
-    if config.init_from == "scratch":
-        return GPT(config.model), config
+def _configure_torch(system: SystemSettings, device: torch.device) -> None:
+    """The seed, numerics and memory reuse of the run, set before the model draws its initial weights."""
+    if system.reuse_cpu_memory and device.type == "cpu":
+        from ..kernels import tune_cpu_memory
+
+        tune_cpu_memory(reuse_freed=True)
+    torch.manual_seed(system.seed)
+    if system.deterministic:
+        torch.use_deterministic_algorithms(True)
+    if system.precision == "tf32":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def _load_initial_model(config: TrainConfig, data_vocab_size: int) -> tuple[GPT, TrainConfig]:
+    """The model init_from names, on the CPU, and the settings with its shape in model.*."""
     from ..pretrained import load_model
 
     model = load_model(
@@ -139,8 +237,8 @@ def _take_spare_rows(model: GPT, vocab_size: int, seed: int) -> None:
     model.config.vocab_size = vocab_size
 
 
-def _add_adapters(model: GPT, settings: FinetuneSettings, echo: Callable[[str], None]) -> None:
-    """LoRA adapters on the model (all else frozen) when finetune.lora_rank asks for them."""
+def add_adapters(model: GPT, settings: FinetuneSettings, echo: Callable[[str], None]) -> None:
+    """LoRA adapters on the model, in place (all else frozen), when finetune.lora_rank asks for them."""
     if not settings.lora_rank:
         return
     apply_lora(model, settings.lora_rank, settings.lora_alpha, settings.lora_dropout, settings.lora_targets)
@@ -149,6 +247,91 @@ def _add_adapters(model: GPT, settings: FinetuneSettings, echo: Callable[[str], 
         f"LoRA rank {settings.lora_rank} on {', '.join(settings.lora_targets)}: {trainable:,} of {total:,} "
         f"parameters train ({trainable / total:.2%})"
     )
+
+
+def place_on_ranks(model: GPT, system: SystemSettings, group: DistInfo) -> tuple[bool, torch.dtype | None]:
+    """The model on this rank's device, in place, with a dropout stream of the rank's own, and
+    sharded across the ranks under FSDP. Returns (whether it is sharded, the dtype the training
+    step autocasts to: None for none)."""
+    model.to(group.device)
+    # Equal initial weights on every rank, then a dropout stream of each rank's own.
+    torch.manual_seed(system.seed + group.rank)
+    autocast_dtype = AUTOCAST_DTYPES.get(system.precision)
+    fsdp = group.enabled and system.parallel == "fsdp"
+    if fsdp:
+        shard_model(model, autocast_dtype)
+        autocast_dtype = None  # FSDP's mixed-precision policy casts instead
+    return fsdp, autocast_dtype
+
+
+def build_optimizer_and_scaler(
+    model: GPT, config: TrainConfig, device: torch.device, fsdp: bool
+) -> tuple[torch.optim.Optimizer, torch.amp.GradScaler | None]:
+    """The optimizer over the parameters that train, and the loss scaler of fp16 training (None
+    otherwise, and under FSDP, whose float32 gradient reduction needs none)."""
+    optimizer = build_optimizer(model, config.optim, device)
+    scaler = torch.amp.GradScaler(device.type) if config.system.precision == "fp16" and not fsdp else None
+    return optimizer, scaler
+
+
+def wrap_for_step(model: GPT, compile_model: bool, ddp: bool, device: torch.device) -> torch.nn.Module:
+    """What the training step calls: the model, compiled if asked, inside DDP on several ranks."""
+    wrapped = torch.compile(model) if compile_model else model
+    if ddp:
+        wrapped = DistributedDataParallel(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
+    return wrapped
+
+
+def lock_run_dir(run_dir: Path, is_main: bool, device: torch.device) -> FolderLock | None:
+    """Rank 0 holds the run folder from here to the end of `run()`: a second run there would
+    prune this one's checkpoints and interleave its metrics. Every rank stops if it cannot."""
+    lock, problem = None, None
+    if is_main:
+        try:
+            lock = FolderLock(run_dir, "run folder")
+        except UserError as error:
+            problem = error
+    if all_reduce_max(float(problem is not None), device) > 0:
+        raise problem or UserError(f"rank 0 could not take the run folder {run_dir}; see its message")
+    return lock
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    """Where a run stands: optimizer steps taken, seconds trained, and the validation losses
+    its checkpoints record (the best so far, and the latest)."""
+
+    step: int = 0
+    elapsed_s: float = 0.0
+    best_val_loss: float | None = None
+    last_val_loss: float | None = None
+
+
+def resume_training(
+    run_dir: Path, requested: str | None, *, model: GPT, optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None, train_loader: TokenLoader | ChatLoader, group: DistInfo, seed: int,
+    echo: Callable[[str], None],
+) -> Progress:
+    """The progress of the checkpoint `requested` names (--resume: None, `auto` or a folder), with
+    the model, optimizer, scaler, loader and random streams restored from it in place; a fresh
+    start's Progress() when there is none."""
+    checkpoint = find_resume_checkpoint(run_dir, requested)
+    if checkpoint is None:
+        return Progress()
+    state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scaler=scaler)
+    progress = Progress(
+        step=state["step"], elapsed_s=state.get("elapsed_s", 0.0),
+        best_val_loss=state.get("best_val_loss"), last_val_loss=state.get("val_loss"),
+    )
+    train_loader.load_state_dict(state["loader"])
+    saved_rngs = state["rng"]
+    if len(saved_rngs) == group.world_size:
+        restore_rng_states(saved_rngs[group.rank])
+    else:
+        # Another world size: dropout streams cannot continue, so start them afresh.
+        torch.manual_seed(hash((seed, progress.step, group.rank)) % 2**63)
+    echo(f"resumed from {checkpoint} at step {progress.step}")
+    return progress
 
 
 class Trainer:
@@ -163,153 +346,53 @@ class Trainer:
         resume: str | None = None,
         echo: Callable[[str], None] | None = None,
     ):
-        self.dist = init_distributed(config.system.device)
+        self.dist = open_process_group(config)
         self.rank, self.world_size, self.device = self.dist.rank, self.dist.world_size, self.dist.device
         self.is_main = self.dist.is_main
-        config.validate(self.world_size)
         self.run_dir = Path(run_dir)
         echo = echo or (lambda line: print(line, flush=True))
         self.echo = echo if self.is_main else (lambda line: None)
-        self.dataset = _open_dataset(config)
-        self.train_loader = self._train_loader(config)
-        self.val_loader = self._val_loader(config)
-        self.grad_accum = config.grad_accum_steps(self.world_size)
-        self.tokens_per_step = config.tokens_per_step(self.world_size)
-        self.total_steps = config.total_steps(self.world_size, self.train_loader.steps_per_epoch // self.grad_accum)
-        self.tokenizer = tokenizer_from_spec(self.dataset.tokenizer_spec)
-        self.hellaswag = _load_hellaswag(config.eval, self.tokenizer)
-
-        if config.init_from == "scratch":
-            fsdp = self.dist.enabled and config.system.parallel == "fsdp"
-            _check_model_fits(config, self.device, self.world_size if fsdp else 1)
-        _configure_torch(config.system, self.device)
-        self.raw_model, config = _build_model(config, self.dataset.vocab_size)
+        self.dataset, self.train_loader, self.val_loader = open_data(config, self.dist, self.echo)
+        steps = count_steps(config, self.world_size, self.train_loader)
+        self.grad_accum, self.tokens_per_step, self.total_steps = steps
+        self.tokenizer, self.hellaswag = build_evaluators(config.eval, self.dataset)
+        self.raw_model, config = build_model(config, self.dist, self.dataset.vocab_size)
         self.config = config
-        _add_adapters(self.raw_model, config.finetune, self.echo)
-        self.raw_model.to(self.device)
-        # Equal initial weights on every rank, then a dropout stream of each rank's own.
-        torch.manual_seed(config.system.seed + self.rank)
-        precision = config.system.precision
-        self.autocast_dtype = AUTOCAST_DTYPES.get(precision)
-        self.fsdp = self.dist.enabled and config.system.parallel == "fsdp"
-        if self.fsdp:
-            shard_model(self.raw_model, self.autocast_dtype)
-            self.autocast_dtype = None  # FSDP's mixed-precision policy casts instead
-        self.optimizer = build_optimizer(self.raw_model, config.optim, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" and not self.fsdp else None
+        add_adapters(self.raw_model, config.finetune, self.echo)
+        self.fsdp, self.autocast_dtype = place_on_ranks(self.raw_model, config.system, self.dist)
+        self.optimizer, self.scaler = build_optimizer_and_scaler(self.raw_model, config, self.device, self.fsdp)
         self.ddp = self.dist.enabled and not self.fsdp
-        self.model = self._model_to_step()
+        self.model = wrap_for_step(self.raw_model, config.system.compile, self.ddp, self.device)
         self.peak_flops = peak_flops_for(self.device, config.system.peak_flops)
         self.flops_per_token = self.raw_model.flops_per_token(config.batch.seq_len)
-
-        self.step = 0
-        self.elapsed_s = 0.0
-        self.best_val_loss: float | None = None
-        self.last_val_loss: float | None = None
         self.stop_signal: int | None = None
-        self._lock = self._lock_run_dir()
+        self._lock = lock_run_dir(self.run_dir, self.is_main, self.device)
         try:
-            checkpoint = find_resume_checkpoint(self.run_dir, resume)
-            if checkpoint is not None:
-                self._resume(checkpoint)
+            progress = resume_training(
+                self.run_dir, resume, model=self.raw_model, optimizer=self.optimizer, scaler=self.scaler,
+                train_loader=self.train_loader, group=self.dist, seed=config.system.seed, echo=self.echo,
+            )
         except BaseException:
             self.release()
             raise
-
-    def _lock_run_dir(self) -> FolderLock | None:
-        """Rank 0 holds the run folder from here to the end of `run()`: a second run there would
-        prune this one's checkpoints and interleave its metrics. Every rank stops if it cannot."""
-        lock, problem = None, None
-        if self.is_main:
-            try:
-                lock = FolderLock(self.run_dir, "run folder")
-            except UserError as error:
-                problem = error
-        if all_reduce_max(float(problem is not None), self.device) > 0:
-            raise problem or UserError(f"rank 0 could not take the run folder {self.run_dir}; see its message")
-        return lock
+        self.step, self.elapsed_s = progress.step, progress.elapsed_s
+        self.best_val_loss, self.last_val_loss = progress.best_val_loss, progress.last_val_loss
 
     def release(self) -> None:
         """Let another run use the folder (`run()` does this when it ends)."""
         if self._lock is not None:
             self._lock.release()
 
-    def _train_loader(self, config: TrainConfig) -> TokenLoader | ChatLoader:
-        batch = config.batch
-        common = dict(
-            split=config.data.train_split, batch_size=batch.micro_batch, seq_len=batch.seq_len, rank=self.rank,
-            world_size=self.world_size, seed=config.system.seed, shuffle=config.data.shuffle,
-            pin_memory=self.device.type == "cuda",
-        )
-        if self.dataset.kind == "chat":
-            loader = ChatLoader(self.dataset, **common)
-            self._note_cut_conversations(loader)
-        else:
-            loader = TokenLoader(self.dataset, random_offset=config.data.random_offset, **common)
-        if loader.windows_per_epoch < batch.micro_batch:
-            raise UserError(
-                f"the {config.data.train_split} split of {config.data.path} is too short for one batch of "
-                f"{batch.micro_batch} x {batch.seq_len} tokens; lower batch.micro_batch or batch.seq_len"
-            )
-        return loader
-
-    def _note_cut_conversations(self, loader: ChatLoader) -> None:
-        if loader.truncated or loader.dropped:
-            self.echo(
-                f"{loader.split}: {loader.truncated:,} conversations longer than batch.seq_len + 1 tokens cut at "
-                f"a turn boundary, {loader.dropped:,} dropped (no answer fits); raise batch.seq_len to keep them"
-            )
-
-    def _val_loader(self, config: TrainConfig) -> TokenLoader | ChatLoader | None:
-        """None when no evaluation is asked for, or the split is shorter than one window."""
-        settings, batch = config.eval, config.batch
-        if not (settings.interval or settings.final_full or settings.at_start):
-            return None
-        if self.dataset.split_tokens(config.data.val_split) <= batch.seq_len:
-            return None
-        loader_class = ChatLoader if self.dataset.kind == "chat" else TokenLoader
-        return loader_class(
-            self.dataset, split=config.data.val_split, batch_size=batch.micro_batch,
-            seq_len=batch.seq_len, rank=self.rank, world_size=self.world_size, shuffle=False,
-            pin_memory=self.device.type == "cuda",
-        )
-
-    def _model_to_step(self) -> torch.nn.Module:
-        """What the training step calls: the model, compiled if asked, inside DDP on several ranks."""
-        model = torch.compile(self.raw_model) if self.config.system.compile else self.raw_model
-        if self.ddp:
-            model = DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
-        return model
-
     # ---- pieces -------------------------------------------------------------------------------
 
     def autocast(self):
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+        return autocast(self.device, self.autocast_dtype or torch.float32)
 
     def _to_device(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """(x, y), or a chat batch's (x, y, position_ids, attn_mask), on the training device."""
         # Only a copy from pinned memory is asynchronous: it overlaps the work already queued.
         non_blocking = self.train_loader.pin_memory
         return tuple(t.to(self.device, non_blocking=non_blocking) for t in batch)
-
-    def _resume(self, checkpoint: Path) -> None:
-        state = load_checkpoint(checkpoint, model=self.raw_model, optimizer=self.optimizer, scaler=self.scaler)
-        self.step = state["step"]
-        self.elapsed_s = state.get("elapsed_s", 0.0)
-        self.best_val_loss = state.get("best_val_loss")
-        self.last_val_loss = state.get("val_loss")
-        self.train_loader.load_state_dict(state["loader"])
-        saved_rngs = state["rng"]
-        if len(saved_rngs) == self.world_size:
-            restore_rng_states(saved_rngs[self.rank])
-        else:
-            # Another world size: dropout streams cannot continue, so start them afresh.
-            torch.manual_seed(hash((self.config.system.seed, self.step, self.rank)) % 2**63)
-        self.echo(f"resumed from {checkpoint} at step {self.step}")
 
     def evaluate(self, max_batches: int | None) -> LossResult:
         """Validation loss over the first `max_batches` batches counted over all ranks together

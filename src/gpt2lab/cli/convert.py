@@ -1,0 +1,120 @@
+"""The `convert` verb: export a model or checkpoint as the transformers model of its architecture."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .options import MODEL_HELP
+from ..errors import UserError
+from ..eval.report import read_metrics
+
+
+def add_convert_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    convert = verbs.add_parser(
+        "convert",
+        help="export a model or checkpoint for transformers (GPT-2, Llama or Qwen3)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Write a model as config.json + model.safetensors that transformers, vLLM and lm-eval load, as
+the architecture that computes exactly what the model computes:
+  GPT2LMHeadModel   GPT-2's options
+  LlamaForCausalLM  position=rope, norm=rmsnorm, activation=swiglu, bias=false, no logit_softcap
+                    (any n_kv_head, mlp_hidden, rope_base; tied embeddings or not)
+  Qwen3ForCausalLM  the same with qk_norm=true
+Other options (relu2, logit_softcap, learned positions with rmsnorm, ...) are refused, naming
+them; such a model folder stays a gpt2lab model. A padded vocabulary is cut back to its real
+size, and GPT-2 tokenizer files are written beside a model of GPT-2's vocabulary. A LoRA
+checkpoint's adapters are merged into its weights: the export is a plain model.""",
+        epilog="""examples:
+  gpt2lab convert runs/gpt2-124m --out exported/gpt2-124m
+  gpt2lab convert runs/gpt2-124m/checkpoints/step_00019073 --out exported --dtype bfloat16
+  gpt2lab convert runs/lora --out exported/lora      # base + adapters, merged""",
+    )
+    convert.add_argument("model", help=MODEL_HELP)
+    convert.add_argument("--out", required=True, help="folder to write (created if needed; must be new or empty)")
+    convert.add_argument(
+        "--force", action="store_true", help="replace what a non-empty --out folder holds (never the model converted)"
+    )
+    convert.add_argument(
+        "--dtype", default="keep", choices=["keep", "float32", "bfloat16", "float16"], help="precision of the saved weights"
+    )
+    convert.set_defaults(handler=cmd_convert)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from ..pretrained import export_for_transformers, export_layout, load_model, read_lora_config, resolve_model_path
+    from ..runtime import DTYPES
+    from ..tokenizer import load_tokenizer
+
+    folder = resolve_model_path(args.model)
+    out = _output_folder(Path(args.out), folder, args.force)
+    dtype = None if args.dtype == "keep" else DTYPES[args.dtype]
+    model = load_model(folder, dtype=dtype)
+    export_layout(model.config)  # a refusal comes before anything else the folder may lack
+    spec = load_tokenizer(folder).spec()
+    if args.force and out.exists():
+        shutil.rmtree(out)
+    export_for_transformers(model, out, tokenizer_spec=spec, card_facts=training_facts(folder))
+    lora = read_lora_config(folder)
+    merged = f"; LoRA rank {lora.rank} adapters merged into the weights" if lora else ""
+    print(f"wrote {args.out} (config.json, generation_config.json, model.safetensors, tokenizer files, README.md){merged}")
+    return 0
+
+
+def _output_folder(out: Path, source: Path, force: bool) -> Path:
+    """`out`, once it is sure that writing there loses nothing: not the model read (a checkpoint
+    rewritten without its padded rows would resume wrongly), not a file, not a folder of other
+    files unless --force says to replace them."""
+    resolved, source = out.resolve(), source.resolve()
+    if resolved == source or source in resolved.parents or resolved in source.parents:
+        raise UserError(
+            f"--out {out} is the model folder being converted, or holds it, or lies inside it; "
+            "write the export to a folder of its own"
+        )
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; name a folder to write the model into")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserError(
+            f"--out {out} is not empty; choose a new or empty folder, or add --force to replace what it holds"
+        )
+    return out
+
+
+def training_facts(folder: Path) -> dict[str, Any]:
+    """What the model card can say of a checkpoint: its step, tokens and validation loss
+    (state.json), its training data (the training config), its LoRA adapters, and its last
+    HellaSwag score before that step (the run's metrics.jsonl). A plain model folder has none of
+    these."""
+    facts: dict[str, Any] = {"name": folder.parent.parent.name if folder.parent.name == "checkpoints" else folder.name}
+    state = _json_object(folder / "state.json")
+    for key in ("step", "tokens", "val_loss"):
+        if isinstance(state.get(key), (int, float)):
+            facts["steps" if key == "step" else key] = round(state[key], 4) if key == "val_loss" else state[key]
+    record = _json_object(folder / "gpt2lab.json")
+    lora = record.get("lora")
+    if isinstance(lora, dict):
+        targets = ", ".join(map(str, lora.get("targets", [])))
+        facts["finetuning"] = f"LoRA rank {lora.get('rank')} (alpha {lora.get('alpha')}) on {targets}, merged"
+    train_config = record.get("train_config")
+    if isinstance(train_config, dict) and isinstance(train_config.get("data"), dict):
+        data = Path(str(train_config["data"].get("path", "")))
+        source = _json_object(data / "dataset.json").get("source")
+        facts["dataset"] = f"{source} ({data.name})" if isinstance(source, str) else data.name or None
+    metrics = folder.parent.parent / "metrics.jsonl"
+    if "steps" in facts and metrics.is_file():
+        scores = [r for r in read_metrics(metrics) if "hellaswag_acc_norm" in r and r.get("step", 0) <= facts["steps"]]
+        if scores:
+            facts["hellaswag_acc_norm"] = round(scores[-1]["hellaswag_acc_norm"], 4)
+    return facts
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
