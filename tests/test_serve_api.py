@@ -14,7 +14,7 @@ openai = pytest.importorskip("openai")
 from gpt2lab import load_model, load_tokenizer  # noqa: E402
 from gpt2lab.cli import main  # noqa: E402
 from gpt2lab.serve import Engine, create_app  # noqa: E402
-from gpt2lab.serve.api import serve_in_thread  # noqa: E402
+from gpt2lab.serve.app import serve_in_thread  # noqa: E402
 
 NAME = "tiny-gpt2"
 BLOCK = 1024

@@ -17,7 +17,7 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not 
 from gpt2lab import load_model, load_tokenizer  # noqa: E402
 from gpt2lab.chat.template import ChatTemplate  # noqa: E402
 from gpt2lab.serve import Engine, create_app  # noqa: E402
-from gpt2lab.serve.api import serve_in_thread  # noqa: E402
+from gpt2lab.serve.app import serve_in_thread  # noqa: E402
 
 CHROMIUM_ARGS = [
     "--headless",

@@ -17,7 +17,7 @@ from gpt2lab import load_model, load_tokenizer  # noqa: E402
 from gpt2lab.cli import main  # noqa: E402
 from gpt2lab.errors import UserError  # noqa: E402
 from gpt2lab.serve import Engine, create_app  # noqa: E402
-from gpt2lab.serve.api import serve_in_thread  # noqa: E402
+from gpt2lab.serve.app import serve_in_thread  # noqa: E402
 from gpt2lab.serve.limits import Limits  # noqa: E402
 from gpt2lab.tokenizer import CharTokenizer  # noqa: E402
 

@@ -107,7 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from ..pretrained import load_for_inference
     from ..tokenizer import load_tokenizer
-    from ..serve.api import create_app
+    from ..serve.app import create_app
     from ..serve.engine import Engine
     from ..serve.limits import Limits, uvicorn_config
 

@@ -14,8 +14,8 @@ from .engine import Engine, SamplingParams, Update
 
 
 def create_app(*args, **kwargs):
-    """See `gpt2lab.serve.api.create_app` (imported on use: it needs FastAPI)."""
-    from .api import create_app as _create_app
+    """See `gpt2lab.serve.app.create_app` (imported on use: it needs FastAPI)."""
+    from .app import create_app as _create_app
 
     return _create_app(*args, **kwargs)
 
