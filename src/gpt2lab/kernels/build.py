@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -145,6 +146,18 @@ def library(switch: str) -> tuple[ctypes.CDLL | None, str | None]:
     if reason is not None:
         return None, reason
     return _load()
+
+
+def library_or_none(switch: str, family: str, fallback: str) -> ctypes.CDLL | None:
+    """The library for the kernels of `switch`, or None. Only a failed build or load warns, naming
+    `family` and what runs instead (`fallback`): elsewhere (another platform, no compiler, the
+    switch) PyTorch is simply what runs."""
+    if why_not_here(switch) is not None:
+        return None
+    loaded, reason = library(switch)
+    if loaded is None:
+        warnings.warn(f"gpt2lab's {family} are not used: {reason}; {fallback}", stacklevel=4)
+    return loaded
 
 
 def forget() -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -23,15 +22,10 @@ SWITCH = "GPT2LAB_FUSED_KERNELS"
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    """The kernels, or None. Only a failed build or load warns: elsewhere (another platform, no
-    compiler, the switch) PyTorch's operators are simply what runs."""
-    if build.why_not_here(SWITCH) is not None:
-        return None
-    library, reason = build.library(SWITCH)
-    if library is None:
-        warnings.warn(f"gpt2lab's fused CPU kernels are not used: {reason}; GELU and the loss of a float32 "
-                      "training step run through PyTorch instead, a few percent slower", stacklevel=3)
-    return library
+    return build.library_or_none(
+        SWITCH, "fused CPU kernels", "GELU and the loss of a float32 training step run through PyTorch instead, "
+        "a few percent slower",
+    )
 
 
 # Whether the kernels run, as a compiled graph reads it (torch.compile would break its graph on

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import warnings
 
 import torch
 
@@ -29,15 +28,9 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)  # not fake, functional or other sub
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    """The kernels, or None. Only a failed build or load warns: elsewhere (another platform, no
-    compiler, the switch) F.linear is simply what runs."""
-    if build.why_not_here(SWITCH) is not None:
-        return None
-    library, reason = build.library(SWITCH)
-    if library is None:
-        warnings.warn(f"gpt2lab's matrix-vector CPU kernels are not used: {reason}; decoding's linear layers "
-                      "run through PyTorch instead, up to twice as slow", stacklevel=3)
-    return library
+    return build.library_or_none(
+        SWITCH, "matrix-vector CPU kernels", "decoding's linear layers run through PyTorch instead, up to twice as slow"
+    )
 
 
 def takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
