@@ -21,7 +21,7 @@ import time
 import torch
 
 from gpt2lab import GPT
-from gpt2lab.kernels import accelerate
+from gpt2lab.kernels import accelerate, tune_cpu_memory
 from gpt2lab.quantize import quantize
 
 
@@ -169,6 +169,9 @@ def quality_on_trained(run: str, data: str) -> dict:
 
 
 def main() -> None:
+    # Set up as the CLI sets up its process before any verb: large CPU tensors (the weights that
+    # decoding streams) in huge pages, as `gpt2lab sample` has them.
+    tune_cpu_memory(reuse_freed=False)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["decode", "train", "train_step", "quality"])
     parser.add_argument("--trained", help="quality: a trained run folder (e.g. of shakespeare-char-cpu)")

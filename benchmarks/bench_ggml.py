@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from gpt2lab import GPT, GPTConfig
-from gpt2lab.kernels import accelerate
+from gpt2lab.kernels import accelerate, tune_cpu_memory
 from gpt2lab.quantize import quantize
 from gpt2lab.tokenizer import GPT2Tokenizer
 
@@ -148,6 +148,9 @@ def gpt2lab_models(model: GPT) -> dict[str, GPT]:
 
 
 def main() -> None:
+    # Set up as the CLI sets up its process before any verb: large CPU tensors (the weights that
+    # decoding streams) in huge pages, as `gpt2lab sample` has them.
+    tune_cpu_memory(reuse_freed=False)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     default_work = Path(__file__).resolve().parents[2] / "ggml-bench"
     parser.add_argument("--ggml-src", default=GGML_URL, help="git URL or path of ggml (default: %(default)s)")

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from gpt2lab import GPT, GPTConfig
 from gpt2lab.generate import generate
-from gpt2lab.kernels import accelerate, matvec
+from gpt2lab.kernels import accelerate, matvec, tune_cpu_memory
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -87,6 +87,9 @@ def decoding(dtype: torch.dtype, rounds: int, new_tokens: int = 128) -> dict:
 
 
 def main() -> None:
+    # Set up as the CLI sets up its process before any verb: large CPU tensors (the weights that
+    # decoding streams) in huge pages, as `gpt2lab sample` has them.
+    tune_cpu_memory(reuse_freed=False)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=7, help="alternating rounds after a warm-up one (default: 7)")
     parser.add_argument("--rows", type=int, nargs="+", default=[1], help="input rows of the products (default: 1)")

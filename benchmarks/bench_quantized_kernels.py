@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from gpt2lab.kernels import quantized as kernels
+from gpt2lab.kernels import tune_cpu_memory
 from gpt2lab.kernels.quantized import CPUInt4Linear, CPUInt8Linear
 from gpt2lab.quantize import GROUP
 
@@ -85,6 +86,9 @@ def time_stack(layers: list, inputs: dict[int, torch.Tensor], pytorch_path: bool
 
 
 def main() -> None:
+    # Set up as the CLI sets up its process before any verb: large CPU tensors (the weights that
+    # decoding streams) in huge pages, as `gpt2lab sample` has them.
+    tune_cpu_memory(reuse_freed=False)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--n-layer", type=int, default=12)
