@@ -14,8 +14,6 @@ import torch.nn.functional as F
 
 from . import cpu, matvec, torch_compat
 
-ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
-
 
 def onednn_matmul_t(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """a @ b.T (+ bias) with oneDNN."""
