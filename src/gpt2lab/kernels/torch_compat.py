@@ -6,6 +6,7 @@ fallback."""
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Callable, Iterator
 
 import torch
@@ -18,9 +19,15 @@ def forward_ad_active() -> bool:
     return not isinstance(level, int) or level >= 0
 
 
+@functools.cache
+def _functorch_check() -> Callable[[torch.Tensor], bool] | None:
+    return getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+
+
 def is_functorch_wrapped(x: torch.Tensor) -> bool:
-    """Whether `x` is wrapped by vmap or grad (its data pointer is not its values). Unknown: assumed."""
-    check = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    """Whether `x` is wrapped by vmap or grad (its data pointer is not its values). Unknown: assumed.
+    Asked for every layer of every decoding step, so the check is looked up once."""
+    check = _functorch_check()
     return True if check is None else bool(check(x))
 
 
