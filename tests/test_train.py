@@ -1,5 +1,6 @@
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ TINY = [
     "batch.micro_batch=4", "batch.seq_len=32", "eval.interval=10", "eval.batches=2",
     "eval.sample_interval=0", "log.interval=0", "log.progress_bar=false",
 ]
+TINY_CLI = [flag for setting in TINY for flag in ("--set", setting)]
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +190,7 @@ def test_resume_after_a_kill_repeats_the_losses_bit_for_bit(char_data, tmp_path,
     if how == signal.SIGKILL:
         assert process.returncode == -signal.SIGKILL
     else:
-        assert process.returncode == 0, output
+        assert process.returncode == 128 + signal.SIGTERM, output
         assert "SIGTERM received" in output
         stopped_at = max(int(p.name[5:]) for p in (run / "checkpoints").glob("step_*"))
         assert 10 < stopped_at < 60, "the stop should land mid-run"
@@ -198,6 +200,35 @@ def test_resume_after_a_kill_repeats_the_losses_bit_for_bit(char_data, tmp_path,
     expected, got = losses(straight), losses(run)
     assert sorted(got) == list(range(1, 61))
     assert [got[s] for s in range(11, 61)] == [expected[s] for s in range(11, 61)]
+
+
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGHUP])
+def test_a_run_whose_output_is_gone_still_saves_when_stopped(char_data, tmp_path, how):
+    """`gpt2lab train ... | tee log`, then Ctrl-C: the same Ctrl-C ends tee, so the run's next lines
+    meet a closed pipe; a closed terminal (SIGHUP) takes the output away too. The run still saves
+    its checkpoint and exits as the signal would have ended it, never 0."""
+    run = tmp_path / "run"
+    args = ["--preset", "shakespeare-char-cpu", "--out", str(run), "--set", f"data.path={char_data}", *TINY_CLI,
+            "--set", "max_steps=100000", "--set", "log.interval=1", "--set", "eval.interval=0",
+            "--set", "eval.at_start=false", "--set", "eval.sample_interval=0", "--set", "checkpoint.interval=0"]
+    errors = tmp_path / "stderr.txt"
+    with open(errors, "w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "gpt2lab", "train", *args], stdout=subprocess.PIPE,
+                                   stderr=stderr, text=True)
+    try:
+        while not re.match(r"step +\d+/", line := process.stdout.readline()):  # training has begun
+            assert line, errors.read_text()
+        process.stdout.close()  # the reader of the pipe has gone
+        time.sleep(0.5)  # lines written meanwhile meet the closed pipe before the signal arrives
+        process.send_signal(how)
+        code = process.wait(timeout=120)
+    finally:
+        process.kill()
+    assert code == 128 + how, errors.read_text()
+    saved = sorted((run / "checkpoints").glob("step_*"))
+    assert len(saved) == 1, errors.read_text()
+    assert (saved[0] / "model.safetensors").is_file()
+    assert "Traceback" not in errors.read_text()
 
 
 @pytest.mark.slow

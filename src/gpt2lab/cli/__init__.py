@@ -8,8 +8,10 @@ Options several verbs share are in `cli/options.py`.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
+from ..console import detach
 from ..version import __version__
 from .bench import add_bench_parser
 from .chat import add_chat_parser
@@ -65,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpt2lab {args.verb}: error: {error}", file=sys.stderr)
         return 2
     except BrokenPipeError:
-        return 0
+        # The reader of the output went away (`| head`): end as a killed writer would, quietly.
+        detach(sys.stdout)
+        return 128 + signal.SIGPIPE
     except OSError as error:
         fault = disk_fault(error)
         if fault is None:

@@ -60,8 +60,10 @@ settings (--set key=value, or the same keys in a TOML file given with --config):
                  adapters.safetensors, and sample/eval/serve/convert merge them (docs/chat.md)
 
 The run folder (--out) gets config.toml (the resolved settings; reload with --config),
-metrics.jsonl, samples.txt and checkpoints/step_XXXXXXXX/. Ctrl-C or SIGTERM finish the
-current step, save a checkpoint and exit; --resume auto continues from the newest one.
+metrics.jsonl, samples.txt and checkpoints/step_XXXXXXXX/. Ctrl-C, SIGTERM or a closed
+terminal (SIGHUP) finish the current step, save a checkpoint and exit with 128 + the signal's
+number (130, 143, 129), also when the output's pipe or terminal is gone; --resume auto continues
+from the newest checkpoint.
 
 examples:
   gpt2lab prepare shakespeare-char --out data/shakespeare-char
@@ -134,10 +136,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..train.distributed import shutdown_distributed
 
     try:
-        Trainer(config, out, resume=args.resume).run()
+        summary = Trainer(config, out, resume=args.resume).run()
     finally:
         shutdown_distributed()
-    return 0
+    # A run stopped before its last step exits as the signal would have ended it, so that a
+    # script or scheduler never takes it for a finished one (its checkpoint is saved).
+    return 0 if summary["stopped_by"] is None else 128 + summary["stopped_by"]
 
 
 def launch_torchrun(nproc: int, argv: list[str]) -> int:

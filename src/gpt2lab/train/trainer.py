@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from ..console import Console, reader_gone
 from ..data.chat_loader import ChatLoader
 from ..data.dataset import TokenDataset, open_dataset
 from ..data.loader import TokenLoader
@@ -49,6 +50,8 @@ if TYPE_CHECKING:
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Copies of every weight that training holds: the weights, their gradients and the optimizer's state.
 TRAINING_COPIES = {"adamw": 4, "sgd": 3, "muon": 3}
+# Each finishes the step, saves a checkpoint and ends the run; SIGHUP is a closed terminal.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 # ---- the builders: Trainer.__init__ calls them in this order ---------------------------------
@@ -350,8 +353,10 @@ class Trainer:
         self.rank, self.world_size, self.device = self.dist.rank, self.dist.world_size, self.dist.device
         self.is_main = self.dist.is_main
         self.run_dir = Path(run_dir)
-        echo = echo or (lambda line: print(line, flush=True))
-        self.echo = echo if self.is_main else (lambda line: None)
+        # Output is optional, the run is not: a closed pipe or terminal silences it (console.py).
+        self.console = Console(echo or (lambda line: print(line, flush=True)), on_gone=self._silence_progress_bar)
+        self.echo = self.console if self.is_main else (lambda line: None)
+        self.bar: tqdm | None = None
         self.dataset, self.train_loader, self.val_loader = open_data(config, self.dist, self.echo)
         steps = count_steps(config, self.world_size, self.train_loader)
         self.grad_accum, self.tokens_per_step, self.total_steps = steps
@@ -451,6 +456,10 @@ class Trainer:
             prune_checkpoints(self.run_dir, self.config.checkpoint.keep_last, self.config.checkpoint.keep_best)
         return path
 
+    def _silence_progress_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.disable = True
+
     def _on_signal(self, signum, frame) -> None:
         if self.stop_signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
@@ -527,11 +536,12 @@ class Trainer:
         return interval > 0 and self.step % interval == 0
 
     def run(self) -> dict[str, Any]:
-        """Train to the last step (or a stop signal); returns a summary."""
+        """Train to the last step (or a stop signal); returns a summary, whose "stopped_by" names
+        the signal that ended the run early (None: it ran to its last step)."""
         metrics = self._open_run()
-        previous_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        bar = self._progress_bar()
-        write = bar.write if bar is not None else self.echo
+        previous_handlers = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+        bar = self.bar = self._progress_bar()
+        write = Console(bar.write, on_gone=self.console.lost) if bar is not None else self.echo
         self.raw_model.train()
         started = time.perf_counter() - self.elapsed_s
         try:
@@ -543,7 +553,7 @@ class Trainer:
             return summary
         finally:
             if bar is not None:
-                bar.close()
+                self._update_progress(bar.close)
             metrics.close()
             self.release()
             for signum, handler in previous_handlers.items():
@@ -625,8 +635,16 @@ class Trainer:
                 + (f" | mfu {mfu:.1%}" if mfu is not None else "")
             )
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            self._update_progress(lambda: (bar.set_postfix(loss=f"{loss:.4f}", refresh=False), bar.update(1)))
+
+    def _update_progress(self, update: Callable[[], object]) -> None:
+        """The bar draws on stderr, which a closed terminal takes away too."""
+        try:
+            update()
+        except OSError as error:
+            if not reader_gone(error):
+                raise
+            self.console.lost()
 
     def _evaluate_due(self, metrics: MetricsLog, write: Callable[[str], None]) -> None:
         """The validation loss, HellaSwag and the sample that this step is due."""
@@ -651,7 +669,10 @@ class Trainer:
         if last_saved != self.step and (config.checkpoint.final or self.stop_signal is not None):
             path = self.save()
             write(f"saved {path}")
-        summary = {"step": self.step, "elapsed_s": self.elapsed_s, "interrupted": self.stop_signal is not None}
+        summary = {
+            "step": self.step, "elapsed_s": self.elapsed_s, "interrupted": self.stop_signal is not None,
+            "stopped_by": self.stop_signal,
+        }
         if self.stop_signal is None and config.eval.final_full and self.val_loader is not None:
             full = self.evaluate(None)
             metrics.log(self.step, self.step * self.tokens_per_step, self.elapsed_s, val_loss=full.loss,
