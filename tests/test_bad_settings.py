@@ -1,6 +1,12 @@
 """Bad settings and inputs of `sample`, `train`, `bench` and the model resolver: each is one line
 naming the problem and the fix, exit status 2, no traceback, and nothing allocated or written first."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 
@@ -135,6 +141,30 @@ def test_bench_json_is_written_whole(capsys, tmp_path, monkeypatch):
 
     assert json.loads(target.read_text()) == rows
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # no temporary file left
+
+
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM])
+def test_bench_stops_when_told_and_says_which_rungs_finished(tmp_path, how):
+    """Ctrl-C or SIGTERM stop the ladder: the cut rung is no row, no rung after it runs, exit non-zero."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gpt2lab", "bench", "--device", "cpu", "--micro-batch", "1", "--seq-len", "16",
+         "--steps", "100000", "--warmup", "0", "--rungs", "1", "2", "--set", "model.n_layer=1",
+         "--set", "model.n_head=2", "--set", "model.n_embd=32"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    try:
+        deadline = time.time() + 120
+        while not any(p.stat().st_size for p in tmp_path.glob("*/rung0/metrics.jsonl")):  # rung 1 is stepping
+            assert process.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        process.send_signal(how)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + how, err
+    assert "fp32 baseline |" not in out and "TF32" not in out  # only the table's header
+    assert f"{how.name} during rung 'fp32 baseline': stopped. Rungs finished: none" in err
+    assert "Traceback" not in err
 
 
 # ---- settings --------------------------------------------------------------------------------------

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
+import sys
 from pathlib import Path
 
 from ..errors import UserError
 from ..files import write_atomic
-from ..train.bench import LADDER, run_ladder
+from ..train.bench import LADDER, LadderStopped, run_ladder
 
 
 def add_bench_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -28,7 +30,9 @@ def add_bench_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser])
   gpt2lab bench --rungs 7 --profile               # a torch.profiler trace into bench-profile/rung7/
 
 On a CPU, TF32 changes nothing (it is a GPU setting), and compile takes a minute or more
-the first time. MFU appears where the peak is known (a GPU by name, or system.peak_flops).""",
+the first time. MFU appears where the peak is known (a GPU by name, or system.peak_flops).
+Ctrl-C or SIGTERM stop the ladder: the rung cut short is not reported, the finished ones are
+named, and the exit status is 128 + the signal's number.""",
     )
     bench.add_argument("--micro-batch", type=int, default=4, help="sequences per step (default 4)")
     bench.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
@@ -56,7 +60,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     json_path = _checked_output(args.json) if args.json else None
     print(f"| {'rung':<26} | {'ms/step':>10} | {'tokens/s':>12} | {'MFU':>6} | loss first -> last |")
     print(f"|{'-' * 28}|{'-' * 12}:|{'-' * 14}:|{'-' * 7}:|--------------------|")
-    results = run_ladder(args)
+    try:
+        results = run_ladder(args)
+    except LadderStopped as stop:
+        finished = ", ".join(row["rung"] for row in stop.finished) or "none"
+        unwritten = f"; {json_path} not written" if json_path is not None else ""
+        print(f"gpt2lab bench: {signal.Signals(stop.signum).name} during rung {stop.rung!r}: stopped. "
+              f"Rungs finished: {finished}{unwritten}", file=sys.stderr)
+        return 128 + stop.signum
     for row in results:
         if "profile" in row:
             rung = 1 + [name for name, _ in LADDER].index(row["rung"])

@@ -52,7 +52,16 @@ def synthetic_dataset(folder: Path, tokens: int, seed: int) -> Path:
     return folder
 
 
+class LadderStopped(Exception):
+    """A stop signal cut a rung short: its timings would mislead, and the rungs after it never ran."""
+
+    def __init__(self, signum: int, rung: str, finished: list[dict]):
+        super().__init__(rung)
+        self.signum, self.rung, self.finished = signum, rung, finished
+
+
 def run_ladder(args) -> list[dict]:
+    """Each rung's row, printed as it finishes; raises LadderStopped on Ctrl-C or SIGTERM."""
     from .trainer import Trainer
 
     results = []
@@ -70,7 +79,9 @@ def run_ladder(args) -> list[dict]:
             config = apply_overrides(base, changes + profiled)
             run_dir = scratch / f"rung{rung}"
             trainer = Trainer(config, run_dir, echo=lambda line: None)
-            trainer.run()
+            stopped_by = trainer.run()["stopped_by"]
+            if stopped_by is not None:
+                raise LadderStopped(stopped_by, name, results)
             records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
             timed = [r for r in records if "step_ms" in r][args.warmup:]
             step_ms = statistics.median(r["step_ms"] for r in timed)
