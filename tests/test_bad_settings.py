@@ -88,6 +88,12 @@ def test_sample_from_a_model_with_nan_weights(capsys, nan_model_dir):
     assert out == ""
 
 
+def test_convert_refuses_a_model_with_nan_weights(capsys, nan_model_dir, tmp_path):
+    code, out, err = run_cli(capsys, "convert", nan_model_dir, "--out", tmp_path / "export")
+    assert_one_line_error(code, err, "NaN or infinite", "5 of 1,024 in transformer.h.0.mlp.c_fc.weight", "earlier checkpoint")
+    assert out == "" and not (tmp_path / "export").exists()
+
+
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_generate_refuses_nan_predictions_instead_of_sampling_garbage(nan_model_dir, temperature):
     model = load_model(nan_model_dir)

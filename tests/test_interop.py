@@ -5,6 +5,7 @@ save_pretrained writes; a model card with what trained the model."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -146,5 +147,72 @@ def test_a_chat_models_export_carries_its_role_tokens_at_their_ids(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
     for name, token_id in CHAT_FORMATS["gpt2lab-chat-v1"].items():
         assert tokenizer.convert_ids_to_tokens(token_id) == name
-    assert tokenizer.eos_token_id == 50256 and (tmp_path / "hf" / "vocab.json").is_file()
+    # An answer ends at the end of turn: the chat model's eos.
+    assert tokenizer.eos_token_id == 50260 and (tmp_path / "hf" / "vocab.json").is_file()
     assert "| tokenizer | GPT-2 BPE |" in (tmp_path / "hf" / "README.md").read_text()
+
+
+CHAT_END_AT = 40
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."},
+     {"role": "assistant", "content": "Blue."}, {"role": "user", "content": " Another one?\n"}],
+    [{"role": "user", "content": ""}, {"role": "assistant", "content": "naïve café 123\n\n  x"},
+     {"role": "user", "content": "日本語 and emoji 🙂 <b>tags</b> | pipes |"}],
+]
+
+
+@pytest.fixture(scope="module")
+def chat_export(make_chat_model_folder, tmp_path_factory):
+    source = make_chat_model_folder("interop-chat", end_at=CHAT_END_AT, block_size=1024)
+    out = tmp_path_factory.mktemp("chat-export") / "hf"
+    export(source, out)
+    return source, out
+
+
+def test_a_chat_export_renders_its_conversations_as_gpt2lab_does(chat_export):
+    from gpt2lab.chat.template import ChatTemplate
+
+    _, folder = chat_export
+    template = ChatTemplate(GPT2Tokenizer(chat="gpt2lab-chat-v1"))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    for conversation in CONVERSATIONS:
+        for prompt in (False, True):
+            exported = tokenizer.apply_chat_template(conversation, add_generation_prompt=prompt, return_dict=False)
+            assert exported == template.render(conversation, add_generation_prompt=prompt)[0], conversation
+    assert tokenizer.eos_token == "<|end|>" and tokenizer.bos_token == "<|endoftext|>"
+    with pytest.raises(Exception, match="only the first message may be the system message"):
+        tokenizer.apply_chat_template([*CONVERSATIONS[0], {"role": "system", "content": "late"}])
+    with pytest.raises(Exception, match="role tool is not one of"):
+        tokenizer.apply_chat_template([{"role": "tool", "content": "{}"}])
+
+
+def test_a_chat_export_stops_at_the_end_of_turn_in_transformers(chat_export):
+    from transformers import AutoModelForCausalLM
+
+    from gpt2lab import load_model
+    from gpt2lab.chat.template import ChatTemplate
+
+    source, folder = chat_export
+    generation = json.loads((folder / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [50260, 50256] and "max_length" not in generation
+    template = ChatTemplate(GPT2Tokenizer(chat="gpt2lab-chat-v1"))
+    prompt = template.render_prompt(CONVERSATIONS[1])
+    ours = load_model(source).generate([prompt], 200, temperature=0.0)[0]
+    assert ours[CHAT_END_AT] == 50260
+    warnings: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = warnings.append
+    logging.getLogger("transformers").addHandler(handler)
+    transformers.logging.set_verbosity_warning()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        theirs = model.generate(torch.tensor([prompt]), max_new_tokens=200, do_sample=False)[0].tolist()
+    finally:
+        transformers.logging.set_verbosity_error()
+        logging.getLogger("transformers").removeHandler(handler)
+    assert not [w.getMessage() for w in warnings if "max_length" in w.getMessage()]
+    assert theirs == ours[: CHAT_END_AT + 1]  # the same answer, ended at <|end|>
+    answer = GPT2Tokenizer().decode(ours[len(prompt):CHAT_END_AT])
+    reply = pipeline("text-generation", model=str(folder))(CONVERSATIONS[1], do_sample=False)
+    assert reply[0]["generated_text"][-1] == {"role": "assistant", "content": answer}

@@ -39,6 +39,8 @@ class Tokenizer(Protocol):
     vocab_size: int
     eot_token: int | None
 
+    @property
+    def control_tokens(self) -> tuple[int, ...]: ...
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: Iterable[int]) -> str: ...
     def token_bytes(self, token: int) -> bytes: ...
@@ -142,6 +144,12 @@ class GPT2Tokenizer:
         self.special_names = {i: n for n, i in CHAT_FORMATS[chat].items()} if chat else {}
         self.vocab_size = max([self.encoding.n_vocab - 1, *self.special_names]) + 1
 
+    @property
+    def control_tokens(self) -> tuple[int, ...]:
+        """End-of-text and the chat format's tokens: `encode` never writes them, so generated text
+        ends where a model writes one."""
+        return (self.eot_token, *sorted(self.special_names))
+
     def encode(self, text: str) -> list[int]:
         return self.encoding.encode_ordinary(text)
 
@@ -185,6 +193,7 @@ class CharTokenizer:
 
     name = "char"
     eot_token = None
+    control_tokens = ()
 
     def __init__(self, chars: Sequence[str]):
         chars = list(chars)

@@ -119,6 +119,30 @@ class ChatTemplate:
         return StopRule.of(self.stop_tokens())
 
 
+def jinja_chat_template(name: str = DEFAULT_CHAT_FORMAT) -> str:
+    """`ChatTemplate(...).render` as a Jinja template, for exported tokenizers (transformers'
+    `apply_chat_template`, vLLM, llama.cpp): the same tokens wherever the contents hold no text
+    that looks like a control token (such text is text to gpt2lab; a string template cannot tell)."""
+    tokens = CHAT_FORMATS[name]
+    assert set(tokens) == {*(f"<|{role}|>" for role in ROLES), "<|end|>"}, "the template below writes these"
+    role_tokens = ", ".join(f"'{role}': '<|{role}|>'" for role in ROLES)
+    return (
+        f"{{%- set role_tokens = {{{role_tokens}}} -%}}"
+        "{{- '<|endoftext|>' -}}"
+        "{%- for message in messages -%}"
+        "{%- if message['role'] not in role_tokens -%}"
+        "{{- raise_exception('role ' + message['role'] + ' is not one of system, user, assistant') -}}"
+        "{%- elif message['role'] == 'system' and not loop.first -%}"
+        "{{- raise_exception('only the first message may be the system message') -}}"
+        "{%- elif message['content'] is not string -%}"
+        "{{- raise_exception('a message content must be a string') -}}"
+        "{%- endif -%}"
+        "{{- role_tokens[message['role']] + message['content'] + '<|end|>' -}}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}"
+    )
+
+
 GET_A_CHAT_MODEL = (
     "fine-tune one: `gpt2lab prepare chat FILE.jsonl --out DIR`, then `gpt2lab train --preset sft` "
     "on that folder (docs/chat.md)"

@@ -46,7 +46,9 @@ checkpoint's adapters are merged into its weights: the export is a plain model."
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from ..pretrained import export_for_transformers, export_layout, load_model, read_lora_config, resolve_model_path
+    from ..pretrained import (
+        check_finite_weights, export_for_transformers, export_layout, load_model, read_lora_config, resolve_model_path,
+    )
     from ..runtime import DTYPES
     from ..tokenizer import load_tokenizer
 
@@ -54,6 +56,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     out = _output_folder(Path(args.out), folder, args.force)
     dtype = None if args.dtype == "keep" else DTYPES[args.dtype]
     model = load_model(folder, dtype=dtype)
+    check_finite_weights(model, folder)  # an export would spread what `sample` refuses
     export_layout(model.config)  # a refusal comes before anything else the folder may lack
     spec = load_tokenizer(folder).spec()
     if args.force and out.exists():

@@ -13,6 +13,7 @@ from typing import Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from ..chat.template import jinja_chat_template
 from ..config import GPTConfig
 from ..files import write_atomic
 from ..tokenizer import CHAT_FORMATS, GPT2_EOT_TOKEN, is_gpt2_spec, packaged_vocabulary
@@ -30,12 +31,21 @@ def transformers_version() -> str:
         return OLDEST_TESTED_TRANSFORMERS
 
 
-def special_token_ids(tokenizer_spec: Any) -> dict[str, int]:
-    """bos/eos ids for config.json and generation_config.json: GPT-2's end-of-text; a character
-    vocabulary has no such token, so none (transformers' GPT-2 default of 50256 would be wrong)."""
-    if is_gpt2_spec(tokenizer_spec):
-        return {"bos_token_id": GPT2_EOT_TOKEN, "eos_token_id": GPT2_EOT_TOKEN}
-    return {"bos_token_id": None, "eos_token_id": None}
+def _chat_tokens(tokenizer_spec: Any) -> dict[str, int]:
+    """The chat format's tokens of a GPT-2 tokenizer record ({} for plain GPT-2)."""
+    chat = tokenizer_spec.get("chat") if isinstance(tokenizer_spec, dict) else None
+    return CHAT_FORMATS[chat] if chat else {}
+
+
+def special_token_ids(tokenizer_spec: Any) -> dict[str, Any]:
+    """bos/eos ids for config.json and generation_config.json: GPT-2's end-of-text, and for a chat
+    model its end of turn first (an answer ends there); a character vocabulary has no such token,
+    so none (transformers' GPT-2 default of 50256 would be wrong)."""
+    if not is_gpt2_spec(tokenizer_spec):
+        return {"bos_token_id": None, "eos_token_id": None}
+    chat = _chat_tokens(tokenizer_spec)
+    eos = [chat["<|end|>"], GPT2_EOT_TOKEN] if chat else GPT2_EOT_TOKEN
+    return {"bos_token_id": GPT2_EOT_TOKEN, "eos_token_id": eos}
 
 
 def _gpt2_tokenizer(chat_tokens: dict[str, int]) -> Tokenizer:
@@ -73,13 +83,17 @@ def write_tokenizer_files(directory: Path, tokenizer_spec: Any, block_size: int)
     """tokenizer.json, tokenizer_config.json and special_tokens_map.json (and GPT-2's
     vocab.json / merges.txt, which the slow tokenizer reads) for the model's own tokenizer."""
     if is_gpt2_spec(tokenizer_spec):
-        chat = tokenizer_spec.get("chat") if isinstance(tokenizer_spec, dict) else None
-        tokenizer = _gpt2_tokenizer(CHAT_FORMATS[chat] if chat else {})
+        tokenizer = _gpt2_tokenizer(_chat_tokens(tokenizer_spec))
         encoder_json, vocab_bpe = packaged_vocabulary()
         write_atomic(directory / "vocab.json", lambda p: shutil.copyfile(encoder_json, p))
         write_atomic(directory / "merges.txt", lambda p: shutil.copyfile(vocab_bpe, p))
         special = {"bos_token": GPT2_EOT_TEXT, "eos_token": GPT2_EOT_TEXT, "unk_token": GPT2_EOT_TEXT}
-        tokenizer_config = {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False, **special}
+        tokenizer_config = {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False}
+        if _chat_tokens(tokenizer_spec):
+            # The end of turn as eos: what `pipeline(messages)`, vLLM and lm-eval stop at.
+            special["eos_token"] = "<|end|>"
+            tokenizer_config["chat_template"] = jinja_chat_template(tokenizer_spec["chat"])
+        tokenizer_config.update(special)
     elif isinstance(tokenizer_spec, dict) and tokenizer_spec.get("type") == "char":
         tokenizer = _char_tokenizer(tokenizer_spec["chars"])
         special = {}
@@ -92,14 +106,19 @@ def write_tokenizer_files(directory: Path, tokenizer_spec: Any, block_size: int)
     _write_json(directory / "special_tokens_map.json", special)
 
 
+# transformers' `pipeline` generates this many new tokens unless told otherwise.
+PIPELINE_DEFAULT_NEW_TOKENS = 256
+
+
 def write_generation_config(directory: Path, config: GPTConfig, tokenizer_spec: Any) -> None:
-    """generation_config.json: the context as the longest generation, so that `pipeline`'s default
-    of 256 new tokens cannot run a short-context model past its positions."""
-    generation = {
-        **{k: v for k, v in special_token_ids(tokenizer_spec).items() if v is not None},
-        "max_length": config.block_size,
-        "transformers_version": transformers_version(),
-    }
+    """generation_config.json as transformers' `save_pretrained` writes it: the special tokens.
+    A context too short for `pipeline`'s default of 256 new tokens also gets its length as
+    `max_length`, which keeps the pipeline inside the positions (transformers then warns once per
+    `generate` given max_new_tokens: a warning, where the default would be an IndexError)."""
+    generation: dict[str, Any] = {k: v for k, v in special_token_ids(tokenizer_spec).items() if v is not None}
+    if config.block_size <= PIPELINE_DEFAULT_NEW_TOKENS:
+        generation["max_length"] = config.block_size
+    generation["transformers_version"] = transformers_version()
     _write_json(directory / "generation_config.json", generation)
 
 

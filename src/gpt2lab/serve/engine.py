@@ -47,8 +47,9 @@ INITIAL_SLOTS = 8
 @dataclass(frozen=True)
 class SamplingParams:
     """How one sequence is generated. `stop` strings end it (they are not part of the text);
-    so does a token of `stop_token_ids` (a chat answer's end of turn), as end-of-text always does:
-    such a token counts as generated but adds no text, and the sequence finishes with "stop"."""
+    so does a token of `stop_token_ids`, as the tokenizer's control tokens (end-of-text, a chat
+    format's turn tokens) always do: such a token counts as generated but adds no text, and the
+    sequence finishes with "stop"."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -100,7 +101,9 @@ class Engine:
         self.max_concurrency = max_concurrency
         self.block_size = model.config.block_size
         self.vocab_size = model.config.vocab_size
-        self.eos_token_id = tokenizer.eot_token  # ends a sequence (None for character models)
+        # End-of-text, and on a chat model its turn tokens, end every sequence: /v1/completions
+        # stops at an answer's end of turn, and no text shows a control token.
+        self.control_tokens = tokenizer.control_tokens
         param = next(model.parameters())
         self.device = param.device
         self._dtype = param.dtype
@@ -173,7 +176,7 @@ class Engine:
             owner=owner,
             generator=generator,
             decoder=StreamDecoder(self.tokenizer),
-            stop=StopRule.of((self.eos_token_id, *stop_ids), params.stop),
+            stop=StopRule.of((*self.control_tokens, *stop_ids), params.stop),
         )
         with self._wake:
             if self._closed:
