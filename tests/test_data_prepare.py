@@ -409,6 +409,30 @@ def test_text_files_of_every_kind(tmp_path, documents):
     assert np.array_equal(np.concatenate([val, train]), expected)
 
 
+def test_own_text_by_characters(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("def f(x):\n    return x + 1")  # no final newline: one is added
+    (tmp_path / "b.txt").write_text("class Über:\n    pass\n")
+    out = tmp_path / "code-char"
+    code = main(["prepare", "text", str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), "--char", "--val-tokens", "9",
+                 "--out", str(out)])
+    assert code == 0
+    assert "vocabulary of 22 (text, one token per character)" in capsys.readouterr().err
+    text = "def f(x):\n    return x + 1\nclass Über:\n    pass\n"
+    dataset = open_dataset(out)
+    assert dataset.tokenizer_spec == {"type": "char", "chars": "".join(sorted(set(text)))}
+    assert dataset.vocab_size == 22
+    tokenizer = load_tokenizer(out)
+    assert tokenizer.decode(split_tokens(out, "train")) == text[:-9]
+    assert tokenizer.decode(split_tokens(out, "val")) == text[-9:]
+    assert "--char" in json.loads((out / "dataset.json").read_text())["command"]
+    # A preset for characters trains on it with the data's vocabulary.
+    from gpt2lab.train.config import resolve_config
+
+    assert resolve_config("shakespeare-char-cpu", overrides=[f"data.path={out}"]).model.vocab_size == 22
+    with pytest.raises(UserError, match="use it with the text source"):
+        prepare_dataset("shakespeare", tmp_path / "x", char=True)
+
+
 @pytest.mark.parametrize(
     "name, content, options, message",
     [

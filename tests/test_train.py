@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from gpt2lab import GPT, UserError
+from gpt2lab import GPT, GPTConfig, UserError
+from gpt2lab.pretrained import save_pretrained
 from gpt2lab.cli import main
 from gpt2lab.data.prepare import prepare
 from gpt2lab.train.bench import LADDER
@@ -86,6 +87,45 @@ def test_a_budget_override_replaces_the_presets_budget(tmp_path):
     assert (config.max_steps, config.max_tokens, config.max_epochs) == (0, 4096, 0)
     assert notes[-1] == f"--set max_tokens=4096 replaces max_steps=50 and max_epochs=3 of preset sft and {toml}"
     config.validate()
+
+
+def test_a_model_from_scratch_takes_its_vocabulary_from_the_data(char_data, bpe_data):
+    notes = []
+    config = resolve_config("shakespeare-char-cpu", overrides=[f"data.path={bpe_data}"], notes=notes)
+    assert (config.model.vocab_size, config.model.padded_vocab_size) == (50257, None)
+    assert notes == [f"model.vocab_size=50257, the vocabulary of the data in {bpe_data} (not 65)"]
+    notes = []
+    config = resolve_config("gpt2-124m", overrides=[f"data.path={char_data}"], notes=notes)
+    assert (config.model.vocab_size, config.model.padded_vocab_size) == (65, None)
+    assert notes == [f"model.vocab_size=65, the vocabulary of the data in {char_data} (not 50257); "
+                     "its padding to 50304 rows dropped"]
+    # What the user says wins, and is checked against the data when training starts.
+    notes = []
+    config = resolve_config("shakespeare-char-cpu", overrides=[f"data.path={bpe_data}", "model.vocab_size=65"],
+                            notes=notes)
+    assert config.model.vocab_size == 65 and notes == []
+    with pytest.raises(UserError, match="has a vocabulary of 50257 but model.vocab_size is 65"):
+        Trainer(config, "unused", echo=lambda line: None)
+    # Data not prepared yet: the preset's number stands.
+    assert resolve_config("shakespeare-char-cpu", overrides=["data.path=no/such/data"]).model.vocab_size == 65
+
+
+def test_a_preset_fits_its_batches_to_the_context_of_the_model_it_starts_from(bpe_data, tmp_path):
+    small = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=128, padded_vocab_size=50304))
+    save_pretrained(small, tmp_path / "small", tokenizer_spec="gpt2")
+    notes = []
+    config = resolve_config("sft", overrides=[f"init_from={tmp_path / 'small'}"], notes=notes)
+    assert (config.batch.seq_len, config.batch.total_tokens, config.batch.micro_batch) == (128, 16384, 4)
+    assert notes == [f"batch.seq_len=128, the context of {tmp_path / 'small'} (not 1024)"]
+    config = resolve_config("sft", overrides=[f"init_from={tmp_path / 'small'}", "batch.micro_batch=3"])
+    assert (config.batch.seq_len, config.batch.total_tokens) == (128, 16512)  # whole micro-batches of 384
+    # A length the user gives is kept, and refused when training starts.
+    config = resolve_config("finetune-shakespeare", overrides=[
+        f"init_from={tmp_path / 'small'}", "batch.seq_len=256", "batch.total_tokens=0", f"data.path={bpe_data}"])
+    assert config.batch.seq_len == 256
+    with pytest.raises(UserError, match=r"batch.seq_len \(256\) is longer than the context of .* \(128 tokens\); "
+                                        r"set batch.seq_len=128 or less"):
+        Trainer(config, tmp_path / "run", echo=lambda line: None)
 
 
 def test_two_budgets_on_the_command_line_stay_an_error(capsys):

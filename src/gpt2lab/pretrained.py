@@ -99,8 +99,9 @@ def _download_from_hub(repo_id: str) -> Path:
             f"could not get the weights of {repo_id!r} from the Hugging Face hub ({reason}). "
             "If this machine is offline, download them elsewhere (a folder with config.json and "
             "model.safetensors, e.g. `hf download "
-            f"{repo_id} config.json model.safetensors --local-dir gpt2-weights`) and pass that folder "
-            "as the model (`--model ./gpt2-weights`)"
+            f"{repo_id} config.json model.safetensors --local-dir gpt2-weights`) and name that folder "
+            "instead: `--model ./gpt2-weights` (sample, chat, eval, serve, convert) or "
+            "`--set init_from=./gpt2-weights` (train)"
         ) from None
 
 

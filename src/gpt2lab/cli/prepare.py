@@ -34,7 +34,10 @@ sources:
                     Face hub, or local parquet files of its schema (--data-files)
   text              your own files (.txt: one document per file; .jsonl: one per line, text
                     in --field; .parquet: text in --column), globs of them, or one dataset
-                    name on the hub (with --config, --split, --column)
+                    name on the hub (with --config, --split, --column); GPT-2 tokens, or with
+                    --char one token per character (the vocabulary is the text's characters,
+                    the documents are joined each ending in a newline, the last --val-tokens
+                    characters validate, default the last 10%, as shakespeare-char does)
   chat              conversations for instruction fine-tuning (--preset sft): .jsonl files of
                     OpenAI-style {"messages": [{"role", "content"}, ...]} lines or Alpaca
                     records {"instruction", "input", "output"}, or one hub dataset of either
@@ -71,6 +74,7 @@ PREPARE_EPILOG = """examples:
   gpt2lab prepare fineweb-edu --out data/edu-sample --max-tokens 50M --shard-tokens 10M
   gpt2lab prepare fineweb-edu --out data/edu-local --data-files 'fineweb/*.parquet'
   gpt2lab prepare text 'books/*.txt' notes.jsonl --out data/mine --field body
+  gpt2lab prepare text mycode.txt --char --out data/mycode-char
   gpt2lab prepare text lucadiliello/bookcorpusopen --split train --column text --out data/books
   gpt2lab prepare chat conversations.jsonl more/*.jsonl --out data/chat
   gpt2lab prepare chat HuggingFaceTB/smol-smoltalk --out data/smoltalk --context 2048
@@ -114,6 +118,7 @@ _OPTIONS = (
     ("--field", "field"),
     ("--column", "column"),
     ("--download", "download"),
+    ("--char", "char"),
     ("--shard-tokens", "shard_tokens"),
     ("--val-tokens", "val_tokens"),
     ("--max-tokens", "max_tokens"),
@@ -167,6 +172,17 @@ def add_prepare_parser(
         "cache first, instead of streaming it",
     )
     parser.add_argument(
+        "--char", action="store_true",
+        help="text source: one token per character instead of GPT-2's BPE (a character-level model of your own text)",
+    )
+    _add_size_and_chat_options(parser)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+    parser.set_defaults(handler=cmd_prepare, option_defaults={dest: parser.get_default(dest) for _, dest in _OPTIONS})
+    return parser
+
+
+def _add_size_and_chat_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--shard-tokens", type=_token_count, default=DEFAULT_SHARD_TOKENS, metavar="N", help="tokens per shard (default 100M)"
     )
     parser.add_argument(
@@ -200,9 +216,6 @@ def add_prepare_parser(
     parser.add_argument(
         "--max-conversations", type=_token_count, metavar="N", help="chat: stop after N usable conversations"
     )
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
-    parser.set_defaults(handler=cmd_prepare, option_defaults={dest: parser.get_default(dest) for _, dest in _OPTIONS})
-    return parser
 
 
 def _command_line(args: argparse.Namespace, defaults: dict[str, Any]) -> str:
@@ -268,6 +281,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         val_tokens=args.val_tokens,
         max_tokens=args.max_tokens,
         workers=args.workers,
+        char=args.char,
         command=_command_line(args, args.option_defaults),
         progress=not args.quiet,
         log=(lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr)),
@@ -277,7 +291,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 _CHAT_ONLY = (("--context", "context"), ("--val-every", "val_every"), ("--max-conversations", "max_conversations"))
 _NOT_FOR_CHAT = (("--input", "input_file"), ("--data-files", "data_files"), ("--column", "column"),
-                 ("--val-tokens", "val_tokens"), ("--max-tokens", "max_tokens"))
+                 ("--val-tokens", "val_tokens"), ("--max-tokens", "max_tokens"), ("--char", "char"))
 
 
 def _misplaced(args: argparse.Namespace, options) -> list[str]:

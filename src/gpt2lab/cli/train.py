@@ -114,10 +114,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UserError("give --preset NAME or --config FILE.toml (see gpt2lab train --help)")
     notes: list[str] = []
     config = resolve_config(args.preset, args.config, args.overrides, notes)
-    if os.environ.get("RANK", "0") == "0":  # torchrun's other ranks resolve the same settings
-        for note in notes:
-            print(note, file=sys.stderr)
     if args.print_config:
+        _print_notes(notes)
         print(config.to_toml(), end="")
         return 0
     if args.nproc < 1:
@@ -136,12 +134,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..train.distributed import shutdown_distributed
 
     try:
-        summary = Trainer(config, out, resume=args.resume).run()
+        trainer = Trainer(config, out, resume=args.resume)
+        # After the checks: a setting to fix is the one line a mistake gets.
+        _print_notes(notes)
+        summary = trainer.run()
     finally:
         shutdown_distributed()
     # A run stopped before its last step exits as the signal would have ended it, so that a
     # script or scheduler never takes it for a finished one (its checkpoint is saved).
     return 0 if summary["stopped_by"] is None else 128 + summary["stopped_by"]
+
+
+def _print_notes(notes: list[str]) -> None:
+    """What resolve_config changed of the preset's settings, on stderr, once (rank 0)."""
+    if os.environ.get("RANK", "0") == "0":  # torchrun's other ranks resolve the same settings
+        for note in notes:
+            print(note, file=sys.stderr)
 
 
 def launch_torchrun(nproc: int, argv: list[str]) -> int:

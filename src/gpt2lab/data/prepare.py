@@ -122,7 +122,10 @@ def _summary(folder: Path, meta: dict[str, Any]) -> str:
         f"{name} {split['tokens']:,} tokens in {len(split['shards'])} shard{'s' * (len(split['shards']) != 1)}"
         for name, split in meta["splits"].items()
     ]
-    lines = [f"{folder}: {', '.join(parts)}; vocabulary of {meta['vocab_size']:,} ({meta['source']})"]
+    kind = meta["source"]
+    if isinstance(meta["tokenizer"], dict) and meta["tokenizer"].get("type") == "char" and not kind.endswith("-char"):
+        kind += ", one token per character"
+    lines = [f"{folder}: {', '.join(parts)}; vocabulary of {meta['vocab_size']:,} ({kind})"]
     for name, split in meta["splits"].items():
         shards = split["shards"]
         if len(shards) > 1 and shards[-1]["tokens"] < min(LLMC_STEP_TOKENS, shards[0]["tokens"]):
@@ -139,20 +142,40 @@ def _summary(folder: Path, meta: dict[str, Any]) -> str:
 
 def _prepare_shakespeare(folder: Path, source: str, input_file, shard_tokens: int, command: str, log) -> dict:
     text = sources.shakespeare_text(input_file)
-    recipe = {
-        "source": source,
-        "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
-        "shard_tokens": shard_tokens,
-    }
+    recipe = {"source": source}
+    return _prepare_whole_text(folder, source, text, recipe, source == "shakespeare-char", shard_tokens, None, command, log)
+
+
+def _prepare_characters(
+    folder: Path, documents: _Documents, shard_tokens: int, val_tokens: int | None, max_tokens: int | None,
+    command: str, log,
+) -> dict:
+    """`prepare text --char`: the documents as one text (each ending in a newline), one token
+    per character of it; the whole text is read first, since the vocabulary is its characters."""
+    text = "".join(doc if doc.endswith("\n") else doc + "\n" for doc in documents.read())
+    if max_tokens is not None:
+        text = text[:max_tokens]
+    if not text:
+        raise UserError(f"{documents.description} holds no text")
+    recipe = {**documents.recipe, "char": True, "val_tokens": val_tokens, "max_tokens": max_tokens}
+    return _prepare_whole_text(folder, "text", text, recipe, True, shard_tokens, val_tokens, command, log)
+
+
+def _prepare_whole_text(
+    folder: Path, source: str, text: str, recipe: dict, char: bool, shard_tokens: int, val_chars: int | None,
+    command: str, log,
+) -> dict:
+    """One text held in memory, tokenized by characters or GPT-2's BPE: its last `val_chars`
+    characters validate (None: nanoGPT's split, the first 90% train and the rest validate)."""
+    recipe = {**recipe, "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(), "shard_tokens": shard_tokens}
     meta = _start(folder, recipe)
     if meta is not None and meta["complete"]:
         log(f"{folder} is already prepared; nothing to do")
         return meta
-    tokenizer: Tokenizer = CharTokenizer.from_text(text) if source == "shakespeare-char" else GPT2Tokenizer()
+    tokenizer: Tokenizer = CharTokenizer.from_text(text) if char else GPT2Tokenizer()
     meta = _new_meta(source, recipe, tokenizer, command)
     _save_meta(folder, meta)
-    # nanoGPT's split: the first 90% of the characters train, the rest validate.
-    cut = int(len(text) * SHAKESPEARE_TRAIN_FRACTION)
+    cut = int(len(text) * SHAKESPEARE_TRAIN_FRACTION) if val_chars is None else max(len(text) - val_chars, 0)
     for split, part in (("train", text[:cut]), ("val", text[cut:])):
         tokens = np.array(tokenizer.encode(part), dtype=np.int64)
         for start in range(0, max(len(tokens), 1), shard_tokens):
@@ -371,6 +394,7 @@ def prepare(
     val_tokens: int | None = None,
     max_tokens: int | None = None,
     workers: int | None = None,
+    char: bool = False,
     command: str | None = None,
     progress: bool = True,
     log: Callable[[str], Any] = lambda message: print(message, file=sys.stderr),
@@ -384,6 +408,11 @@ def prepare(
         source, inputs=inputs, input_file=input_file, data_files=data_files,
         shard_tokens=shard_tokens, val_tokens=val_tokens, max_tokens=max_tokens,
     )
+    if char and source != "text":
+        raise UserError(
+            f"--char tokenizes your own text by characters: use it with the text source "
+            f"(Tiny Shakespeare by characters is the shakespeare-char source), not with {source}"
+        )
     folder = Path(out)
     command = command or f"gpt2lab prepare {source} --out {shlex.quote(str(folder))}"
     if source in ("shakespeare", "shakespeare-char"):
@@ -398,6 +427,10 @@ def prepare(
             val_tokens = shard_tokens if max_tokens is None else min(shard_tokens, max(1, max_tokens // 10))
     else:
         documents = _text_documents(inputs, config=config, split=split, field=field, column=column, streaming=streaming)
+        if char:
+            meta = _prepare_characters(folder, documents, shard_tokens, val_tokens, max_tokens, command, log)
+            log(_summary(folder, meta))
+            return meta
     recipe = {**documents.recipe, "shard_tokens": shard_tokens, "val_tokens": val_tokens, "max_tokens": max_tokens}
     meta = _prepare_documents(
         folder,

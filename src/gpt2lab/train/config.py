@@ -445,7 +445,11 @@ def resolve_config(
         except UserError as error:
             raise UserError(f"{config_file}: {error}") from None
     overridden = apply_overrides(config, overrides or [])
-    given = {key for key in BUDGETS if getattr(overridden, key) and _overrides_key(overrides or [], key)}
+    from_command_line = {item.partition("=")[0].strip() for item in overrides or []}
+    # What the user said (the command line, their TOML file) wins over what the preset assumed.
+    said = from_command_line | (set(_flat_keys(values)) if config_file is not None else set())
+    overridden = fit_to_data_and_model(overridden, said, notes if notes is not None else [])
+    given = {key for key in BUDGETS if getattr(overridden, key) and key in from_command_line}
     if len(given) != 1:
         return overridden
     replaced = [key for key in BUDGETS if key not in given and getattr(overridden, key)]
@@ -462,5 +466,68 @@ def resolve_config(
     return dataclasses.replace(overridden, **{key: 0 for key in replaced})
 
 
-def _overrides_key(overrides: list[str], key: str) -> bool:
-    return any(item.partition("=")[0].strip() == key for item in overrides)
+def _flat_keys(values: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys of a nested TOML table: {"model": {"n_layer": 2}} -> ["model.n_layer"]."""
+    keys = []
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        keys += _flat_keys(value, f"{name}.") if isinstance(value, dict) else [name]
+    return keys
+
+
+# A padding of the vocabulary that stays when the vocabulary changes: one that rounds it up.
+_PADDING_SLACK = 128
+
+
+def fit_to_data_and_model(config: TrainConfig, said: set[str], notes: list[str]) -> TrainConfig:
+    """A preset states the vocabulary of its own data and the sequence length of its own model.
+    Settings the user did not give (`said`) follow the data in data.path (a model from scratch
+    takes its vocabulary) and the model init_from names (batches no longer than its context);
+    a line in `notes` says what was taken. Data not prepared yet, or a model not on this machine,
+    leave the settings as they are: training checks them against the real thing."""
+    if config.init_from == "scratch":
+        return _vocabulary_from_data(config, said, notes)
+    return _sequences_within_model(config, said, notes)
+
+
+def _vocabulary_from_data(config: TrainConfig, said: set[str], notes: list[str]) -> TrainConfig:
+    from ..data.dataset import open_dataset
+
+    if "model.vocab_size" in said:
+        return config
+    try:
+        vocab = open_dataset(config.data.path).vocab_size
+    except UserError:
+        return config
+    model = config.model
+    if vocab == model.vocab_size:
+        return config
+    padded = model.padded_vocab_size
+    note = f"model.vocab_size={vocab}, the vocabulary of the data in {config.data.path} (not {model.vocab_size})"
+    if padded is not None and "model.padded_vocab_size" not in said and not vocab <= padded < vocab + _PADDING_SLACK:
+        note += f"; its padding to {padded} rows dropped"
+        padded = None
+    notes.append(note)
+    return dataclasses.replace(config, model=dataclasses.replace(model, vocab_size=vocab, padded_vocab_size=padded))
+
+
+def _sequences_within_model(config: TrainConfig, said: set[str], notes: list[str]) -> TrainConfig:
+    from ..pretrained import read_config, resolve_model_path
+
+    if "batch.seq_len" in said or not Path(config.init_from).exists():
+        return config
+    try:
+        context = read_config(resolve_model_path(config.init_from)).block_size
+    except UserError:
+        return config
+    batch = config.batch
+    if batch.seq_len <= context:
+        return config
+    changes = {"seq_len": context}
+    note = f"batch.seq_len={context}, the context of {config.init_from} (not {batch.seq_len})"
+    per_micro_batch = batch.micro_batch * context
+    if batch.total_tokens % per_micro_batch and "batch.total_tokens" not in said:
+        changes["total_tokens"] = max(1, round(batch.total_tokens / per_micro_batch)) * per_micro_batch
+        note += f", and batch.total_tokens={changes['total_tokens']} to hold whole micro-batches"
+    notes.append(note)
+    return dataclasses.replace(config, batch=dataclasses.replace(batch, **changes))

@@ -214,6 +214,11 @@ def _load_initial_model(config: TrainConfig, data_vocab_size: int) -> tuple[GPT,
         attention=config.model.attention,
         padded_vocab_size=config.model.padded_vocab_size,
     )
+    if config.batch.seq_len > model.config.block_size:
+        raise UserError(
+            f"batch.seq_len ({config.batch.seq_len}) is longer than the context of {config.init_from} "
+            f"({model.config.block_size} tokens); set batch.seq_len={model.config.block_size} or less"
+        )
     if model.config.vocab_size < data_vocab_size <= model.config.embedding_rows:
         _take_spare_rows(model, data_vocab_size, config.system.seed)
     config = dataclasses.replace(config, model=model.config)
