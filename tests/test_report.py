@@ -35,7 +35,12 @@ def gpt2_run(tmp_path):
     """A 124M-shaped run's folder with HellaSwag measures, written by hand."""
     folder = tmp_path / "gpt2-run"
     folder.mkdir()
-    (folder / "config.toml").write_text("[model]\nn_layer = 12\nn_embd = 768\nn_head = 12\nvocab_size = 50257\n")
+    data = tmp_path / "edu"
+    data.mkdir()
+    (data / "dataset.json").write_text(json.dumps({"source": "fineweb-edu"}))
+    (folder / "config.toml").write_text(
+        f"[model]\nn_layer = 12\nn_embd = 768\nn_head = 12\nvocab_size = 50257\n\n[data]\npath = {json.dumps(str(data))}\n"
+    )
     records = []
     for step in range(1, 21):
         records.append({"step": step, "tokens": step * 524288, "elapsed_s": step * 0.5, "train_loss": 10 - step * 0.3})
@@ -90,6 +95,23 @@ def test_baselines_of_the_model_size(gpt2_run):
     assert not any(gid.startswith("baseline:val_loss") for gid in larger)
     none = lines_by_gid(build_figure([run], baselines="none"))
     assert {gid for gid in none if gid.startswith("baseline:")} == {"baseline:hellaswag_acc_norm:chance"}
+
+
+def test_a_small_model_on_other_data_gets_no_gpt2_baselines(gpt2_run, tmp_path):
+    """A 7M-parameter code model with GPT-2's tokenizer is no GPT-2 124M, and its data is no FineWeb-EDU."""
+    config = (gpt2_run / "config.toml").read_text()
+    (gpt2_run / "config.toml").write_text(config.replace("n_layer = 12", "n_layer = 4").replace("n_embd = 768", "n_embd = 384"))
+    assert size_class(load_run(gpt2_run)) is None
+    assert not [gid for gid in lines_by_gid(build_figure([load_run(gpt2_run)])) if "GPT" in gid]
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "dataset.json").write_text(json.dumps({"source": "text"}))
+    (gpt2_run / "config.toml").write_text(config.replace(str(tmp_path / "edu"), str(code)))
+    lines = lines_by_gid(build_figure([load_run(gpt2_run)]))
+    assert "baseline:hellaswag_acc_norm:GPT-2 124M" in lines  # the size's benchmark scores apply to any data
+    assert not [gid for gid in lines if gid.startswith("baseline:val_loss")]
+    chosen = lines_by_gid(build_figure([load_run(gpt2_run)], baselines="124m"))
+    assert "baseline:val_loss:GPT-2 124M checkpoint, FineWeb-EDU val" in chosen
 
 
 def test_report_writes_a_png_and_a_summary(char_run, gpt2_run, tmp_path, capsys):

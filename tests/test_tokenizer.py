@@ -330,6 +330,17 @@ def test_load_tokenizer_from_gpt2lab_json(tmp_path):
     assert isinstance(load_tokenizer(tmp_path), GPT2Tokenizer)
 
 
+def test_load_tokenizer_from_a_run_folder_as_from_pretrained_takes_it(tmp_path):
+    from gpt2lab import GPT, GPTConfig
+    from gpt2lab.pretrained import save_pretrained
+
+    spec = {"type": "char", "chars": "abcdefgh"}
+    save_pretrained(GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=8)),
+                    tmp_path / "run" / "checkpoints" / "step_00000010", tokenizer_spec=spec)
+    assert load_tokenizer(tmp_path / "run").spec() == spec
+    assert GPT.from_pretrained(tmp_path / "run").config.vocab_size == 8
+
+
 def test_dataset_json_without_tokenizer_falls_through_to_gpt2lab_json(tmp_path):
     (tmp_path / "dataset.json").write_text(json.dumps({"tokens": 123}))
     (tmp_path / "gpt2lab.json").write_text(json.dumps({"tokenizer": {"type": "char", "chars": "ab"}}))

@@ -259,13 +259,17 @@ TOKENIZER_RECORDS = ("dataset.json", "gpt2lab.json")
 
 
 def load_tokenizer(name_or_folder: str | Path = "gpt2") -> Tokenizer:
-    """`"gpt2"`, or a prepared dataset / checkpoint folder that records its tokenizer.
+    """`"gpt2"`, or a prepared dataset, model, checkpoint or run folder that records its tokenizer.
 
     A transformers GPT-2 folder without a gpt2lab record uses GPT-2's BPE.
     """
     if str(name_or_folder) == "gpt2":
         return GPT2Tokenizer()
     path = Path(name_or_folder)
+    recorded = [path / record for record in TOKENIZER_RECORDS if (path / record).is_file()]
+    checkpoints = sorted(path.glob("checkpoints/step_*/gpt2lab.json")) if path.is_dir() else []
+    if not recorded and checkpoints:
+        return load_tokenizer(checkpoints[-1].parent)  # a run folder: all its checkpoints share one tokenizer
     if path.is_dir():
         for record in TOKENIZER_RECORDS:
             if (path / record).is_file():

@@ -19,7 +19,8 @@ scorings) when the runs measured it, each against optimizer steps and against to
 Several runs are overlaid in different colors.
 
 Baselines are drawn as labelled horizontal lines for the runs' model size (--baselines auto:
-GPT-2-tokenizer runs, by the first run's shape, the nearest of 124M, 350M, 774M, 1558M):
+GPT-2-tokenizer runs, by the first run's shape, the nearest of 124M, 350M, 774M, 1558M within
+a factor of 2 in non-embedding parameters; the val loss only for a run on FineWeb-EDU data):
   val loss    GPT-2 124M checkpoint on FineWeb-EDU val: 3.2924
   HellaSwag   GPT-2 124M 0.2945, 350M 0.3752, 774M 0.4320, 1558M 0.4889
               GPT-3 125M 0.337, 350M 0.436, 760M 0.510, 1.3B 0.547

@@ -33,6 +33,10 @@ HELLASWAG_BASELINES = {
     "1558m": [("GPT-2 1558M", 0.4889), ("GPT-3 1.3B", 0.547)],
 }
 VAL_LOSS_BASELINES = {"124m": [("GPT-2 124M checkpoint, FineWeb-EDU val", 3.2924)]}
+# The data the validation-loss baselines were measured on (dataset.json's "source").
+VAL_LOSS_BASELINE_DATA = "fineweb-edu"
+# A run gets the baselines of the nearest size only within this factor of its non-embedding parameters.
+SIZE_TOLERANCE = 2.0
 BASELINE_CHOICES = ("auto", *SIZES, "none")
 X_AXES = (("step", "step"), ("tokens", "tokens seen"))
 
@@ -109,7 +113,8 @@ def load_runs(folders: Sequence[str | Path]) -> list[Run]:
 
 def size_class(run: Run) -> str | None:
     """The GPT-2 size whose baselines apply to `run`: none for other tokenizers; else the exact
-    shape, or the size nearest in non-embedding parameters."""
+    shape, or the size nearest in non-embedding parameters if within SIZE_TOLERANCE of it (a
+    7M-parameter model has none)."""
     model = run.config.get("model", {})
     if model.get("vocab_size") not in GPT2_VOCAB_SIZES and model.get("padded_vocab_size") not in GPT2_VOCAB_SIZES:
         return None
@@ -120,7 +125,30 @@ def size_class(run: Run) -> str | None:
     if not all(isinstance(v, int) and v > 0 for v in shape):
         return None
     params = 12 * shape[0] * shape[1] ** 2
-    return min(SIZES, key=lambda name: abs(math.log(params / (12 * SIZES[name][0] * SIZES[name][1] ** 2))))
+
+    def distance(name: str) -> float:
+        return abs(math.log(params / (12 * SIZES[name][0] * SIZES[name][1] ** 2)))
+
+    nearest = min(SIZES, key=distance)
+    return nearest if distance(nearest) <= math.log(SIZE_TOLERANCE) else None
+
+
+def data_source(run: Run) -> str | None:
+    """What the run trained on, as its dataset.json says (None: the folder is not at hand)."""
+    path = run.config.get("data", {}).get("path")
+    try:
+        source = json.loads((Path(str(path)) / "dataset.json").read_text(encoding="utf-8")).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return source if isinstance(source, str) else None
+
+
+def val_loss_baselines(run: Run, size: str | None, chosen: bool) -> list[tuple[str, float]]:
+    """The validation losses to draw: measured on one dataset, so for a run on other data only
+    when the user chose the size (`--baselines SIZE`)."""
+    if size is None or not (chosen or data_source(run) == VAL_LOSS_BASELINE_DATA):
+        return []
+    return VAL_LOSS_BASELINES.get(size, [])
 
 
 def smooth(values: Sequence[float]) -> list[float]:
@@ -172,7 +200,7 @@ def build_figure(runs: Sequence[Run], baselines: str = "auto"):
             if xs:
                 ax.plot(xs, ys, color=color, linestyle="--", marker="o", markersize=3, label=f"{run.name} val",
                         gid=f"{run.name}:val_loss:{x}")
-        for label, value in VAL_LOSS_BASELINES.get(size, []):
+        for label, value in val_loss_baselines(runs[0], size, chosen=baselines != "auto"):
             ax.axhline(value, color="black", linestyle=":", linewidth=1.2, label=f"{label}: {value}",
                        gid=f"baseline:val_loss:{label}")
         ax.set_ylabel("loss (nats per token)")
@@ -256,7 +284,8 @@ def summary_markdown(runs: Sequence[Run], baselines: str = "auto", image: str | 
     size = size_class(runs[0]) if baselines == "auto" else (None if baselines == "none" else baselines)
     if size is not None:
         lines.append("")
-        parts = [f"val loss: {label} {value}" for label, value in VAL_LOSS_BASELINES.get(size, [])]
+        chosen = baselines != "auto"
+        parts = [f"val loss: {label} {value}" for label, value in val_loss_baselines(runs[0], size, chosen)]
         hellaswag = ", ".join(f"{label} {value}" for label, value in HELLASWAG_BASELINES[size])
         parts.append(f"HellaSwag acc_norm: {hellaswag}")
         lines.append(f"Baselines for {size.upper()}: " + "; ".join(parts) + ".")
