@@ -126,6 +126,7 @@ def test_offline_hub_name_says_how_to_use_a_local_folder(tmp_path):
     )
     assert result.returncode == 2
     assert "openai-community/gpt2" in result.stderr and "--model ./gpt2-weights" in result.stderr
+    assert "--set init_from=./gpt2-weights` (train)" in result.stderr  # train names its model so
     assert "Traceback" not in result.stderr
 
 
@@ -152,3 +153,21 @@ def test_every_verb_has_a_manual(capsys):
             main([verb, "--help"])
         assert exit_info.value.code == 0
         assert "examples:" in capsys.readouterr().out
+
+
+def test_the_command_lists_its_verbs_without_loading_pytorch():
+    """`gpt2lab --help` and the verbs that run no model import only what they need."""
+    probe = (
+        "import sys\n"
+        "from gpt2lab.cli import main\n"
+        "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "print('torch loaded' if 'torch' in sys.modules else 'no torch', file=sys.stderr)\n"
+    )
+    from gpt2lab.cli import VERBS
+
+    for argv in (["--help"], ["sample", "--help"], ["prepare", "--help"], ["serve", "--help"], ["chat", "--help"]):
+        result = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True)
+        assert result.stderr.strip() == "no torch", (argv, result.stderr)
+        if argv == ["--help"]:
+            for verb, summary in VERBS.items():
+                assert verb in result.stdout and " ".join(summary.split()[:3]) in result.stdout

@@ -1,45 +1,42 @@
 """The `gpt2lab` command: one verb per job, each a thin layer over the Python API.
 
-The package holds a module per verb (`cli/<verb>.py`: its `add_<verb>_parser(verbs)` and its
-runner, over library functions); this module only assembles them and runs the one asked for.
+The package holds a module per verb (`cli/<verb>.py`: its `add_<verb>_parser(verbs, summary)`
+and its runner, over library functions); this module only assembles them, importing the one
+asked for, and runs it.
 Options several verbs share are in `cli/options.py`.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import signal
 import sys
 
 from ..console import detach
-from ..version import __version__
-from .bench import add_bench_parser
-from .chat import add_chat_parser
-from .convert import add_convert_parser
-from .report import add_report_parser
-from .sample import add_sample_parser
-from .prepare import add_prepare_parser
 from ..errors import UserError, disk_fault
-from .eval import add_eval_parser
 from ..kernels import tune_cpu_memory
-from .serve import add_serve_parser
-from .train import add_train_parser
+from ..version import __version__
 
-# In the order `gpt2lab --help` lists them.
-VERB_PARSERS = (
-    add_sample_parser,
-    add_chat_parser,
-    add_convert_parser,
-    add_prepare_parser,
-    add_train_parser,
-    add_bench_parser,
-    add_eval_parser,
-    add_report_parser,
-    add_serve_parser,
-)
+# Each verb, in the order `gpt2lab --help` lists them, and its one-line summary. A verb's module
+# (cli/<verb>.py, with its `add_<verb>_parser(verbs, summary)`) is imported only when that verb
+# runs, so that `gpt2lab --help` and the verbs that need no model do not wait for PyTorch.
+VERBS = {
+    "sample": "generate text from a model, streaming it to the terminal",
+    "chat": "talk to a chat model in the terminal, or answer one --prompt",
+    "convert": "export a model or checkpoint for transformers (GPT-2, Llama or Qwen3)",
+    "prepare": "turn a corpus into token shards for training",
+    "train": "train a model from a preset, a TOML file and overrides",
+    "bench": "run the GPT-2 reproduction's speed ladder on this device",
+    "eval": "evaluate a model: HellaSwag accuracy, or loss and perplexity on a dataset",
+    "report": "plot training runs (loss, HellaSwag) and summarize them in Markdown",
+    "serve": "serve a model over an OpenAI-compatible HTTP API, with a web playground",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The command's parser, with the full parser of `verb` (all verbs' when None) and only the
+    name and summary of the others."""
     parser = argparse.ArgumentParser(
         prog="gpt2lab",
         description="GPT-2 from scratch: prepare data, train, sample, chat, convert, benchmark. "
@@ -47,15 +44,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB")
-    for add_parser in VERB_PARSERS:
-        add_parser(verbs)
+    for name, summary in VERBS.items():
+        if verb is None or name == verb:
+            module = importlib.import_module(f"{__name__}.{name}")
+            getattr(module, f"add_{name}_parser")(verbs, summary)
+        else:
+            verbs.add_parser(name, help=summary)
     return parser
 
 
+def _verb_asked(argv: list[str]) -> str:
+    """The verb of a command line (before parsing: only its parser is built), or "" for none."""
+    words = [word for word in argv if not word.startswith("-")]
+    return words[0] if words and words[0] in VERBS else ""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.argv = list(argv) if argv is not None else sys.argv[1:]  # for verbs that re-launch themselves
+    words = list(argv) if argv is not None else sys.argv[1:]
+    parser = build_parser(_verb_asked(words))
+    args = parser.parse_args(words)
+    args.argv = words  # for verbs that re-launch themselves
     if args.verb is None:
         parser.print_help()
         return 2

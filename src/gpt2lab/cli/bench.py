@@ -13,10 +13,10 @@ from ..files import write_atomic
 from ..train.bench import LADDER, LadderStopped, run_ladder
 
 
-def add_bench_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_bench_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser], summary: str) -> None:
     bench = verbs.add_parser(
         "bench",
-        help="run the GPT-2 reproduction's speed ladder on this device",
+        help=summary,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a GPT-2 (124M)-shaped model on synthetic tokens through the real training loop, "
         "one rung of the reproduction's speed ladder at a time, each rung keeping the speed-ups before "

@@ -7,11 +7,8 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TYPE_CHECKING, Callable, TextIO
 
-import torch
-
-from ..chat.session import Chat, ChatSettings, fit_to_context, load_chat
 from ..chat.template import validate_messages
 from .options import (
     MODEL_HELP,
@@ -23,6 +20,9 @@ from .options import (
     seed,
 )
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from ..chat.session import Chat, ChatSettings
 
 DESCRIPTION = """Talk to a chat model: one fine-tuned on conversations (`gpt2lab prepare chat`, then
 `gpt2lab train --preset sft`), whose tokenizer record carries the chat format. A base model
@@ -65,10 +65,10 @@ end-of-text), or after --max-new-tokens tokens."""
 COMMANDS = "/system TEXT, /reset, /history, /help, /exit"
 
 
-def add_chat_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_chat_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser], summary: str) -> None:
     chat = verbs.add_parser(
         "chat",
-        help="talk to a chat model in the terminal, or answer one --prompt",
+        help=summary,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=DESCRIPTION,
         epilog=EPILOG,
@@ -153,6 +153,8 @@ class Conversation:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    from ..chat.session import ChatSettings, load_chat
+
     conversation = Conversation.start(read_history(args.history) if args.history else [], args.system)
     settings = ChatSettings(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -219,6 +221,8 @@ class Session:
         device = next(chat.model.parameters()).device
         # One generator for the session: each answer continues its random stream, so that asking
         # the same thing twice can answer differently, and a seeded session repeats whole.
+        import torch
+
         self.generator = torch.Generator(device=device)
         if settings.seed is None:
             self.generator.seed()
@@ -264,6 +268,8 @@ class Session:
         return True
 
     def answer(self, question: str) -> None:
+        from ..chat.session import fit_to_context
+
         messages, dropped = fit_to_context(self.conversation.messages(question), self.chat, self.context_limit)
         if dropped:
             keep = len(messages) - 1 - (self.conversation.system is not None)

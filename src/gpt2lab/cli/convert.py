@@ -13,10 +13,10 @@ from ..errors import UserError
 from ..eval.report import read_metrics
 
 
-def add_convert_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_convert_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser], summary: str) -> None:
     convert = verbs.add_parser(
         "convert",
-        help="export a model or checkpoint for transformers (GPT-2, Llama or Qwen3)",
+        help=summary,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="""\
 Write a model as config.json + model.safetensors that transformers, vLLM and lm-eval load, as

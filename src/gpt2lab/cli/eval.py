@@ -82,11 +82,11 @@ CHAT_EPILOG = """examples:
 example's line, expected answer, the model's answer and whether it matched."""
 
 
-def add_eval_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_eval_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser], summary: str) -> None:
     """The `eval` verb and its tasks, added to the CLI's subparsers."""
     evaluate = verbs.add_parser(
         "eval",
-        help="evaluate a model: HellaSwag accuracy, or loss and perplexity on a dataset",
+        help=summary,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Evaluate a model. Run `gpt2lab eval TASK --help` for the manual of each task.",
         epilog="""tasks:

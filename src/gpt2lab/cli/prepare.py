@@ -128,13 +128,11 @@ _OPTIONS = (
 )
 
 
-def add_prepare_parser(
-    verbs: argparse._SubParsersAction[argparse.ArgumentParser],
-) -> argparse.ArgumentParser:
+def add_prepare_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser], summary: str) -> argparse.ArgumentParser:
     """The `prepare` verb, added to the CLI's subparsers."""
     parser = verbs.add_parser(
         "prepare",
-        help="turn a corpus into token shards for training",
+        help=summary,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=PREPARE_DESCRIPTION,
         epilog=PREPARE_EPILOG,

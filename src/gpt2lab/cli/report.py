@@ -7,11 +7,11 @@ import argparse
 from ..eval.report import BASELINE_CHOICES, write_report
 
 
-def add_report_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_report_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser], summary: str) -> None:
     """The `report` verb, added to the CLI's subparsers."""
     parser = verbs.add_parser(
         "report",
-        help="plot training runs (loss, HellaSwag) and summarize them in Markdown",
+        help=summary,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="""Draw the curves of one or more training runs from their metrics.jsonl into one PNG:
 train loss (raw points faint, smoothed line) and validation loss, and HellaSwag acc_norm (both

@@ -19,10 +19,10 @@ from .options import (
 from ..errors import UserError
 
 
-def add_sample_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_sample_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser], summary: str) -> None:
     sample = verbs.add_parser(
         "sample",
-        help="generate text from a model, streaming it to the terminal",
+        help=summary,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Generate text from a model, streaming it to the terminal as it is produced.",
         epilog="""examples:

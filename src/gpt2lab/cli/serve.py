@@ -55,10 +55,10 @@ shows its chat view when true.
 The server listens on 127.0.0.1 only unless --host says otherwise; it has no authentication."""
 
 
-def add_serve_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_serve_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser], summary: str) -> None:
     serve = verbs.add_parser(
         "serve",
-        help="serve a model over an OpenAI-compatible HTTP API, with a web playground",
+        help=summary,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=SERVE_DESCRIPTION,
         epilog=SERVE_EPILOG,

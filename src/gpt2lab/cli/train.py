@@ -81,10 +81,10 @@ Distributed runs (torchrun, DDP, FSDP2, several machines, SLURM): docs/distribut
 # ---- train ---------------------------------------------------------------------------------
 
 
-def add_train_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_train_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser], summary: str) -> None:
     train = verbs.add_parser(
         "train",
-        help="train a model from a preset, a TOML file and overrides",
+        help=summary,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a GPT-2 model: a preset, then a TOML file, then --set overrides, each on "
         "top of the last. Every setting is checked before any heavy work starts.",

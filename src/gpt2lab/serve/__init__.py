@@ -10,14 +10,16 @@
 The HTTP layer needs FastAPI; the engine alone needs only PyTorch.
 """
 
-from .engine import Engine, SamplingParams, Update
-
-
-def create_app(*args, **kwargs):
-    """See `gpt2lab.serve.app.create_app` (imported on use: it needs FastAPI)."""
-    from .app import create_app as _create_app
-
-    return _create_app(*args, **kwargs)
-
-
 __all__ = ["Engine", "SamplingParams", "Update", "create_app"]
+
+
+def __getattr__(name: str):
+    """The engine (PyTorch) and the app (FastAPI), each imported when first used (PEP 562)."""
+    if name in ("Engine", "SamplingParams", "Update"):
+        from . import engine as module
+    elif name == "create_app":
+        from . import app as module
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = globals()[name] = getattr(module, name)
+    return value
