@@ -59,6 +59,19 @@ settings (--set key=value, or the same keys in a TOML file given with --config):
                  adapters train, all else is frozen; checkpoints hold the base and
                  adapters.safetensors, and sample/eval/serve/convert merge them (docs/chat.md)
 
+A preset's model is sized for its own data: what you set wins, and what you leave follows
+your data and model (said on one line): a model from scratch takes the vocabulary of data.path
+(unless you set model.vocab_size), and one started from init_from keeps batch.seq_len within its
+context (unless you set batch.seq_len).
+
+fine-tuning a chat model (docs/chat.md):
+  gpt2lab prepare chat my-chats.jsonl --out data/chat      # {"messages": [{"role", "content"}, ...]}
+  gpt2lab train --preset sft --set data.path=data/chat --out runs/sft
+  gpt2lab train --preset sft --set data.path=data/chat --set init_from=runs/mine --out runs/sft
+                                                           # from your own model, or offline
+                                                           # from a downloaded gpt2 folder
+  gpt2lab chat --model runs/sft
+
 The run folder (--out) gets config.toml (the resolved settings; reload with --config),
 metrics.jsonl, samples.txt and checkpoints/step_XXXXXXXX/. Ctrl-C, SIGTERM or a closed
 terminal (SIGHUP) finish the current step, save a checkpoint and exit with 128 + the signal's
