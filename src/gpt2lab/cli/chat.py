@@ -236,16 +236,18 @@ class Session:
         self.err.flush()
 
     def run(self, read_line: Callable[[], str]) -> int:
-        while True:
-            try:
+        """Questions and commands until Ctrl-D, /exit or a Ctrl-C outside an answer (at the prompt,
+        or while a command prints: the line it printed is no prompt yet)."""
+        try:
+            while True:
                 line = read_line()
-            except (EOFError, KeyboardInterrupt):
-                return 0
-            if line.startswith("/") and not line.startswith("//"):
-                if not self.command(line):
-                    return 0
-            elif line.strip():
-                self.answer(line[1:] if line.startswith("//") else line)
+                if line.startswith("/") and not line.startswith("//"):
+                    if not self.command(line):
+                        return 0
+                elif line.strip():
+                    self.answer(line[1:] if line.startswith("//") else line)
+        except (EOFError, KeyboardInterrupt):
+            return 0
 
     def command(self, line: str) -> bool:
         """Carry out a /command; False for /exit."""
