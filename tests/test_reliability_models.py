@@ -149,3 +149,152 @@ def test_sample_of_a_padded_model_stays_in_the_tokenizers_vocabulary(capsys, mak
                              "--max-new-tokens", 8, "--seed", 1)
     assert code == 0 and "Traceback" not in err, err
 
+
+# ---- 2. checkpoints carry their checksums ---------------------------------------------------------
+
+
+def flip_bytes(path, count=64):
+    """Invert `count` bytes in the middle of the file: inside a tensor's data, so that the file
+    still parses (safetensors, torch.save's zip) with other values."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + count] = bytes(b ^ 0x5A for b in data[middle : middle + count])
+    path.write_bytes(bytes(data))
+
+
+def checkpoint_of(make_model, run_dir, lora=False):
+    from gpt2lab.lora import apply_lora
+    from gpt2lab.train.checkpoint import save_checkpoint
+
+    model = make_model(vocab_size=50257, **TINY)
+    if lora:
+        apply_lora(model, 2)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model(torch.tensor([[1, 2, 3]]), torch.tensor([[2, 3, 4]]))[1].backward()
+    optimizer.step()
+    state = {"step": 1, "tokens": 3, "elapsed_s": 0.0, "loader": {}, "val_loss": None, "best_val_loss": None}
+    folder = save_checkpoint(run_dir, model=model, optimizer=optimizer, scaler=None, state=state,
+                             tokenizer_spec="gpt2", train_config={})
+    return folder, model, optimizer
+
+
+@pytest.mark.parametrize("name, lora", [("model.safetensors", False), ("adapters.safetensors", True)])
+def test_damaged_weights_are_refused_naming_the_file(make_model, tmp_path, capsys, name, lora):
+    from gpt2lab import load_model
+    from gpt2lab.errors import UserError
+
+    folder, _, _ = checkpoint_of(make_model, tmp_path / "run", lora=lora)
+    load_model(folder)  # sound: loads
+    flip_bytes(folder / name)
+    with pytest.raises(UserError, match=f"{name}: its sha256 differs from the one gpt2lab.json records"):
+        load_model(folder)
+    for verb in (["sample", "--model", folder, "--device", "cpu", "--max-new-tokens", 2],
+                 ["convert", folder, "--out", tmp_path / "hf"]):
+        code, out, err = run_cli(capsys, *verb)
+        assert code == 2 and "Traceback" not in err and f"{folder / name}: its sha256 differs" in err, err
+
+
+@pytest.mark.parametrize("name", ["optimizer.pt", "state.json"])
+def test_damaged_training_state_is_refused_on_resume_naming_the_file(make_model, tmp_path, name):
+    from gpt2lab.errors import UserError
+    from gpt2lab.train.checkpoint import load_checkpoint
+
+    folder, model, optimizer = checkpoint_of(make_model, tmp_path / "run")
+    load_checkpoint(folder, model=model, optimizer=optimizer, scaler=None)
+    path = folder / name
+    if name == "state.json":  # still valid JSON of the right shape, with another step
+        path.write_text(path.read_text().replace('"step": 1', '"step": 7'))
+    else:
+        flip_bytes(path)
+    with pytest.raises(UserError, match=f"{name}: its sha256 differs .*use an earlier checkpoint"):
+        load_checkpoint(folder, model=model, optimizer=optimizer, scaler=None)
+
+
+def test_folders_written_before_digests_still_load(make_model, tmp_path):
+    import json
+
+    from gpt2lab import load_model
+    from gpt2lab.train.checkpoint import load_checkpoint
+
+    folder, model, optimizer = checkpoint_of(make_model, tmp_path / "run")
+    record = json.loads((folder / "gpt2lab.json").read_text())
+    assert set(record.pop("sha256")) == {"model.safetensors", "optimizer.pt", "state.json"}
+    (folder / "gpt2lab.json").write_text(json.dumps(record))
+    load_model(folder)
+    load_checkpoint(folder, model=model, optimizer=optimizer, scaler=None)
+
+
+# ---- 3. a lying gpt2lab.json ------------------------------------------------------------------------
+
+
+def edit_record(folder, change):
+    import json
+
+    path = folder / "gpt2lab.json"
+    record = json.loads(path.read_text())
+    change(record)
+    path.write_text(json.dumps(record))
+
+
+def biased_folder(make_model, tmp_path, **options):
+    model = make_model(peaked=True, vocab_size=50257, **{**TINY, **options})
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0, 0.1)
+    return save_pretrained(model, tmp_path / "m", tokenizer_spec="gpt2")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda r: r["model"].update(bias=False), r"hold transformer\.h\.0\.\S*bias, but it is not zero while the record says bias=false"),
+        (lambda r: r.update(format=99), r"is of format 99, and this gpt2lab reads format 1"),
+        (lambda r: r["model"].update(vocab_size=50000, padded_vocab_size=50257),
+         r"vocab_size 50000 is less than the 50257 ids of its tokenizer \(GPT-2's BPE\)"),
+        (lambda r: r.update(tokenizer={"type": "gpt2", "chat": "gpt2lab-chat-v1"}),
+         r"vocab_size 50257 is less than the 50261 ids of its tokenizer \(GPT-2's BPE with chat format gpt2lab-chat-v1\)"),
+    ],
+    ids=["bias-false", "format-99", "vocab-short", "chat-on-base"],
+)
+def test_a_record_that_disagrees_with_the_weights_or_tokenizer_is_refused(make_model, tmp_path, capsys, change, message):
+    from gpt2lab import load_model
+    from gpt2lab.errors import UserError
+
+    folder = biased_folder(make_model, tmp_path)
+    load_model(folder)
+    edit_record(folder, change)
+    with pytest.raises(UserError, match=message):
+        load_model(folder)
+    code, out, err = run_cli(capsys, "convert", folder, "--out", tmp_path / "hf")
+    assert code == 2 and "Traceback" not in err and not (tmp_path / "hf").exists(), err
+
+
+def test_a_record_of_a_tied_head_for_an_untied_model_is_refused(make_model, tmp_path):
+    from gpt2lab import load_model
+    from gpt2lab.errors import UserError
+
+    folder = biased_folder(make_model, tmp_path, tie_embeddings=False)
+    edit_record(folder, lambda r: r["model"].update(tie_embeddings=True))
+    with pytest.raises(UserError, match="hold lm_head.weight, but it differs from the embedding while the record says tie_embeddings=true"):
+        load_model(folder)
+
+
+def test_zero_biases_of_a_model_without_biases_still_load(make_model, tmp_path):
+    """transformers' GPT-2 layout stores zero biases for a model without them: they say nothing."""
+    from gpt2lab import load_model
+
+    model = make_model(peaked=True, vocab_size=50257, bias=False, **TINY)
+    folder = save_pretrained(model, tmp_path / "m")
+    torch.testing.assert_close(load_model(folder)(torch.tensor([[1, 2]]))[0], model(torch.tensor([[1, 2]]))[0])
+
+
+def test_a_lora_checkpoint_whose_record_drops_lora_is_refused(make_model, tmp_path):
+    from gpt2lab import load_model
+    from gpt2lab.errors import UserError
+
+    folder, _, _ = checkpoint_of(make_model, tmp_path / "run", lora=True)
+    edit_record(folder, lambda r: r.update(lora=None))
+    with pytest.raises(UserError, match="holds adapters.safetensors but .* records no LoRA settings"):
+        load_model(folder)
+
