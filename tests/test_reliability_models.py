@@ -298,3 +298,98 @@ def test_a_lora_checkpoint_whose_record_drops_lora_is_refused(make_model, tmp_pa
     with pytest.raises(UserError, match="holds adapters.safetensors but .* records no LoRA settings"):
         load_model(folder)
 
+
+# ---- 6. the kernel cache ----------------------------------------------------------------------------
+
+LOAD_KERNELS = (
+    "from gpt2lab.kernels import build\n"
+    "library, reason = build._load()\n"
+    "assert reason is None, reason\n"
+    "assert library.gpt2lab_gelu_tanh_forward and library.gpt2lab_matvec\n"
+)
+
+
+def kernels_build_here():
+    from gpt2lab.kernels import build
+
+    return build.why_not_here("GPT2LAB_FUSED_KERNELS") is None
+
+
+needs_a_compiler = pytest.mark.skipif(not kernels_build_here(), reason="the C kernels do not build here")
+
+
+@needs_a_compiler
+@pytest.mark.parametrize("damage", ["flipped", "truncated"])
+def test_a_damaged_cached_library_is_built_again_before_it_is_loaded(tmp_path, damage):
+    """Loading happens in a child process: before the fix the damaged file killed it."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "GPT2LAB_CACHE": str(tmp_path), "PYTHONPATH": os.pathsep.join(sys.path)}
+    first = subprocess.run([sys.executable, "-c", LOAD_KERNELS], env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    [library] = tmp_path.rglob("libgpt2lab_kernels.so")
+    built = library.read_bytes()
+    if damage == "flipped":
+        flip_bytes(library, 4096)
+    else:
+        library.write_bytes(built[: len(built) // 2])
+    again = subprocess.run([sys.executable, "-c", LOAD_KERNELS], env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert library.read_bytes() == built
+
+
+@needs_a_compiler
+def test_a_cached_library_without_an_entry_point_falls_back_like_a_failed_load(tmp_path, monkeypatch):
+    import subprocess
+
+    from gpt2lab.kernels import build
+
+    monkeypatch.setenv("GPT2LAB_CACHE", str(tmp_path))
+    command = build.compiler()
+    library = build.build(command)
+    empty = tmp_path / "empty.c"
+    empty.write_text("int gpt2lab_nothing(void) { return 0; }\n")
+    subprocess.run([*command, "-shared", "-fPIC", str(empty), "-o", str(library)], check=True)
+    # Its digest recorded as a build's: a sound library of the wrong contents.
+    (library.parent / (library.name + ".sha256")).write_text(build.file_sha256(library) + "\n")
+    monkeypatch.setattr(build, "build", lambda command, again=False: library)
+    build.forget()
+    try:
+        loaded, reason = build._load()
+        assert loaded is None and "has no gpt2lab_" in reason
+    finally:
+        build.forget()
+
+
+def test_a_hanging_compiler_is_stopped_at_the_time_limit(tmp_path, monkeypatch):
+    import time
+
+    from gpt2lab.kernels import build
+
+    compiler = tmp_path / "stuck-cc"
+    compiler.write_text("#!/bin/sh\nsleep 30\n")  # the child keeps the compiler's output open
+    compiler.chmod(0o755)
+    monkeypatch.setenv("GPT2LAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(compiler))
+    monkeypatch.setattr(build, "BUILD_TIMEOUT_S", 1)
+    build.forget()
+    started = time.monotonic()
+    try:
+        loaded, reason = build._load()
+    finally:
+        build.forget()
+    assert time.monotonic() - started < 15
+    assert loaded is None and "did not finish within 1 s and was stopped" in reason
+
+
+def test_a_build_is_announced_on_a_terminal(tmp_path, monkeypatch, capsys):
+    from gpt2lab.kernels import build
+
+    monkeypatch.setenv("GPT2LAB_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")
+    monkeypatch.setattr(build.sys.stderr, "isatty", lambda: True, raising=False)
+    with pytest.raises(RuntimeError, match="false failed"):
+        build.build(["false"])
+    assert "gpt2lab: building its C kernels into" in capsys.readouterr().err
