@@ -118,7 +118,7 @@ def build(command: list[str], *, again: bool = False) -> Path:
     handle, building = tempfile.mkstemp(dir=library.parent, suffix=".so.partial")
     os.close(handle)
     try:
-        if sys.stderr.isatty():
+        if sys.stderr is not None and sys.stderr.isatty():
             print(f"gpt2lab: building its C kernels into {library.parent} (once; at most {BUILD_TIMEOUT_S} s)",
                   file=sys.stderr, flush=True)
         _compile([*command, *FLAGS, f"-I{folder}", *(str(folder / name) for name in SOURCES), "-o", building],
