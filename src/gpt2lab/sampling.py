@@ -3,10 +3,11 @@
 server draws what `gpt2lab sample` draws.
 
 Every setting that passes `check_sampling_options` gives finite probabilities over the ids
-[0, vocab_size) of the tokenizer: a temperature below float32's smallest normal number (its
-inverse would overflow the logits' precision) is greedy, and top-p always keeps the most likely
-token, so a top_p that rounds to 0 is greedy too. Ids a model has beyond its tokenizer's
-vocabulary (rows padded to 50304 on GPT-2's 50257) are never drawn.
+[0, vocab_size) of the tokenizer. A temperature below float32's smallest normal number (the
+logits' precision, in which a smaller one's inverse overflows or it rounds to 0) is greedy, its
+limit; top-p always keeps the most likely token, so a top_p that rounds to 0 is greedy too. Ids a
+model has beyond its tokenizer's vocabulary (rows padded to 50304 on GPT-2's 50257) are never
+drawn.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import torch.nn.functional as F
 
 from .errors import UserError
 
-# Below this a temperature's inverse overflows float32 (the logits' precision).
+# float32's smallest normal number: its inverse is still finite (8.5e37), while the inverse of one
+# below 2.9e-39 overflows float32 and one below 7e-46 rounds to 0 there.
 _TINIEST_TEMPERATURE = torch.finfo(torch.float32).tiny
 
 
