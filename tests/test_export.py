@@ -175,5 +175,10 @@ def test_a_damaged_fused_matrix_is_named(tmp_path, make_model):
     tensors = load_file(tmp_path / "model.safetensors")
     del tensors["model.layers.1.self_attn.v_proj.weight"]
     save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(UserError, match="model.safetensors: its sha256 differs"):
+        load_model(tmp_path)
+    record = json.loads((tmp_path / "gpt2lab.json").read_text())
+    del record["sha256"]  # as a folder written before digests were recorded: the tensors still count
+    (tmp_path / "gpt2lab.json").write_text(json.dumps(record))
     with pytest.raises(UserError, match=r"lack transformer\.h\.1\.attn\.c_attn\.weight"):
         load_model(tmp_path)

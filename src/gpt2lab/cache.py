@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 from .errors import UserError
-from .files import write_atomic
+from .files import file_sha256, write_atomic
 
 CHUNK_BYTES = 1 << 20
 
@@ -25,14 +25,6 @@ def cache_dir() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("gpt2lab"))
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def download(url: str, filename: str, sha256: str | None = None, *, hint: str | None = None) -> Path:

@@ -1,7 +1,8 @@
-"""Writing files so that a reader never sees half of one."""
+"""Writing files so that a reader never sees half of one, and telling a file from a damaged copy."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -22,6 +23,23 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def digest_problem(path: Path, expected: str | None, record: str) -> str | None:
+    """What is wrong with `path` against the sha256 that the file `record` (e.g. dataset.json)
+    lists for it: None where it matches or where none is listed (a folder written before digests
+    were recorded)."""
+    if expected is None or file_sha256(path) == expected:
+        return None
+    return f"{path}: its sha256 differs from the one {record} records"
 
 
 LOCK_FILE = ".gpt2lab.lock"

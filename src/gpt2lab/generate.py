@@ -214,25 +214,30 @@ def generate_stream(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     compile: bool = False,
+    vocab_size: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield, at each step, a (B,) tensor with the next token of every row.
 
     prompts: a (B, T) tensor or a list of token-id lists of any lengths (left-padded inside).
     A row that has produced `eos_token_id` keeps yielding it; the stream ends after
     `max_new_tokens` steps or once every row has ended. `seed` (or a `generator`) makes
-    sampling repeatable. Ids at or above `config.vocab_size` (a padded vocabulary) are never produced.
+    sampling repeatable. Ids at or above `vocab_size` (the tokenizer's: a model trained with
+    `model.vocab_size=50304` on GPT-2's 50257 ids has rows no token decodes to; default
+    `config.vocab_size`) are never produced, nor those of a padded vocabulary.
     `compile` runs the one-token steps through torch.compile (`compiled_step`): worth its minute
     of compiling on a CPU for long or many generations with one model. Bad options are refused by
     this call, before the first token is asked for.
     """
     check_sampling_options(max_new_tokens, temperature, top_k, top_p)
+    if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1):
+        raise UserError(f"vocab_size must be a positive integer (the tokenizer's), got {vocab_size!r}")
     if compile and not use_cache:
         raise UserError("compiling the decoding needs the KV cache: drop one of compile and no-cache")
     rows = _prompt_rows(prompts, model.config.vocab_size, eos_token_id)
     decoder = _Decoder(model, rows, max_new_tokens, use_cache, compile)
     if generator is None and seed is not None:
         generator = torch.Generator(device=decoder.tokens.device).manual_seed(seed)
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, vocab_size=vocab_size)
     return _stream(model, decoder, len(rows), max_new_tokens, eos_token_id, sampling)
 
 

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import GPTConfig
 from .errors import UserError
-from .files import write_atomic
+from .files import digest_problem, file_sha256, write_atomic
 from .formats import (
     ARCHITECTURES, hub_files, native, options_without_transformers_equivalent, transformers_gpt2, transformers_layout,
     transformers_llama,
@@ -32,7 +32,7 @@ from .lora import LoRAConfig, apply_lora, lora_config, lora_state_dict, merge_ad
 from .model import GPT
 from .quantize import QUANTIZERS, quantize
 from .runtime import resolve_device, resolve_dtype
-from .tokenizer import is_gpt2_spec
+from .tokenizer import is_gpt2_spec, tokenizer_from_spec
 
 HUB_MODELS = {
     name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -44,6 +44,10 @@ CHECKPOINT_NAME = re.compile(r"^step_(\d{8})$")
 MODEL_FILES = (NATIVE_RECORD, "model.safetensors")
 # The adapters of a LoRA checkpoint, beside its frozen base; gpt2lab.json's "lora" says it is one.
 ADAPTERS_FILE = "adapters.safetensors"
+# gpt2lab.json's table of the sha256 of the files written with it (weights, adapters, training state).
+DIGESTS = "sha256"
+# The version of gpt2lab.json's layout that this gpt2lab writes and reads.
+RECORD_FORMAT = 1
 
 
 # ---- finding the folder ----------------------------------------------------------------------
@@ -173,13 +177,69 @@ def _read_json(path: Path) -> dict[str, Any]:
     return value
 
 
+def check_digest(folder: Path, name: str) -> None:
+    """A UserError naming `folder/name` where it differs from the sha256 that the folder's
+    gpt2lab.json recorded when it was written. Folders written before digests were recorded, and
+    files without one, pass; a missing file is left to the reader to report."""
+    record = folder / NATIVE_RECORD
+    if not (record.is_file() and (folder / name).is_file()):
+        return
+    digests = _read_json(record).get(DIGESTS, {})
+    if not isinstance(digests, dict):
+        raise UserError(f"{record}: {DIGESTS!r} should be a table of file digests; the folder is damaged")
+    problem = digest_problem(folder / name, digests.get(name), NATIVE_RECORD)
+    if problem is not None:
+        raise UserError(
+            f"{problem}: the file is damaged or was changed after it was written; use an earlier "
+            "checkpoint, or write the folder again"
+        )
+
+
+def read_record(folder: Path) -> dict[str, Any] | None:
+    """The folder's gpt2lab.json (None: it has none), refused when of a format this gpt2lab does
+    not know (folders from before "format" was written are format 1)."""
+    path = folder / NATIVE_RECORD
+    if not path.is_file():
+        return None
+    record = _read_json(path)
+    version = record.get("format", RECORD_FORMAT)
+    if isinstance(version, bool) or version != RECORD_FORMAT:
+        raise UserError(
+            f"{path} is of format {version!r}, and this gpt2lab reads format {RECORD_FORMAT}: a newer gpt2lab "
+            "wrote it, or it is damaged; upgrade gpt2lab, or write the folder again"
+        )
+    return record
+
+
+def _check_tokenizer_fits(config: GPTConfig, spec: Any, path: Path) -> None:
+    """A UserError where the tokenizer recorded at `path` makes ids the model has no row for (a chat
+    format's tokens on a model of GPT-2's 50257, a vocab_size cut short). A model may have more ids
+    than its tokenizer (GPT-2's padded 50304): sampling never draws them."""
+    tokenizer = tokenizer_from_spec(spec)
+    if config.vocab_size < tokenizer.vocab_size:
+        raise UserError(
+            f"{path}: vocab_size {config.vocab_size} is less than the {tokenizer.vocab_size} ids of its tokenizer "
+            f"({_tokenizer_name(spec)}): the record does not describe this model; write the folder again with "
+            "the model's own tokenizer"
+        )
+
+
+def _tokenizer_name(spec: Any) -> str:
+    if is_gpt2_spec(spec):
+        return "GPT-2's BPE" + (f" with chat format {spec['chat']}" if isinstance(spec, dict) and spec.get("chat") else "")
+    return "a character vocabulary"
+
+
 def read_config(folder: Path) -> GPTConfig:
     native = folder / NATIVE_RECORD
-    if native.is_file():
-        record = _read_json(native)
+    record = read_record(folder)
+    if record is not None:
         if "model" not in record:
             raise UserError(f"{native} has no 'model' entry; the folder is damaged")
-        return GPTConfig.from_dict(record["model"], where=f"{native}: model")
+        config = GPTConfig.from_dict(record["model"], where=f"{native}: model")
+        if "tokenizer" in record:
+            _check_tokenizer_fits(config, record["tokenizer"], native)
+        return config
     hf_config = folder / "config.json"
     if not hf_config.is_file():
         raise UserError(f"{folder} has no config.json; the folder is incomplete")
@@ -202,6 +262,7 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     single = folder / "model.safetensors"
     if single.is_file():
+        check_digest(folder, single.name)
         return _load_safetensors(single)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
@@ -229,7 +290,7 @@ def weights_layout(folder: Path) -> str:
         hf_config = folder / "config.json"
         model_type = _read_json(hf_config).get("model_type") if hf_config.is_file() else None
         return transformers_llama.LAYOUT_OF_MODEL_TYPE.get(model_type, transformers_gpt2.LAYOUT)
-    layout = _read_json(record).get("weights", transformers_gpt2.LAYOUT)
+    layout = read_record(folder).get("weights", transformers_gpt2.LAYOUT)
     if layout not in KNOWN_LAYOUTS:
         raise UserError(
             f"{record} says the weights are in layout {layout!r}, which this gpt2lab does not know; "
@@ -241,15 +302,28 @@ def weights_layout(folder: Path) -> str:
 def read_state_dict(folder: Path, config: GPTConfig) -> dict[str, torch.Tensor]:
     """Every parameter of GPT(config) (tied matrices once) from the folder's weights, whatever
     their layout, with a UserError for anything missing, extra or of the wrong shape."""
-    tensors = read_weights(folder)
+    state = read_weights(folder)
     layout = weights_layout(folder)
-    if layout == native.LAYOUT:
-        state = native.from_file_tensors(tensors, tie_embeddings=config.tie_embeddings)
-    elif layout in transformers_llama.ARCHITECTURES:
-        state = transformers_llama.to_native(tensors, config)
-    else:
-        state = transformers_gpt2.to_native(tensors, config)
+    if layout in transformers_llama.ARCHITECTURES:
+        state = transformers_llama.to_native(state)
+    elif layout != native.LAYOUT:
+        state = transformers_gpt2.to_native(state)
     return checked_state_dict(state, config, source=str(folder))
+
+
+def _unused_tensor_problem(name: str, state: dict[str, torch.Tensor], config: GPTConfig) -> str | None:
+    """Why GPT(config), which has no parameter `name`, cannot take that tensor of `state`; None
+    for one that holds nothing the model lacks: a zero bias of a model without biases
+    (transformers' GPT-2 layout always stores them), a tied head equal to the embedding."""
+    tensor = state[name]
+    if name.endswith(".bias") and not config.bias:
+        return "it is not zero while the record says bias=false" if bool(tensor.any()) else None
+    if name == "lm_head.weight" and config.tie_embeddings:
+        embedding = state.get("transformer.wte.weight")
+        if embedding is not None and embedding.shape == tensor.shape and torch.equal(embedding, tensor):
+            return None
+        return "it differs from the embedding while the record says tie_embeddings=true"
+    return f"the record's configuration ({config.n_layer} layers) has no such tensor"
 
 
 def checked_state_dict(state: dict[str, torch.Tensor], config: GPTConfig, *, source: str) -> dict[str, torch.Tensor]:
@@ -264,12 +338,15 @@ def checked_state_dict(state: dict[str, torch.Tensor], config: GPTConfig, *, sou
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
             + "; the file is incomplete or not a GPT-2 model of this configuration"
         )
-    unexpected = [k for k in state if k not in expected]
-    if unexpected:
-        raise UserError(
-            f"the weights in {source} hold {unexpected[0]}, which this GPT-2 configuration does not have "
-            f"({config.n_layer} layers); check that config.json matches the weights"
-        )
+    # Every tensor of the file is used or refused: a record that leaves one out lies about the weights.
+    for name in [k for k in state if k not in expected]:
+        problem = _unused_tensor_problem(name, state, config)
+        if problem is not None:
+            raise UserError(
+                f"the weights in {source} hold {name}, but {problem}: the folder's record (gpt2lab.json, "
+                "else config.json) does not describe these weights; write the folder again"
+            )
+        del state[name]
     for name, shape in expected.items():
         tensor = state[name]
         if name in ("transformer.wte.weight", "lm_head.weight") and (
@@ -282,7 +359,8 @@ def checked_state_dict(state: dict[str, torch.Tensor], config: GPTConfig, *, sou
         elif tensor.shape != shape:
             raise UserError(
                 f"tensor {name} in {source} has shape {tuple(tensor.shape)} but the configuration "
-                f"needs {tuple(shape)}; config.json does not describe these weights"
+                f"needs {tuple(shape)}: the folder's record (gpt2lab.json, else config.json) does not describe "
+                "these weights"
             )
     return state
 
@@ -295,8 +373,13 @@ def read_lora_config(folder: Path) -> LoRAConfig | None:
     record = folder / NATIVE_RECORD
     if not record.is_file():
         return None
-    values = _read_json(record).get("lora")
+    values = read_record(folder).get("lora")
     if values is None:
+        if (folder / ADAPTERS_FILE).is_file():
+            raise UserError(
+                f"{folder} holds {ADAPTERS_FILE} but {record} records no LoRA settings ('lora'), which would "
+                "leave the adapters out: the record is damaged; use an earlier checkpoint"
+            )
         return None
     if not isinstance(values, dict):
         raise UserError(f"{record}: 'lora' should be a table of settings; the folder is damaged")
@@ -311,6 +394,7 @@ def read_adapters(folder: Path, config: GPTConfig, lora: LoRAConfig) -> dict[str
             f"{folder} records LoRA adapters but has no {ADAPTERS_FILE}; the folder is incomplete: "
             "use an earlier checkpoint"
         )
+    check_digest(folder, ADAPTERS_FILE)
     tensors = _load_safetensors(path)
     with torch.device("meta"):
         expected = {k: t.shape for k, t in lora_state_dict(apply_lora(GPT(config), *_lora_args(lora))).items()}
@@ -443,8 +527,13 @@ def write_model_folder(
     tokenizer_spec: Any = None,
     extra_record: dict[str, Any] | None = None,
     layout: str | None = None,
+    digested: tuple[str, ...] = (),
 ) -> Path:
     """Write a model's state dict (as GPT.state_dict() names it) as a model folder.
+
+    gpt2lab.json, written last, records the sha256 of model.safetensors and of the files named in
+    `digested`, already written beside it (a checkpoint's adapters and training state), which
+    loading checks (`check_digest`).
 
     The padded rows of the vocabulary are cut unless `keep_padded_vocab` (checkpoints keep them so
     that training resumes exactly). The weights' `layout` (recorded in gpt2lab.json) is by default
@@ -452,6 +541,8 @@ def write_model_folder(
     gpt2lab's own.
     """
     directory = Path(directory)
+    if tokenizer_spec is not None:
+        _check_tokenizer_fits(config, tokenizer_spec, directory / NATIVE_RECORD)  # what loading would refuse
     directory.mkdir(parents=True, exist_ok=True)
     rows = config.embedding_rows if keep_padded_vocab else config.vocab_size
     stored_config = dataclasses.replace(
@@ -469,7 +560,8 @@ def write_model_folder(
         native.write(model_state, stored_config, directory)
     else:
         raise ValueError(f"unknown weights layout {layout!r}")
-    record = {"format": 1, "model": stored_config.to_dict(), "weights": layout, **(extra_record or {})}
+    record = {"format": RECORD_FORMAT, "model": stored_config.to_dict(), "weights": layout, **(extra_record or {})}
+    record[DIGESTS] = {name: file_sha256(directory / name) for name in ("model.safetensors", *digested)}
     if tokenizer_spec is not None or gpt2_tokens:
         record["tokenizer"] = tokenizer_spec if tokenizer_spec is not None else "gpt2"
     write_atomic(directory / NATIVE_RECORD, lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))

@@ -1,6 +1,14 @@
 """Choosing the next token: greedy, temperature, top-k and top-p, and the checks of those settings.
 `generate` and the server's engine both sample through these, so that a seeded request to the
-server draws what `gpt2lab sample` draws."""
+server draws what `gpt2lab sample` draws.
+
+Every setting that passes `check_sampling_options` gives finite probabilities over the ids
+[0, vocab_size) of the tokenizer. A temperature below float32's smallest normal number (the
+logits' precision, in which a smaller one's inverse overflows or it rounds to 0) is greedy, its
+limit; top-p always keeps the most likely token, so a top_p that rounds to 0 is greedy too. Ids a
+model has beyond its tokenizer's vocabulary (rows padded to 50304 on GPT-2's 50257) are never
+drawn.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +19,15 @@ import torch.nn.functional as F
 
 from .errors import UserError
 
+# float32's smallest normal number: its inverse is still finite (8.5e37), while the inverse of one
+# below 2.9e-39 overflows float32 and one below 7e-46 rounds to 0 there.
+_TINIEST_TEMPERATURE = torch.finfo(torch.float32).tiny
+
+
+def is_greedy(temperature: float) -> bool:
+    """Whether `temperature` samples as temperature 0 does: the argmax."""
+    return temperature < _TINIEST_TEMPERATURE
+
 
 def filter_logits(
     logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None
@@ -19,7 +36,7 @@ def filter_logits(
 
     Top-k keeps the k largest (ties with the k-th all kept). Top-p keeps, in order of decreasing
     probability, each token whose predecessors hold less than p of the probability mass: the
-    smallest set whose mass reaches p.
+    smallest set whose mass reaches p, and never less than the most likely token.
     """
     if top_k is not None and top_k < logits.size(-1):
         kth_largest = torch.topk(logits, top_k, dim=-1).values[..., -1:]
@@ -29,9 +46,23 @@ def filter_logits(
         sorted_probs = F.softmax(sorted_logits, dim=-1)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
         drop_sorted = mass_before >= top_p
+        # A top_p that rounds to 0 in float32 would drop every token and leave NaN probabilities.
+        drop_sorted[..., 0] = False
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+def next_token_probs(
+    logits: torch.Tensor, *, temperature: float, top_k: int | None, top_p: float | None, vocab_size: int | None = None
+) -> torch.Tensor:
+    """Float32 probabilities (B, vocab_size) of the next token, finite for finite `logits` (B, V)
+    and any temperature that `is_greedy` does not call greedy."""
+    logits = logits[..., :vocab_size].float()
+    # The largest logit becomes exactly 0, so that a tiny temperature sends the others to -inf,
+    # never a row to inf or NaN.
+    shifted = logits - logits.max(dim=-1, keepdim=True).values
+    return F.softmax(filter_logits(shifted / temperature, top_k, top_p), dim=-1)
 
 
 def sample_next_token(
@@ -41,12 +72,13 @@ def sample_next_token(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
-    """One token id per row of `logits` (B, V); temperature 0 is greedy."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    filtered = filter_logits(logits.float() / temperature, top_k, top_p)
-    probs = F.softmax(filtered, dim=-1)
+    """One token id per row of `logits` (B, V), below `vocab_size` (the tokenizer's; None: every
+    column of `logits`); temperature 0 is greedy."""
+    if is_greedy(temperature):
+        return logits[..., :vocab_size].argmax(dim=-1)
+    probs = next_token_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p, vocab_size=vocab_size)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 

@@ -98,6 +98,7 @@ class Chat:
             seed=settings.seed if generator is None else None,
             generator=generator,
             compile=self.compile,
+            vocab_size=self.tokenizer.vocab_size,
         )
         return ReplyStream(tokens, self.tokenizer, self.stop)
 
@@ -130,7 +131,7 @@ class Chat:
         # here, and the batch is left as soon as every row has ended either way.
         stream = generate_stream(
             self.model, prompts, max_new_tokens, temperature=0.0, eos_token_id=self.template.end_token,
-            compile=self.compile,
+            compile=self.compile, vocab_size=self.tokenizer.vocab_size,
         )
         for step in stream:
             for row, token in enumerate(step.tolist()):

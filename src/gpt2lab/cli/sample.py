@@ -129,6 +129,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             generator=generator,
             use_cache=not args.no_cache,
             compile=args.compile,
+            vocab_size=tokenizer.vocab_size,
         )
         if index:
             out.write("\n---------------\n")

@@ -3,7 +3,6 @@ modded-nanogpt, build-nanogpt or nanoGPT that has no `dataset.json`."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ import numpy as np
 
 from ..config import GPT2_VOCAB_SIZE
 from ..errors import UserError
+from ..files import digest_problem
 from .shards import read_shard, shard_length
 
 DATASET_FILE = "dataset.json"
@@ -105,11 +105,11 @@ class TokenDataset:
         problems = []
         for shards in self.splits.values():
             for shard in shards:
-                if shard.sha256 is not None and _sha256(shard.path) != shard.sha256:
-                    problems.append(f"{shard.path}: its sha256 differs from the one {DATASET_FILE} records")
-                    continue
-                if shard.mask_sha256 is not None and _sha256(shard.mask) != shard.mask_sha256:
-                    problems.append(f"{shard.mask}: its sha256 differs from the one {DATASET_FILE} records")
+                damage = digest_problem(shard.path, shard.sha256, DATASET_FILE)
+                if damage is None and shard.mask is not None:
+                    damage = digest_problem(shard.mask, shard.mask_sha256, DATASET_FILE)
+                if damage is not None:
+                    problems.append(damage)
                     continue
                 try:
                     self.tokens(shard)
@@ -120,14 +120,6 @@ class TokenDataset:
     def __repr__(self) -> str:
         sizes = ", ".join(f"{name}={self.split_tokens(name):,}" for name in sorted(self.splits))
         return f"TokenDataset({str(self.folder)!r}, vocab_size={self.vocab_size}, {sizes})"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_dataset_json(folder: Path) -> dict[str, Any]:

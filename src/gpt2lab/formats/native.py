@@ -33,11 +33,6 @@ def stored_parameters(
         yield name, tensor.detach()
 
 
-def from_file_tensors(tensors: dict[str, torch.Tensor], *, tie_embeddings: bool) -> dict[str, torch.Tensor]:
-    """The parameters as GPT.named_parameters() names them (the tied head counted once)."""
-    return {name: t for name, t in tensors.items() if not (tie_embeddings and name == "lm_head.weight")}
-
-
 def write(model_state: dict[str, torch.Tensor], config: GPTConfig, directory: Path) -> None:
     """model.safetensors in this layout, the vocabulary cut to the config's embedding rows."""
     tensors = {

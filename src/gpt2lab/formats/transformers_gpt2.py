@@ -87,23 +87,20 @@ def config_to_hf(config: GPTConfig, rows: int, *, dtype: torch.dtype, tokenizer_
     return hf
 
 
-def to_native(hf_tensors: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
-    """Rename and transpose transformers GPT-2 tensors into GPT.named_parameters()' layout."""
+def to_native(hf_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename and transpose transformers GPT-2 tensors into GPT.named_parameters()' layout. Every
+    learned tensor is kept, a tied head and the biases of a model without them included, so that
+    the check against the configuration uses or refuses each (`pretrained.checked_state_dict`)."""
     state = {}
     for key, tensor in hf_tensors.items():
         if key.endswith(BUFFER_SUFFIXES):
             continue
         name = key.removeprefix("transformer.")
-        if name == "lm_head.weight":
-            if config.tie_embeddings:
-                continue
-        else:
+        if name != "lm_head.weight":
             name = "transformer." + name
         if name.endswith(CONV1D_SUFFIXES):
             # Contiguous, because a broadcast to other ranks sends the storage as it lies in memory.
             tensor = tensor.t().contiguous()
-        if not config.bias and name.endswith(".bias"):
-            continue
         state[name] = tensor
     return state
 

@@ -157,17 +157,17 @@ def from_native(model_state: dict[str, torch.Tensor], config: GPTConfig, rows: i
     return {name: tensor.to("cpu").contiguous().clone() for name, tensor in state.items()}
 
 
-def to_native(hf_tensors: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+def to_native(hf_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename transformers' Llama / Qwen3 tensors into GPT.named_parameters()' names, q/k/v and
-    gate/up fused again. Names it does not know are kept, so that the shape check names them."""
+    gate/up fused again. Names it does not know, and a tied head, are kept, so that the check
+    against the configuration uses or refuses each (`pretrained.checked_state_dict`)."""
     state: dict[str, torch.Tensor] = {}
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in hf_tensors.items():
         match = HF_BLOCK_KEY.fullmatch(key)
         inner = match[2] if match else None
         if key in OUTSIDE_BLOCKS_NATIVE:
-            if not (key == "lm_head.weight" and config.tie_embeddings):
-                state[OUTSIDE_BLOCKS_NATIVE[key]] = tensor
+            state[OUTSIDE_BLOCKS_NATIVE[key]] = tensor
         elif match and inner in PART_OF:
             parts.setdefault(f"transformer.h.{match[1]}.{PART_OF[inner]}", {})[inner] = tensor
         elif match and inner in IN_BLOCKS_NATIVE:

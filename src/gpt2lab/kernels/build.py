@@ -4,6 +4,13 @@ the sources, compiler and flags>/`), atomically, and loaded with ctypes. The lib
 OpenMP runtime that PyTorch has already loaded (libgomp in the PyPI wheels), so it shares its
 threads.
 
+A damaged library must never reach the loader, where it can kill the process (a bus error, an
+illegal instruction): the sha256 of each build is recorded beside it, and a cached library that
+does not match is built again before it is loaded. A build is bounded (`BUILD_TIMEOUT_S`, the
+compiler's whole process group stopped after it) and announced on a terminal; a build that fails
+or times out, a library that does not load or lacks an entry point, all leave the plain PyTorch
+path in place with one warning.
+
 Each family of kernels (fused, matvec, quantized) has an off switch of its own (`GPT2LAB_*_KERNELS=0`)
 and asks `library(switch)` for the library: the library, or None and why not."""
 
@@ -16,6 +23,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -26,6 +34,7 @@ from pathlib import Path
 import torch
 
 from ..cache import cache_dir
+from ..files import file_sha256, write_atomic
 
 SOURCES = ("fused.c", "matvec.c", "quantized.c")
 HEADER = "gpt2lab_kernels.h"
@@ -33,7 +42,8 @@ LIBRARY = "libgpt2lab_kernels.so"
 # No contraction into fused multiply-adds: results stay bit for bit those of the PyTorch paths
 # they are tested against with compilers that contract by default (clang).
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
-BUILD_TIMEOUT_S = 300
+# A build takes seconds; a compiler still running after this is stuck.
+BUILD_TIMEOUT_S = 120
 
 _pointer, _int64 = ctypes.c_void_p, ctypes.c_int64
 # The entry points of gpt2lab_kernels.h: (argument types, result type).
@@ -95,32 +105,69 @@ def _missing_cpu_flags(*flags: str) -> list[str]:
 
 
 def build(command: list[str], *, again: bool = False) -> Path:
-    """The shared library, compiled once per sources, compiler and flags (`again`: compiled anew
+    """The shared library, compiled once per sources, compiler and flags, and compiled again where
+    the cached file no longer has the sha256 recorded when it was built (`again`: compiled anew
     over the cached one, which stays in place until the new one replaces it)."""
     folder = source_dir()
     text = b"".join((folder / name).read_bytes() for name in (HEADER, *SOURCES))
     digest = hashlib.sha256(text + " ".join([*command, *FLAGS]).encode()).hexdigest()[:16]
     library = cache_dir() / "kernels" / digest / LIBRARY
-    if library.exists() and not again:
+    if not again and _intact(library):
         return library
     library.parent.mkdir(parents=True, exist_ok=True)
     handle, building = tempfile.mkstemp(dir=library.parent, suffix=".so.partial")
     os.close(handle)
     try:
-        sources = [str(folder / name) for name in SOURCES]
-        result = subprocess.run([*command, *FLAGS, f"-I{folder}", *sources, "-o", building], capture_output=True,
-                                text=True, timeout=BUILD_TIMEOUT_S)
-        if result.returncode:
-            raise RuntimeError(f"{shlex.join(command)} failed: {result.stderr.strip()[-500:]}")
+        if sys.stderr is not None and sys.stderr.isatty():
+            print(f"gpt2lab: building its C kernels into {library.parent} (once; at most {BUILD_TIMEOUT_S} s)",
+                  file=sys.stderr, flush=True)
+        _compile([*command, *FLAGS, f"-I{folder}", *(str(folder / name) for name in SOURCES), "-o", building],
+                 shlex.join(command))
+        built = file_sha256(Path(building))
         os.replace(building, library)  # another process building the same library is harmless
+        write_atomic(_digest_file(library), lambda path: path.write_text(built + "\n"))
     finally:
         Path(building).unlink(missing_ok=True)
     return library
 
 
+def _digest_file(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _intact(library: Path) -> bool:
+    """Whether `library` is the file that was built (a library cached before digests were
+    recorded counts as damaged, and is built once more)."""
+    try:
+        return file_sha256(library) == _digest_file(library).read_text().strip()
+    except OSError:
+        return False
+
+
+def _compile(arguments: list[str], name: str) -> None:
+    """Run the compiler in a process group of its own, output to a file: at the time limit the whole
+    group is stopped, and no process it left behind holds a pipe that would keep this one waiting."""
+    with tempfile.TemporaryFile() as output:
+        process = subprocess.Popen(arguments, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = process.wait(timeout=BUILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{name} did not finish within {BUILD_TIMEOUT_S} s and was stopped") from None
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        if code:
+            output.seek(0)
+            raise RuntimeError(f"{name} failed: {output.read().decode(errors='replace').strip()[-500:]}")
+
+
 def _declared(library: ctypes.CDLL) -> ctypes.CDLL:
     for name, (argtypes, restype) in SIGNATURES.items():
-        function = getattr(library, name)
+        try:
+            function = getattr(library, name)
+        except AttributeError:
+            raise OSError(f"{library._name} has no {name}") from None
         function.argtypes, function.restype = argtypes, restype
     return library
 
@@ -132,9 +179,11 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         try:
             return _declared(ctypes.CDLL(str(build(command)))), None
         except OSError:
-            # A cached library that no longer loads (a damaged file, a system library changed
-            # since) is built once more rather than given up on for good; replaced, never removed,
-            # so that another process loading it meanwhile finds a file.
+            # A cached library that no longer loads (a system library changed since it was built)
+            # or lacks an entry point is built once more rather than given up on for good;
+            # replaced, never removed, so that another process loading it meanwhile finds a file.
+            # (The loader hands a process that opened the old file that one again: the rebuilt
+            # library serves the next process.)
             return _declared(ctypes.CDLL(str(build(command, again=True)))), None
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         return None, f"they could not be built or loaded ({error})"

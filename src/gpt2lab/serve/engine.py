@@ -27,10 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import UserError
-from ..sampling import check_sampling_options, filter_logits, sample_next_token
+from ..sampling import check_sampling_options, is_greedy, next_token_probs, sample_next_token
 from ..stopping import StopRule
 from ..kv_cache import KVCache
 from ..model import GPT
@@ -100,7 +99,9 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_concurrency = max_concurrency
         self.block_size = model.config.block_size
-        self.vocab_size = model.config.vocab_size
+        # Ids a prompt may hold and sampling may draw: those of both the model and the tokenizer
+        # (a model trained with vocab_size=50304 on GPT-2's 50257 ids has rows no token decodes to).
+        self.vocab_size = min(model.config.vocab_size, tokenizer.vocab_size)
         # End-of-text, and on a chat model its turn tokens, end every sequence: /v1/completions
         # stops at an answer's end of turn, and no text shows a control token.
         self.control_tokens = tokenizer.control_tokens
@@ -167,7 +168,7 @@ class Engine:
         if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size for t in stop_ids):
             raise UserError(f"stop_token_ids must be token ids in [0, {self.vocab_size}), got {params.stop_token_ids!r}")
         generator = None
-        if params.temperature > 0 and params.seed is not None:
+        if not is_greedy(params.temperature) and params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed + seed_offset)
         sequence = Sequence(
             id=next(self._ids),
@@ -222,16 +223,15 @@ class Engine:
                 try:
                     self._drop_cancelled(updates)
                     for sequence in admitted:
-                        self._admit(sequence, updates)
+                        self._guarded(sequence, updates, self._admit, sequence, updates)
                     if self._active:
                         self._decode_step(updates)
                 except Exception as error:  # noqa: BLE001 - a bug must not kill the server
+                    # A step of the whole batch failed (its forward): no sequence is to blame.
                     log.exception("decoding failed; ending the running sequences")
-                    message = f"decoding failed: {type(error).__name__}: {error}"
                     for sequence in [*self._active, *admitted]:
                         if sequence.finish_reason is None:
-                            sequence.finish_reason = "error"
-                            updates.append(Update(sequence, "", "error", message))
+                            self._error(sequence, error, updates)
                     self._active.clear()
                 if updates:
                     self._publish(updates)
@@ -275,8 +275,7 @@ class Engine:
         prompt = torch.tensor([sequence.prompt], dtype=torch.long, device=self.device)
         hidden = self.model.hidden_states(prompt, kv_cache=self._cache.rows([sequence.slot], [0]))
         sequence.cached = len(sequence.prompt)
-        logits = self.model.logits(hidden[:, -1])
-        self._accept(sequence, self._sample([sequence], logits)[0], updates)
+        self._sample_and_accept([sequence], self.model.logits(hidden[:, -1]), updates)
 
     def _decode_step(self, updates: list[Update]) -> None:
         running = list(self._active)
@@ -285,10 +284,45 @@ class Engine:
         hidden = self.model.hidden_states(idx, kv_cache=self._cache.rows(list(range(len(running))), starts))
         for s in running:
             s.cached += 1
-        logits = self.model.logits(hidden[:, -1])
         self.decode_steps += 1
-        for sequence, token in zip(running, self._sample(running, logits)):
-            self._accept(sequence, token, updates)
+        self._sample_and_accept(running, self.model.logits(hidden[:, -1]), updates)
+
+    def _sample_and_accept(self, sequences: list[Sequence], logits: torch.Tensor, updates: list[Update]) -> None:
+        """The next token of each sequence; a sequence whose row or token fails ends alone, with
+        "error", and the others go on."""
+        finite = torch.isfinite(logits.sum(dim=-1))
+        if not bool(finite.all()):
+            # A row whose sum overflowed may still be finite: only the rows that fail this cheap
+            # check are examined in full.
+            finite |= torch.isfinite(logits).all(dim=-1)
+        kept = []
+        for sequence, ok in zip(sequences, finite.tolist()):
+            if ok:
+                kept.append(sequence)
+            else:
+                self._release(sequence)
+                self._error(sequence, "the model's predictions became NaN or infinite (its precision overflowed)", updates)
+        if not kept:
+            return
+        rows = logits if len(kept) == len(sequences) else logits[finite]
+        for sequence, token in zip(kept, self._sample(kept, rows)):
+            self._guarded(sequence, updates, self._accept, sequence, token, updates)
+
+    def _guarded(self, sequence: Sequence, updates: list[Update], work: Callable[..., None], *args: Any) -> None:
+        """`work(*args)` for one sequence; what it raises ends that sequence alone."""
+        try:
+            work(*args)
+        except Exception as error:  # noqa: BLE001 - one request's failure must not end the others'
+            log.exception("sequence %d failed; ending it", sequence.id)
+            if sequence in self._active:
+                self._release(sequence)
+            self._error(sequence, error, updates)
+
+    def _error(self, sequence: Sequence, error: Exception | str, updates: list[Update]) -> None:
+        message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        sequence.finish_reason = "error"
+        sequence.held = ""
+        updates.append(Update(sequence, "", "error", f"decoding failed: {message}"))
 
     def _sample(self, sequences: list[Sequence], logits: torch.Tensor) -> list[int]:
         """One token per row, from the distribution `sample_next_token` samples for that row alone.
@@ -304,10 +338,11 @@ class Engine:
             groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
         for (temperature, top_k, top_p), rows in groups.items():
             group = logits if len(rows) == len(sequences) else logits[rows]
-            if temperature == 0:
-                drawn = sample_next_token(group, temperature=0)
+            if is_greedy(temperature):
+                drawn = sample_next_token(group, temperature=0, vocab_size=self.vocab_size)
             else:
-                probs = F.softmax(filter_logits(group.float() / temperature, top_k, top_p), dim=-1)
+                probs = next_token_probs(group, temperature=temperature, top_k=top_k, top_p=top_p,
+                                         vocab_size=self.vocab_size)
                 drawn = self._draw(probs, [sequences[i].generator for i in rows])
             for i, token in zip(rows, drawn):
                 tokens[i] = token

@@ -37,8 +37,8 @@ from ..formats import native
 from ..lora import LoRAConfig, lora_config, split_adapters
 from ..model import GPT
 from ..pretrained import (
-    CHECKPOINT_NAME, MODEL_FILES, checkpoint_folders, newest_checkpoint, read_adapters, read_lora_config,
-    read_state_dict, write_adapters, write_model_folder,
+    ADAPTERS_FILE, CHECKPOINT_NAME, MODEL_FILES, check_digest, checkpoint_folders, newest_checkpoint, read_adapters,
+    read_lora_config, read_state_dict, write_adapters, write_model_folder,
 )
 
 STATE_FILE = "state.json"
@@ -106,12 +106,13 @@ def save_checkpoint(
     temp = folder / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(temp, ignore_errors=True)
     temp.mkdir()
-    _write_model(model, model_state, temp, tokenizer_spec, train_config)
     torch.save(
         {"optimizer": optimizer_state, "scaler": scaler.state_dict() if scaler is not None else None},
         temp / OPTIMIZER_FILE,
     )
     (temp / STATE_FILE).write_text(json.dumps({**state, "rng": rank_rngs}, indent=2) + "\n")
+    # Last: its gpt2lab.json records the sha256 of every file beside it.
+    _write_model(model, model_state, temp, tokenizer_spec, train_config)
     for path in temp.iterdir():
         with open(path, "rb") as handle:
             os.fsync(handle.fileno())
@@ -131,13 +132,15 @@ def _write_model(model: GPT, model_state: dict[str, torch.Tensor], folder: Path,
     """The weights of a checkpoint: the model, or a LoRA model's frozen base and its adapters."""
     lora = lora_config(model)
     record: dict[str, Any] = {"train_config": train_config}
+    digested: tuple[str, ...] = (OPTIMIZER_FILE, STATE_FILE)
     if lora is not None:
         model_state, adapters = split_adapters(model_state)
         write_adapters(adapters, folder)
         record["lora"] = lora.to_dict()
+        digested += (ADAPTERS_FILE,)
     write_model_folder(
         model_state, model.config, folder, keep_padded_vocab=True, tokenizer_spec=tokenizer_spec,
-        extra_record=record, layout=native.LAYOUT if lora is not None else None,
+        extra_record=record, layout=native.LAYOUT if lora is not None else None, digested=digested,
     )
 
 
@@ -173,6 +176,7 @@ def prune_checkpoints(run_dir: Path, keep_last: int, keep_best: bool) -> None:
 
 def read_state(checkpoint: Path) -> dict[str, Any]:
     path = checkpoint / STATE_FILE
+    check_digest(checkpoint, STATE_FILE)
     try:
         state = json.loads(path.read_bytes())
     except FileNotFoundError:
@@ -254,6 +258,7 @@ def load_checkpoint(
     saved: dict[str, Any] = {}
     if not distributed or dist.get_rank() == 0:
         model_state = _read_model(checkpoint, model)
+        check_digest(checkpoint, OPTIMIZER_FILE)
         try:
             saved = torch.load(checkpoint / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
             optimizer_state = saved["optimizer"]

@@ -438,6 +438,7 @@ class Trainer:
             self.raw_model,
             [prompt], settings.sample_tokens, temperature=0.8, top_k=200,
             seed=self.config.system.seed + self.step, eos_token_id=self.tokenizer.eot_token,
+            vocab_size=self.tokenizer.vocab_size,
         )[0]
         return self.tokenizer.decode(t for t in out if t != self.tokenizer.eot_token)
 
