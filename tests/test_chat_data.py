@@ -62,6 +62,19 @@ def test_prepare_chat_writes_each_conversation_with_its_mask(chat_file, chat_dat
     assert dataset.verify() == []
 
 
+def test_a_file_named_twice_is_read_once(tmp_path, chat_file, chat_data):
+    """`a.jsonl a.jsonl`, or globs that overlap: each conversation once, none in both splits."""
+    messages: list[str] = []
+    glob = str(chat_file.parent / "*.jsonl")
+    meta = prepare_chat([str(chat_file), glob, f"{chat_file.parent}/../{chat_file.parent.name}/{chat_file.name}"],
+                        tmp_path / "twice", val_every=10, progress=False, log=messages.append)
+    assert meta["chat"]["conversations"] == {"train": 360, "val": 40}
+    assert [m for m in messages if m.startswith("note: each file is read once")]
+    dataset, once = open_dataset(tmp_path / "twice"), open_dataset(chat_data)
+    for split in ("train", "val"):
+        assert dataset.tokens(dataset.shards(split)[0]).tolist() == once.tokens(once.shards(split)[0]).tolist()
+
+
 def test_bad_records_are_named_by_line_and_skipped(tmp_path, capsys):
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     lines = [json.dumps(good), "{not json", json.dumps({"messages": [{"role": "user", "content": "only a question"}]}),

@@ -152,3 +152,17 @@ def test_sampling_with_top_k_draws_only_kept_tokens():
     probs = F.softmax(logits[0], -1)
     assert abs((draws == 1).float().mean().item() - F.softmax(logits[0] / 5, -1)[1].item()) < 0.07
     assert probs.sum().item() == pytest.approx(1.0)
+
+
+def test_seeds_2_to_the_32_apart_draw_differently_and_small_seeds_stay_as_they_were(make_model):
+    """A CPU generator keeps 32 bits of its seed; every bit of a 64-bit seed must count."""
+    import torch
+
+    from gpt2lab.sampling import generator_seed
+
+    model = make_model()
+    draws = {seed: model.generate([[1, 2, 3]], 12, temperature=1.0, seed=seed)[0] for seed in (5, 2**32 + 5, 2**40 + 5, -5)}
+    assert len({tuple(d) for d in draws.values()}) == 4
+    assert generator_seed(5) == 5 and 0 <= generator_seed(2**64 - 1) < 2**64 and generator_seed(-5) != generator_seed(5)
+    expected = model.generate([[1, 2, 3]], 12, temperature=1.0, generator=torch.Generator().manual_seed(5))[0]
+    assert draws[5] == expected

@@ -177,6 +177,27 @@ def test_training_writes_metrics_checkpoints_and_a_usable_model(char_data, tmp_p
         assert not [k for k in handle.keys() if "_orig_mod" in k]
 
 
+def test_a_resume_trains_with_the_optimizer_settings_it_is_given(char_data, tmp_path):
+    """Loading a checkpoint's optimizer state must not bring back its settings: config.toml says
+    beta2=0.5, so the steps after the resume use 0.5 (and say that it changed)."""
+    def run(folder, *extra, resume=None):
+        lines = []
+        trainer = Trainer(tiny_config(char_data, "max_steps=6", "checkpoint.interval=3", *extra), folder,
+                          resume=resume, echo=lines.append)
+        trainer.run()
+        return trainer, lines
+
+    run(tmp_path / "a", "max_steps=3")
+    run(tmp_path / "b", "max_steps=3")
+    run(tmp_path / "a", resume="auto")
+    changed, lines = run(tmp_path / "b", "optim.beta2=0.5", resume="auto")
+    assert all(group["betas"] == (0.9, 0.5) for group in changed.optimizer.param_groups)
+    assert "resuming with this run's optimizer setting betas: (0.9, 0.99) in the checkpoint, (0.9, 0.5) now" in lines
+    kept, changed_losses = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert [kept[s] for s in (1, 2, 3)] == [changed_losses[s] for s in (1, 2, 3)]
+    assert kept[5] != changed_losses[5]
+
+
 def test_pruning_keeps_the_last_and_the_best(tmp_path):
     from gpt2lab.train.checkpoint import CHECKPOINT_FILES, prune_checkpoints
 

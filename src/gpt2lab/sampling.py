@@ -24,6 +24,19 @@ from .errors import UserError
 _TINIEST_TEMPERATURE = torch.finfo(torch.float32).tiny
 
 
+def generator_seed(seed: int) -> int:
+    """The value to seed a torch generator with for the 64-bit `seed` (negative ones too). A CPU
+    generator keeps only the low 32 bits, so seeds 2**32 apart would draw the same numbers: a seed
+    in [0, 2**32) is taken as it is (every seeded figure stays), any other is first mixed, all of
+    its bits into the low 32 (splitmix64's finalizer)."""
+    if 0 <= seed < 2**32:
+        return seed
+    mixed = seed % 2**64
+    mixed = ((mixed ^ (mixed >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    mixed = ((mixed ^ (mixed >> 27)) * 0x94D049BB133111EB) % 2**64
+    return mixed ^ (mixed >> 31)
+
+
 def is_greedy(temperature: float) -> bool:
     """Whether `temperature` samples as temperature 0 does: the argmax."""
     return temperature < _TINIEST_TEMPERATURE

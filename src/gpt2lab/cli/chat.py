@@ -223,11 +223,13 @@ class Session:
         # the same thing twice can answer differently, and a seeded session repeats whole.
         import torch
 
+        from ..sampling import generator_seed
+
         self.generator = torch.Generator(device=device)
         if settings.seed is None:
             self.generator.seed()
         else:
-            self.generator.manual_seed(settings.seed)
+            self.generator.manual_seed(generator_seed(settings.seed))
         block = chat.model.config.block_size
         self.context_limit = block - min(settings.max_new_tokens, block // 4)
 

@@ -99,6 +99,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from ..generate import generate_stream
     from ..pretrained import load_for_inference
     from ..prompts import checked_prompt, empty_prompt_start
+    from ..sampling import generator_seed
     from ..tokenizer import StreamDecoder, load_tokenizer
 
     prompt = _read_prompt(args)
@@ -107,7 +108,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     prompt_ids = checked_prompt(tokenizer.encode(prompt), model.config.vocab_size, empty_prompt_start(tokenizer))
     generator = torch.Generator(device=device)
     if args.seed is not None:
-        generator.manual_seed(args.seed)
+        generator.manual_seed(generator_seed(args.seed))
     else:
         generator.seed()
     # The compiled step runs from the second new token, and only within the block size.

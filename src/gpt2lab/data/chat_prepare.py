@@ -109,7 +109,7 @@ class _ChatShardWriter:
 
 
 def _input_conversations(
-    inputs: list[str], *, split: str, config: str | None, field: str, streaming: bool
+    inputs: list[str], *, split: str, config: str | None, field: str, streaming: bool, log: Callable[[str], Any]
 ) -> tuple[dict[str, Any], Callable[[], Conversations], str]:
     """(recipe, a reader of the (messages, problem) stream, a description for messages)."""
     if not inputs:
@@ -118,7 +118,7 @@ def _input_conversations(
         name = inputs[0]
         recipe = {"dataset": name, "config": config, "split": split, "field": field}
         return recipe, lambda: hub_conversations(name, split=split, config=config, field=field, streaming=streaming), name
-    paths = sources.expand_inputs(inputs, suffixes=(".jsonl",))
+    paths = sources.expand_inputs(inputs, suffixes=(".jsonl",), log=log)
     recipe = {"inputs": [[str(path), path.stat().st_size] for path in paths]}
     description = ", ".join(map(str, paths[:3])) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
     return recipe, lambda: itertools.chain.from_iterable(jsonl_conversations(path) for path in paths), description
@@ -158,7 +158,7 @@ def prepare_chat(
     _check_chat_options(context, shard_tokens, val_every, max_conversations)
     folder = Path(out)
     source_recipe, read, description = _input_conversations(
-        inputs, split=split, config=config, field=field, streaming=streaming
+        inputs, split=split, config=config, field=field, streaming=streaming, log=log
     )
     recipe = {"source": "chat", **source_recipe, "context": context, "shard_tokens": shard_tokens,
               "val_every": val_every, "max_conversations": max_conversations}

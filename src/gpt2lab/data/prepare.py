@@ -426,7 +426,9 @@ def prepare(
             # build-nanogpt's layout: the first shard is the validation split.
             val_tokens = shard_tokens if max_tokens is None else min(shard_tokens, max(1, max_tokens // 10))
     else:
-        documents = _text_documents(inputs, config=config, split=split, field=field, column=column, streaming=streaming)
+        documents = _text_documents(
+            inputs, config=config, split=split, field=field, column=column, streaming=streaming, log=log
+        )
         if char:
             meta = _prepare_characters(folder, documents, shard_tokens, val_tokens, max_tokens, command, log)
             log(_summary(folder, meta))
@@ -523,7 +525,8 @@ def _fineweb_edu_documents(sample: str, data_files: list[str] | None, streaming:
 
 
 def _text_documents(
-    inputs: list[str] | None, *, config: str | None, split: str, field: str, column: str, streaming: bool
+    inputs: list[str] | None, *, config: str | None, split: str, field: str, column: str, streaming: bool,
+    log: Callable[[str], Any],
 ) -> _Documents:
     if not inputs:
         raise UserError("the text source needs input files, globs, or a hub dataset name")
@@ -534,7 +537,7 @@ def _text_documents(
             f"the dataset {name}",
             lambda: sources.hub_documents(name, name=config, split=split, column=column, streaming=streaming),
         )
-    paths = sources.expand_inputs(inputs)
+    paths = sources.expand_inputs(inputs, log=log)
     return _Documents(
         {"source": "text", "inputs": _local_files_recipe(paths), "field": field, "column": column},
         _describe(paths),

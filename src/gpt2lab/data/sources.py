@@ -16,7 +16,7 @@ import sys
 import zlib
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -101,8 +101,29 @@ def shakespeare_text(input_file: str | Path | None) -> str:
 # ---- documents ---------------------------------------------------------------------------------
 
 
-def expand_inputs(patterns: Iterable[str], suffixes: tuple[str, ...] = LOCAL_SUFFIXES) -> list[Path]:
-    """Files named or matched by glob patterns, in the order given (each glob's matches sorted)."""
+def expand_inputs(
+    patterns: Iterable[str], suffixes: tuple[str, ...] = LOCAL_SUFFIXES, log: Callable[[str], Any] | None = None,
+) -> list[Path]:
+    """Files named or matched by glob patterns, in the order given (each glob's matches sorted),
+    each file once: a file named twice (`a.jsonl a.jsonl`, overlapping globs) would be read twice
+    and land in both splits. `log` hears which were dropped."""
+    paths = _matching_files(patterns)
+    for path in paths:
+        if path.suffix not in suffixes:
+            raise UserError(f"{path}: unknown kind of file; give {', '.join(suffixes)} files")
+    unique: dict[Path, Path] = {}
+    repeated = []
+    for path in paths:
+        if path.resolve() in unique:
+            repeated.append(str(path))
+        else:
+            unique[path.resolve()] = path
+    if repeated and log is not None:
+        log(f"note: each file is read once; named again and skipped: {', '.join(repeated)}")
+    return list(unique.values())
+
+
+def _matching_files(patterns: Iterable[str]) -> list[Path]:
     paths: list[Path] = []
     for pattern in patterns:
         if _GLOB_CHARS.search(pattern):
@@ -114,9 +135,6 @@ def expand_inputs(patterns: Iterable[str], suffixes: tuple[str, ...] = LOCAL_SUF
             paths.append(Path(pattern))
         else:
             raise UserError(f"input file {pattern} does not exist")
-    for path in paths:
-        if path.suffix not in suffixes:
-            raise UserError(f"{path}: unknown kind of file; give {', '.join(suffixes)} files")
     return paths
 
 

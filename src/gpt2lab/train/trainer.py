@@ -28,6 +28,7 @@ from ..lora import apply_lora, parameter_counts
 from ..model import GPT
 from ..prompts import checked_prompt, empty_prompt_start
 from ..runtime import autocast, check_fits
+from ..sampling import generator_seed
 from ..tokenizer import Tokenizer, tokenizer_from_spec
 from .checkpoint import (
     find_resume_checkpoint,
@@ -196,7 +197,7 @@ def _configure_torch(system: SystemSettings, device: torch.device) -> None:
         from ..kernels import tune_cpu_memory
 
         tune_cpu_memory(reuse_freed=True)
-    torch.manual_seed(system.seed)
+    torch.manual_seed(generator_seed(system.seed))
     if system.deterministic:
         torch.use_deterministic_algorithms(True)
     if system.precision == "tf32":
@@ -263,7 +264,7 @@ def place_on_ranks(model: GPT, system: SystemSettings, group: DistInfo) -> tuple
     step autocasts to: None for none)."""
     model.to(group.device)
     # Equal initial weights on every rank, then a dropout stream of each rank's own.
-    torch.manual_seed(system.seed + group.rank)
+    torch.manual_seed(generator_seed(system.seed + group.rank))
     autocast_dtype = AUTOCAST_DTYPES.get(system.precision)
     fsdp = group.enabled and system.parallel == "fsdp"
     if fsdp:
@@ -326,7 +327,10 @@ def resume_training(
     checkpoint = find_resume_checkpoint(run_dir, requested)
     if checkpoint is None:
         return Progress()
+    configured = _group_settings(optimizer)
     state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scaler=scaler)
+    for change in _keep_group_settings(optimizer, configured):
+        echo(f"resuming with this run's optimizer setting {change}")
     progress = Progress(
         step=state["step"], elapsed_s=state.get("elapsed_s", 0.0),
         best_val_loss=state.get("best_val_loss"), last_val_loss=state.get("val_loss"),
@@ -340,6 +344,27 @@ def resume_training(
         torch.manual_seed(hash((seed, progress.step, group.rank)) % 2**63)
     echo(f"resumed from {checkpoint} at step {progress.step}")
     return progress
+
+
+def _group_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Each parameter group's settings (betas, weight decay, Newton-Schulz steps, ...) but its
+    parameters and its rate, which the schedule sets every step."""
+    return [{k: v for k, v in group.items() if k not in ("params", "lr")} for group in optimizer.param_groups]
+
+
+def _keep_group_settings(optimizer: torch.optim.Optimizer, configured: list[dict[str, Any]]) -> list[str]:
+    """Put back the run's own group settings that loading a checkpoint's optimizer state replaced
+    (the run's config.toml says what it trains with); returns each change, as "key: old -> new"."""
+    changes = set()
+    for group, settings in zip(optimizer.param_groups, configured):
+        for key, value in settings.items():
+            saved = group.get(key)
+            if isinstance(saved, list):  # a tuple (betas) comes back from the state dict as a list
+                saved = tuple(saved)
+            if saved != value:
+                changes.add(f"{key}: {saved} in the checkpoint, {value} now")
+            group[key] = value
+    return sorted(changes)
 
 
 class Trainer:
