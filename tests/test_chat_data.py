@@ -321,3 +321,29 @@ def test_sft_on_two_processes_follows_one_with_twice_the_accumulation(chat_data,
     for key in one:
         for step, loss in one[key].items():
             assert two[key][step] == pytest.approx(loss, abs=1e-5), (key, step)
+
+
+@pytest.mark.parametrize("line", ["[" * 100_000 + "]" * 100_000, '{"messages": ' + "9" * 5000 + "}"])
+def test_json_the_parser_cannot_take_is_a_bad_record_everywhere(tmp_path, capsys, line):
+    """Nested 100,000 deep, or an integer of 5,000 digits: Python's json raises RecursionError or
+    ValueError; every reader of users' JSON names the line and goes on (or refuses the file)."""
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+    source = tmp_path / "chats.jsonl"
+    source.write_text(f"{good}\n{line}\n{good}\n")
+    messages: list[str] = []
+    meta = prepare_chat([str(source)], tmp_path / "out", val_every=0, progress=False, log=messages.append)
+    assert meta["chat"]["conversations"] == {"train": 2, "val": 0} and meta["chat"]["bad_records"] == 1
+    assert [m for m in messages if m.startswith(f"skipped {source}:2: invalid JSON")]
+    history = tmp_path / "history.json"
+    history.write_text(line)
+    assert main(["chat", "--model", "gpt2", "--history", str(history), "--prompt", "x"]) == 2
+    assert "is not valid JSON" in capsys.readouterr().err
+    text = tmp_path / "docs.jsonl"
+    text.write_text(json.dumps({"text": "fine"}) + "\n" + line + "\n")
+    assert main(["prepare", "text", str(text), "--out", str(tmp_path / "text"), "-q"]) == 2
+    assert "line 2 is not valid JSON" in capsys.readouterr().err
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(line + "\n")
+    assert main(["eval", "chat", "--model", "gpt2", "--data", str(prompts)]) == 2
+    err = capsys.readouterr().err
+    assert "line 1 is not valid JSON" in err and "Traceback" not in err

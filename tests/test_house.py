@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "gpt2lab"
 # verbs that drive them come last.
 STAGES = [
     ("base", ["errors", "files", "config", "cache", "runtime", "version", "tokenizer", "masks", "sampling", "stopping",
-              "kv_cache", "prompts", "console",
+              "kv_cache", "prompts", "console", "jsontext",
               "chat", "chat.template"]),
     ("data", ["data", "data.dataset", "data.loader", "data.prepare", "data.shards", "data.sources", "chat.records",
                "data.chat_prepare", "data.chat_loader"]),

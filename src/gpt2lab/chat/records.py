@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 from .template import validate_messages
 from ..errors import UserError
+from ..jsontext import parse_json
 
 ALPACA_FIELDS = {"instruction", "input", "output"}
 
@@ -70,7 +71,7 @@ def jsonl_conversations(path: Path) -> Iterator[tuple[list[dict[str, str]] | Non
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = parse_json(line)
             except json.JSONDecodeError as error:
                 yield None, f"{where}: invalid JSON ({error.msg} at column {error.colno})"
                 continue

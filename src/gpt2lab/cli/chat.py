@@ -20,6 +20,7 @@ from .options import (
     seed,
 )
 from ..errors import UserError
+from ..jsontext import parse_json
 
 if TYPE_CHECKING:
     from ..chat.session import Chat, ChatSettings
@@ -114,7 +115,7 @@ def read_history(path: str | Path) -> list[dict[str, str]]:
         raise UserError(f"cannot read --history file {path} ({error.strerror}); check its permissions") from None
     example = '[{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]'
     try:
-        data = json.loads(text)
+        data = parse_json(text)
     except json.JSONDecodeError as error:
         raise UserError(
             f"--history file {path} is not valid JSON ({error.msg} at line {error.lineno} column {error.colno}); "

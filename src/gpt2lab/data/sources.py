@@ -22,6 +22,7 @@ import numpy as np
 
 from ..cache import download
 from ..errors import UserError
+from ..jsontext import parse_json
 from ..tokenizer import GPT2_EOT_TOKEN, gpt2_encoding
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -153,7 +154,7 @@ def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = parse_json(line)
             except UnicodeDecodeError:
                 raise UserError(f"{path} line {number} is not UTF-8 text; convert the file to UTF-8") from None
             except json.JSONDecodeError as error:

@@ -17,6 +17,7 @@ from ..chat.session import Chat
 from ..chat.template import validate_messages
 from ..data.dataset import open_dataset
 from ..errors import UserError
+from ..jsontext import parse_json
 from .loss import LossResult, evaluate_loss
 
 LINE_FORM = '{"messages": [{"role": "user", "content": "..."}], "answer": "..."}'
@@ -87,7 +88,7 @@ def load_chat_examples(path: str | Path, limit: int | None = None) -> list[ChatE
                     continue
                 where = f"{path} line {number}"
                 try:
-                    record = json.loads(text)
+                    record = parse_json(text)
                 except json.JSONDecodeError as error:
                     raise UserError(f"{where} is not valid JSON ({error.msg}); write each line as {LINE_FORM}") from None
                 examples.append(_example(record, where, number))

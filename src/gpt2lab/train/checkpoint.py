@@ -264,7 +264,7 @@ def load_checkpoint(
             optimizer_state = saved["optimizer"]
         except FileNotFoundError:
             raise UserError(f"{checkpoint} has no {OPTIMIZER_FILE}; it cannot be resumed exactly") from None
-        except (RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as error:
+        except (RuntimeError, KeyError, ValueError, EOFError, OSError, pickle.UnpicklingError) as error:
             raise UserError(f"{checkpoint / OPTIMIZER_FILE} is damaged ({error}); resume from another checkpoint") from None
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed)
     set_model_state_dict(model, model_state, options=options)
