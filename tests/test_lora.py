@@ -329,6 +329,28 @@ def test_load_model_and_convert_merge_the_adapters(lora_run, tmp_path, capsys):
     assert capsys.readouterr().out.startswith("ROMEO:")
 
 
+@pytest.mark.parametrize("cut", [0, 100, 2000, "OSError"])
+def test_a_truncated_optimizer_state_is_a_damaged_file_on_resume(lora_run, char_data, tmp_path, cut, monkeypatch):
+    """Cut anywhere, torch.load raises RuntimeError or EOFError, or (as the audit met it) OSError."""
+    if cut == "OSError":
+        def unreadable(*args, **kwargs):
+            raise OSError(22, "Invalid argument")
+
+        monkeypatch.setattr("gpt2lab.train.checkpoint.torch.load", unreadable)
+        cut = 100
+    run, base, _, _ = lora_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    checkpoint = copy / "checkpoints" / "step_00000008"
+    state = (checkpoint / "optimizer.pt").read_bytes()
+    (checkpoint / "optimizer.pt").write_bytes(state[:cut])
+    record = json.loads((checkpoint / "gpt2lab.json").read_text())
+    del record["sha256"]  # a folder from before digests: torch.load itself meets the truncated file
+    (checkpoint / "gpt2lab.json").write_text(json.dumps(record))
+    with pytest.raises(UserError, match=r"optimizer.pt is damaged \(.*\); resume from another checkpoint"):
+        Trainer(lora_settings(char_data, base), copy, resume=str(checkpoint), echo=lambda line: None)
+
+
 def test_damaged_adapters_are_refused(lora_run, tmp_path):
     run, _, _, _ = lora_run
     folder = tmp_path / "step"
