@@ -347,3 +347,19 @@ def test_json_the_parser_cannot_take_is_a_bad_record_everywhere(tmp_path, capsys
     assert main(["eval", "chat", "--model", "gpt2", "--data", str(prompts)]) == 2
     err = capsys.readouterr().err
     assert "line 1 is not valid JSON" in err and "Traceback" not in err
+
+
+def test_unclear_inputs_get_clear_messages(tmp_path, capsys, chat_file):
+    """A folder or a device named as a file, a count of 0 conversations, a byte-order mark."""
+    out = str(tmp_path / "out")
+    assert main(["prepare", "chat", str(tmp_path), "--out", out]) == 2
+    assert f"input {tmp_path} is a folder; name its files, or a glob such as {tmp_path / '*'}" in capsys.readouterr().err
+    assert main(["prepare", "chat", "/dev/null", "--out", out]) == 2
+    assert "input /dev/null is not a regular file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["prepare", "chat", str(chat_file), "--out", out, "--max-conversations", "0"])
+    assert "'0' must be a whole number of conversations, 1 or more" in capsys.readouterr().err
+    with_bom = tmp_path / "bom.jsonl"
+    with_bom.write_bytes(b"\xef\xbb\xbf" + chat_file.read_bytes())
+    meta = prepare_chat([str(with_bom)], tmp_path / "bom", val_every=0, **QUIET)
+    assert meta["chat"]["bad_records"] == 0 and meta["chat"]["conversations"]["train"] == 400

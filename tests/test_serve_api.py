@@ -227,6 +227,13 @@ def test_unknown_routes_and_methods_get_openai_error_bodies(server):
     assert status == 404 and "no route" in payload["error"]["message"]
     status, payload = post(server[0], None, method="GET")
     assert status == 405 and "not allowed" in payload["error"]["message"]
+    host, port = server[0].removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("GET", "/v1/completions")
+    response = conn.getresponse()
+    response.read()
+    conn.close()
+    assert response.status == 405 and response.getheader("Allow") == "POST"  # RFC 9110: a 405 names what is allowed
 
 
 def test_after_200_bad_requests_the_server_still_answers_correctly(server, client, model):

@@ -64,7 +64,8 @@ def jsonl_conversations(path: Path) -> Iterator[tuple[list[dict[str, str]] | Non
         for number, raw in enumerate(handle, start=1):
             where = f"{path}:{number}"
             try:
-                line = raw.decode("utf-8")
+                # A byte-order mark (Windows editors write one) is no part of the first record.
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as error:
                 yield None, f"{where}: not UTF-8 text ({error.reason}); save the file as UTF-8"
                 continue

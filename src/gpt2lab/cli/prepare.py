@@ -98,6 +98,14 @@ def _token_count(text: str) -> int:
     return int(value)
 
 
+def _conversation_count(text: str) -> int:
+    """A positive number of conversations (suffixes as for tokens: 10k)."""
+    try:
+        return _token_count(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number of conversations, 1 or more") from None
+
+
 def _workers(text: str) -> int:
     try:
         value = int(text)
@@ -212,7 +220,7 @@ def _add_size_and_chat_options(parser: argparse.ArgumentParser) -> None:
         help="chat: every N-th usable conversation goes to the validation split (default 20; 0: none)",
     )
     parser.add_argument(
-        "--max-conversations", type=_token_count, metavar="N", help="chat: stop after N usable conversations"
+        "--max-conversations", type=_conversation_count, metavar="N", help="chat: stop after N usable conversations"
     )
 
 

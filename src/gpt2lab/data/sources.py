@@ -3,6 +3,7 @@ how it becomes GPT-2 tokens on every core."""
 
 from __future__ import annotations
 
+import codecs
 import collections
 import glob
 import gzip
@@ -134,6 +135,10 @@ def _matching_files(patterns: Iterable[str]) -> list[Path]:
             paths.extend(matches)
         elif Path(pattern).is_file():
             paths.append(Path(pattern))
+        elif Path(pattern).is_dir():
+            raise UserError(f"input {pattern} is a folder; name its files, or a glob such as {Path(pattern) / '*'}")
+        elif Path(pattern).exists():
+            raise UserError(f"input {pattern} is not a regular file (a device or a pipe); name a file")
         else:
             raise UserError(f"input file {pattern} does not exist")
     return paths
@@ -151,6 +156,8 @@ def looks_like_hub_name(argument: str) -> bool:
 def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
     with open(path, "rb") as lines:
         for number, line in enumerate(lines, 1):
+            if number == 1:
+                line = line.removeprefix(codecs.BOM_UTF8)  # written by Windows editors; no part of the text
             if not line.strip():
                 continue
             try:

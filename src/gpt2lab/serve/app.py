@@ -293,7 +293,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
     message = {404: f"no route {request.method} {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
-    return error_response(error.status_code, message.get(error.status_code, str(error.detail)))
+    response = error_response(error.status_code, message.get(error.status_code, str(error.detail)))
+    response.headers.update(error.headers or {})  # a 405's Allow: the methods the path takes
+    return response
 
 
 async def _user_error(request: Request, error: UserError) -> JSONResponse:

@@ -265,7 +265,8 @@ def load_checkpoint(
         except FileNotFoundError:
             raise UserError(f"{checkpoint} has no {OPTIMIZER_FILE}; it cannot be resumed exactly") from None
         except (RuntimeError, KeyError, ValueError, EOFError, OSError, pickle.UnpicklingError) as error:
-            raise UserError(f"{checkpoint / OPTIMIZER_FILE} is damaged ({error}); resume from another checkpoint") from None
+            reason = str(error).strip() or "it is empty or ends early"
+            raise UserError(f"{checkpoint / OPTIMIZER_FILE} is damaged ({reason}); resume from another checkpoint") from None
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed)
     set_model_state_dict(model, model_state, options=options)
     try:
