@@ -1,10 +1,10 @@
-"""The fixture of the CORE fidelity test: a bundle of small tasks of all three types (tests/data/
+"""The fixture of the CORE fidelity test: a bundle of small tasks of all three types (tests/fixtures/
 core_bundle) and the tiny random model nanochat's `core_eval.evaluate_task` scored it with.
 
 The model is drawn from numpy's generator over its parameters in name order, not from torch's
 initialization, so that it stays the same model when gpt2lab's initialization changes. Its
 context of 48 tokens crops the longer few-shot prompts. nanochat's per-example results
-(tests/data/core_reference.json) were computed by a script outside this repository over
+(tests/fixtures/core_reference.json) were computed by a script outside this repository over
 nanochat's own code (commit recorded in that file): facts, not its code.
 """
 
@@ -17,7 +17,7 @@ import torch
 
 from gpt2lab import GPT, GPTConfig
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(__file__).resolve().parent / "fixtures"
 BUNDLE = DATA / "core_bundle"
 REFERENCE = DATA / "core_reference.json"
 CONFIG = dict(n_layer=2, n_head=2, n_embd=32, block_size=48, vocab_size=50257, padded_vocab_size=50304)
