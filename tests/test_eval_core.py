@@ -210,3 +210,60 @@ def test_bf16_autocast_gives_results(model):
     result = CoreEvaluation(load_bundle(BUNDLE), GPT2Tokenizer(), ["mc_zeroshot"]).evaluate(
         model, autocast_dtype=torch.bfloat16)
     assert result.tasks["mc_zeroshot"].examples == 16
+
+
+# ---- during training, and in the report -------------------------------------------------------------
+
+
+def test_training_logs_core_and_val_bpb_and_the_report_draws_them(tmp_path, capsys):
+    from gpt2lab.data.prepare import prepare
+    from gpt2lab.eval.report import build_figure, load_run
+    from gpt2lab.train.config import resolve_config
+    from gpt2lab.train.trainer import Trainer
+
+    data = tmp_path / "shakespeare"
+    prepare("shakespeare", data, progress=False, log=lambda m: None)
+    overrides = [
+        f"data.path={data}", "model.vocab_size=50257", "model.n_layer=1", "model.n_head=2", "model.n_embd=32",
+        "model.block_size=64", "batch.micro_batch=2", "batch.seq_len=32", "max_steps=7", "eval.interval=3",
+        "eval.batches=2", "eval.at_start=false", "eval.final_full=false", "eval.sample_interval=0", "log.interval=0",
+        "log.progress_bar=false", "checkpoint.final=false", "eval.core_interval=3", "eval.core_max_per_task=8",
+        f"eval.core_bundle={BUNDLE}",
+    ]
+    Trainer(resolve_config("shakespeare-char-cpu", overrides=overrides), tmp_path / "run", echo=lambda line: None).run()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    core = [r for r in records if "core" in r]
+    assert [r["step"] for r in core] == [3, 6, 7]
+    labels = [t.label for t in load_bundle(BUNDLE).tasks]
+    for record in core:
+        centered = [record[f"core_{label}"] for label in labels]
+        assert record["core"] == pytest.approx(sum(centered) / len(centered))
+        assert record["core_examples"] == 8 * len(labels) and record["tokens"] == record["step"] * 2 * 32
+    val = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in val] == [3, 6] and all(0 < r["val_bpb"] < 20 for r in val)
+
+    lines = {line.get_gid(): line for ax in build_figure([load_run(tmp_path / "run")]).axes
+             for line in ax.get_lines() if line.get_gid()}
+    for key in ("core", "val_bpb"):
+        for x in ("step", "tokens"):
+            assert list(lines[f"run:{key}:{x}"].get_ydata()) == [r[key] for r in records if key in r]
+    assert list(lines["baseline:core:GPT-2 1.5B"].get_ydata()) == [0.256525] * 2
+    assert list(lines["baseline:core:GPT-2 124M"].get_ydata()) == [0.1139] * 2
+    assert main(["report", str(tmp_path / "run")]) == 0
+    card = capsys.readouterr().out
+    assert f"| CORE | {core[-1]['core']:.4f} (step 7) | 0.1139 | 0.256525 |" in card
+    assert f"| val bpb (bits per byte) | {val[-1]['val_bpb']:.4f} (step 6) | - | - |" in card
+
+
+def test_training_refuses_core_for_a_character_model_before_it_starts(tmp_path):
+    from gpt2lab.data.prepare import prepare
+    from gpt2lab.train.config import resolve_config
+    from gpt2lab.train.trainer import Trainer
+
+    data = tmp_path / "chars"
+    prepare("shakespeare-char", data, progress=False, log=lambda m: None)
+    config = resolve_config("shakespeare-char-cpu", overrides=[
+        f"data.path={data}", "max_steps=2", "eval.core_interval=1", f"eval.core_bundle={BUNDLE}"])
+    with pytest.raises(UserError, match="character-level model"):
+        Trainer(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
