@@ -44,14 +44,15 @@ def run_script(args, tmp_path, **env):
 @pytest.mark.slow
 def test_gpu_check_smoke_writes_every_asked_piece(tmp_path):
     out = tmp_path / "gpu_check.json"
-    proc = run_script(["benchmarks/gpu_check.py", "--out", str(out), "--only", "tests", "decode", "hellaswag"],
+    proc = run_script(["benchmarks/gpu_check.py", "--out", str(out), "--only", "tests", "decode", "hellaswag", "core"],
                       tmp_path, GPU_CHECK_SMOKE="1")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads(out.read_text())
-    assert results["smoke"] is True and sorted(results["pieces"]) == ["decode", "hellaswag", "tests"]
+    assert results["smoke"] is True and sorted(results["pieces"]) == ["core", "decode", "hellaswag", "tests"]
     assert results["pieces"]["tests"]["rc"] == 0 and "tests/test_cuda.py" in results["pieces"]["tests"]["files"]
     assert results["pieces"]["decode"]["batch_64_tokens_per_s"] > 0
     assert results["pieces"]["hellaswag"]["examples"] == 16
+    assert results["pieces"]["core"]["examples"] == 80 and -1 <= results["pieces"]["core"]["core"] <= 1
 
 
 def test_gpu_check_refuses_to_run_without_a_gpu_unless_smoke(tmp_path):

@@ -198,8 +198,10 @@ def score_rows(model, rows: Sequence[_Row], sequences_per_row: Sequence[int], *,
     sums = [np.zeros(n) for n in sequences_per_row]
     counts = [np.zeros(n, dtype=np.int64) for n in sequences_per_row]
     wrong = [np.zeros(n, dtype=np.int64) for n in sequences_per_row]
-    # Longest first: a batch that does not fit in memory fails at once, not at the end.
-    order = sorted(range(len(rows)), key=lambda r: len(rows[r].tokens), reverse=True)
+    # Rows of one sequence (language modelling) apart from packed ones: a batch of them needs no
+    # mask and takes attention's causal path. Longest first: a batch that does not fit in memory
+    # fails at once, not at the end.
+    order = sorted(range(len(rows)), key=lambda r: (max(rows[r].groups) > 0, -len(rows[r].tokens)))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     # A sharded model (FSDP) gathers each block's weights collectively: every rank runs as many
     # forward passes as the busiest one.
@@ -213,6 +215,8 @@ def score_rows(model, rows: Sequence[_Row], sequences_per_row: Sequence[int], *,
     for batch in batches:
         batch_rows = [rows[r] for r in batch]
         tokens, positions, mask = _batch_tensors(batch_rows, device)
+        if all(max(row.groups) == 0 for row in batch_rows):
+            positions = mask = None  # right padding is never seen by a causal query before it
         with autocast(device, dtype):
             hidden = model.hidden_states(tokens, position_ids=positions, attn_mask=mask)
         where = torch.tensor([(b, p, t, r, k) for b, r in enumerate(batch) for p, t, k in rows[r].predictions],
