@@ -73,9 +73,11 @@ def test_tokens_spans_and_losses_equal_nanochat(model):
     """The prompts, as tokens after cropping, and each sequence's mean loss over its span."""
     evaluation = CoreEvaluation(load_bundle(BUNDLE), GPT2Tokenizer())
     examples = [e for task in evaluation.examples for e in task]
-    rows = evaluation._rows(examples, CONFIG["block_size"], CONFIG["vocab_size"])
-    scores = score_rows(model, rows, [len(e.sequences) for e in examples], batch_size=3, autocast_dtype=None,
-                        progress=False)
+    scores = score_rows(
+        model, lambda i: evaluation._row(i, examples[i], CONFIG["block_size"], CONFIG["vocab_size"]),
+        [e.row_length(CONFIG["block_size"]) for e in examples], [len(e.rests) for e in examples], batch_size=3,
+        autocast_dtype=None, progress=False,
+    )
     expected = [e for task in REFERENCE_RUNS[0]["tasks"].values() for e in task["examples"]]
     for example, (sums, counts, _), reference in zip(examples, scores, expected):
         sequences, starts, ends = crop(example, CONFIG["block_size"], "fixture")
@@ -267,3 +269,22 @@ def test_training_refuses_core_for_a_character_model_before_it_starts(tmp_path):
     with pytest.raises(UserError, match="character-level model"):
         Trainer(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_two_ranks_under_torchrun_give_one_process_figures(tmp_path, model_folder):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "gpt2lab",
+            "eval", "core", "--model", str(model_folder), "--bundle", str(BUNDLE), "--json", "--device", "cpu"]
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    record = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    assert record["ranks"] == 2
+    assert record["core"] == pytest.approx(REFERENCE_RUNS[0]["core"], abs=1e-6)
+    for label, task in REFERENCE_RUNS[0]["tasks"].items():
+        assert record["tasks"][label]["examples"] == len(task["examples"])
+        assert record["tasks"][label]["accuracy"] == pytest.approx(task["accuracy"], abs=1e-6)

@@ -83,7 +83,7 @@ CORE_EPILOG = """examples:
   torchrun --nproc_per_node=8 -m gpt2lab eval core --model runs/gpt2-124m
 
 --json prints one object: {"core": CORE, "tasks": {LABEL: {"accuracy", "centered", "examples"}},
-"seconds", "examples_per_s", "model", "bundle", "max_per_task"}."""
+"seconds", "examples_per_s", "model", "bundle", "max_per_task", "ranks"}."""
 
 BPB_DESCRIPTION = """Bits per byte over a split of a dataset folder made by `gpt2lab prepare`, as nanochat's
 loss_eval.py computes it: the summed loss of the target tokens (nats) divided by ln 2 and by the
@@ -340,26 +340,44 @@ def cmd_loss(args: argparse.Namespace) -> int:
 
 
 def cmd_core(args: argparse.Namespace) -> int:
-    from ..eval.core import CoreEvaluation
     from ..eval.core_bundle import cached_bundle, load_bundle
-    from ..tokenizer import load_tokenizer
+    from ..train.distributed import init_distributed, shutdown_distributed
 
     labels = [label.strip() for label in args.tasks.split(",") if label.strip()] if args.tasks else None
     if args.tasks is not None and not labels:
         raise UserError("--tasks names no task; give labels separated by commas, or leave it out for all")
     bundle = load_bundle(args.bundle or cached_bundle())
     bundle.select(labels)  # an unknown label is refused before the model loads
-    folder, model, device, precision = _load(args)
+    # Under torchrun every rank scores its share of each task and rank 0 prints the sums.
+    group = init_distributed(args.device)
+    try:
+        return _score_core(args, bundle, labels, group)
+    finally:
+        shutdown_distributed()
+
+
+def _score_core(args: argparse.Namespace, bundle, labels: list[str] | None, group) -> int:
+    from ..eval.core import CoreEvaluation
+    from ..pretrained import load_for_inference
+    from ..tokenizer import load_tokenizer
+
+    device_name = str(group.device) if group.enabled else args.device
+    folder, model, device, precision = load_for_inference(args.model, device_name, args.dtype)
     evaluation = CoreEvaluation(bundle, load_tokenizer(folder), labels, args.max_per_task)
     started = time.perf_counter()
-    result = evaluation.evaluate(model, batch_size=args.batch_size, progress=True)
+    result = evaluation.evaluate(model, batch_size=args.batch_size, rank=group.rank, world_size=group.world_size,
+                                 progress=True)
     seconds = time.perf_counter() - started
     rate = result.examples / max(seconds, 1e-9)
+    if not group.is_main:
+        return 0
     if args.json:
         print(json.dumps({**result.to_json(), "seconds": round(seconds, 3), "examples_per_s": round(rate, 2),
-                          "model": str(args.model), "bundle": str(bundle.folder), "max_per_task": args.max_per_task}))
+                          "model": str(args.model), "bundle": str(bundle.folder), "max_per_task": args.max_per_task,
+                          "ranks": group.world_size}))
         return 0
-    print(f"CORE of model {args.model} ({device.type}, {precision}) over {bundle.folder}: {result.examples} "
+    ranks = f", {group.world_size} ranks" if group.enabled else ""
+    print(f"CORE of model {args.model} ({device.type}, {precision}{ranks}) over {bundle.folder}: {result.examples} "
           f"examples in {seconds:.1f} s ({rate:.1f} examples/s)")
     width = max(len(label) for label in result.tasks)
     print(f"{'task':<{width}}  {'examples':>8}  {'accuracy':>8}  {'centered':>8}")

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -47,6 +47,8 @@ FEWSHOT_SEED = 1234
 SHUFFLE_SEED = 1337
 # Rows of the output layer computed at once: bounds the (positions, vocabulary) float32 logits.
 HEAD_CHUNK = 1024
+# Items whose prompts are rendered and tokenized at once.
+PROMPTS_AT_ONCE = 512
 # Published CORE of OpenAI's GPT-2 checkpoints, as nanochat measured them over the full bundle:
 # 124M from the table in nanochat's dev/estimate_gpt3_core.ipynb (four decimals there), 1.5B
 # (gpt2-xl) from its README and dev/LEADERBOARD.md, the "time to GPT-2" bar.
@@ -91,52 +93,94 @@ def common_length(sequences: Sequence[Sequence[int]], from_end: bool = False) ->
 
 @dataclass(frozen=True)
 class Example:
-    """One item in tokens: its sequences and, for each, the span [start, end) scored."""
+    """One item in tokens: its sequences (kept as their common prefix and what follows it in each,
+    int32, so that a whole bundle of 10-shot prompts fits in memory) and, for each, the span
+    [start, end) scored."""
 
     task: int  # index of the task in the evaluation
     index: int  # position in the task's shuffled, cut list
     line: int
-    sequences: tuple[tuple[int, ...], ...]
+    prefix: np.ndarray
+    rests: tuple[np.ndarray, ...]
     starts: tuple[int, ...]
     ends: tuple[int, ...]
     gold: int | None  # None: language modelling
 
+    @property
+    def sequences(self) -> list[list[int]]:
+        head = self.prefix.tolist()
+        return [head + rest.tolist() for rest in self.rests]
+
+    def row_length(self, block_size: int) -> int:
+        """About the length of its packed row (for ordering rows by length)."""
+        return min(len(self.prefix), block_size) + sum(len(rest) for rest in self.rests)
+
+
+def _spans(task: TaskSpec, tokens: list[list[int]], where: str, line: int):
+    """(sequences, starts, ends) as the reference finds the continuations in the tokens."""
+    if task.task_type == "multiple_choice":
+        start = common_length(tokens)
+        return tokens, [start] * len(tokens), [len(t) for t in tokens]
+    if task.task_type == "schema":
+        suffix = common_length(tokens, from_end=True)
+        return tokens, [len(t) - suffix for t in tokens], [len(t) for t in tokens]
+    without, whole = tokens
+    if len(without) >= len(whole) or whole[: len(without)] != without:
+        raise UserError(
+            f"{where} line {line}: the prompt without its continuation is not a prefix, in tokens, of the prompt "
+            "with it (or the continuation is empty), so its continuation cannot be scored; fix the item"
+        )
+    return [whole], [len(without)], [len(whole)]
+
+
+def build_examples(task: TaskSpec, task_number: int, items: Sequence[Item], indices: Sequence[int],
+                   tokenizer: Tokenizer, where: str) -> list[Example]:
+    """The examples of `items[i]` for i in `indices`, their prompts tokenized together."""
+    prompts = []
+    for index in indices:
+        shots = [items[i] for i in fewshot_indices(len(items), index, task.num_fewshot)]
+        prompts.append(render_prompts(task, items[index], shots))
+    flat = [p for group in prompts for p in group]
+    encode_batch = getattr(tokenizer, "encode_batch", None)
+    encoded = encode_batch(flat) if encode_batch else [tokenizer.encode(p) for p in flat]
+    examples, at = [], 0
+    for index, group in zip(indices, prompts):
+        tokens = [[tokenizer.eot_token, *ids] for ids in encoded[at : at + len(group)]]
+        at += len(group)
+        item = items[index]
+        sequences, starts, ends = _spans(task, tokens, where, item.line)
+        shared = common_length(sequences)
+        prefix = np.asarray(sequences[0][:shared], dtype=np.int32)
+        rests = tuple(np.asarray(s[shared:], dtype=np.int32) for s in sequences)
+        examples.append(Example(task_number, index, item.line, prefix, rests, tuple(starts), tuple(ends),
+                                item.fields.get("gold")))
+    return examples
+
 
 def build_example(task: TaskSpec, task_number: int, items: Sequence[Item], index: int, tokenizer: Tokenizer,
                   where: str) -> Example:
-    item = items[index]
-    shots = [items[i] for i in fewshot_indices(len(items), index, task.num_fewshot)]
-    prompts = render_prompts(task, item, shots)
-    tokens = [[tokenizer.eot_token, *tokenizer.encode(p)] for p in prompts]
-    if task.task_type == "multiple_choice":
-        start = common_length(tokens)
-        starts, ends = [start] * len(tokens), [len(t) for t in tokens]
-    elif task.task_type == "schema":
-        suffix = common_length(tokens, from_end=True)
-        starts, ends = [len(t) - suffix for t in tokens], [len(t) for t in tokens]
-    else:
-        without, tokens = tokens[0], tokens[1:]
-        if len(without) >= len(tokens[0]) or tokens[0][: len(without)] != without:
-            raise UserError(
-                f"{where} line {item.line}: the prompt without its continuation is not a prefix, in tokens, of the "
-                "prompt with it (or the continuation is empty), so its continuation cannot be scored; fix the item"
-            )
-        starts, ends = [len(without)], [len(tokens[0])]
-    gold = item.fields.get("gold")
-    return Example(task_number, index, item.line, tuple(map(tuple, tokens)), tuple(starts), tuple(ends), gold)
+    return build_examples(task, task_number, items, [index], tokenizer, where)[0]
 
 
-def crop(example: Example, block_size: int, where: str) -> tuple[list[tuple[int, ...]], list[int], list[int]]:
-    """The example's sequences cut from the left to `block_size` tokens, spans moved with them."""
-    sequences, starts, ends = [], [], []
-    for tokens, start, end in zip(example.sequences, example.starts, example.ends):
-        cut = max(0, len(tokens) - block_size)
+def check_fits(example: Example, block_size: int, where: str) -> None:
+    """Refuse an example whose continuation and one token before it do not fit the context (the
+    reference's crop would leave nothing, or nonsense, to score)."""
+    for rest, start, end in zip(example.rests, example.starts, example.ends):
+        cut = max(0, len(example.prefix) + len(rest) - block_size)
         if start - cut < 1:
             raise UserError(
                 f"{where} line {example.line}: its continuation ({end - start} tokens) and one token before it do "
                 f"not fit this model's context of {block_size} tokens; use a model with a longer context "
                 "(or leave the task out with --tasks)"
             )
+
+
+def crop(example: Example, block_size: int, where: str) -> tuple[list[list[int]], list[int], list[int]]:
+    """The example's sequences cut from the left to `block_size` tokens, spans moved with them."""
+    check_fits(example, block_size, where)
+    sequences, starts, ends = [], [], []
+    for tokens, start, end in zip(example.sequences, example.starts, example.ends):
+        cut = max(0, len(tokens) - block_size)
         sequences.append(tokens[cut:])
         starts.append(start - cut)
         ends.append(end - cut)
@@ -190,10 +234,12 @@ def _distributed() -> bool:
 
 
 @torch.no_grad()
-def score_rows(model, rows: Sequence[_Row], sequences_per_row: Sequence[int], *, batch_size: int,
-               autocast_dtype: torch.dtype | None, progress: bool) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """For each row, per sequence: (summed loss in nats, tokens scored, whether every greedy
-    prediction was right); `batch_size` rows per forward pass."""
+def score_rows(model, make_row: Callable[[int], _Row], lengths: Sequence[int], sequences_per_row: Sequence[int], *,
+               batch_size: int, autocast_dtype: torch.dtype | None, progress: bool
+               ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """For each row `make_row(i)` (i < len(lengths); built when its batch comes, so that only a
+    batch of rows is ever in memory), per sequence: (summed loss in nats, tokens scored, whether
+    every greedy prediction was right); `batch_size` rows per forward pass."""
     device = next(model.parameters()).device
     sums = [np.zeros(n) for n in sequences_per_row]
     counts = [np.zeros(n, dtype=np.int64) for n in sequences_per_row]
@@ -201,7 +247,7 @@ def score_rows(model, rows: Sequence[_Row], sequences_per_row: Sequence[int], *,
     # Rows of one sequence (language modelling) apart from packed ones: a batch of them needs no
     # mask and takes attention's causal path. Longest first: a batch that does not fit in memory
     # fails at once, not at the end.
-    order = sorted(range(len(rows)), key=lambda r: (max(rows[r].groups) > 0, -len(rows[r].tokens)))
+    order = sorted(range(len(lengths)), key=lambda r: (sequences_per_row[r] > 1, -lengths[r]))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     # A sharded model (FSDP) gathers each block's weights collectively: every rank runs as many
     # forward passes as the busiest one.
@@ -211,11 +257,11 @@ def score_rows(model, rows: Sequence[_Row], sequences_per_row: Sequence[int], *,
         torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
         idle_passes = int(most.item()) - len(batches)
     dtype = autocast_dtype or torch.float32
-    bar = tqdm(total=len(rows), unit="example", desc="core", disable=None if progress else True, leave=False)
+    bar = tqdm(total=len(lengths), unit="example", desc="core", disable=None if progress else True, leave=False)
     for batch in batches:
-        batch_rows = [rows[r] for r in batch]
-        tokens, positions, mask = _batch_tensors(batch_rows, device)
-        if all(max(row.groups) == 0 for row in batch_rows):
+        rows = {r: make_row(r) for r in batch}
+        tokens, positions, mask = _batch_tensors(list(rows.values()), device)
+        if all(max(row.groups) == 0 for row in rows.values()):
             positions = mask = None  # right padding is never seen by a causal query before it
         with autocast(device, dtype):
             hidden = model.hidden_states(tokens, position_ids=positions, attn_mask=mask)
@@ -324,19 +370,21 @@ class CoreEvaluation:
                     f"{len(items)} items are scored; raise --max-per-task above {task.num_fewshot}"
                 )
             where = str(bundle.folder / "eval_data" / task.dataset_uri)
-            self.examples.append([build_example(task, number, items, i, tokenizer, where) for i in range(len(items))])
+            examples = []
+            # In pieces: the rendered prompts of a whole task are far larger than its tokens.
+            for start in range(0, len(items), PROMPTS_AT_ONCE):
+                indices = range(start, min(start + PROMPTS_AT_ONCE, len(items)))
+                examples += build_examples(task, number, items, indices, tokenizer, where)
+            self.examples.append(examples)
 
-    def _rows(self, mine: Sequence[Example], block_size: int, vocab_size: int) -> list[_Row]:
-        rows = []
-        for number, example in enumerate(mine):
-            task = self.tasks[example.task]
-            sequences, starts, ends = crop(example, block_size, str(self.bundle.folder / "eval_data" / task.dataset_uri))
-            top = max(max(s) for s in sequences)
-            if top >= vocab_size:
-                raise UserError(f"task {task.label!r} holds token id {top}, beyond this model's vocabulary of "
-                                f"{vocab_size}; the model was not trained with this tokenizer")
-            rows.append(pack_row(number, sequences, starts, ends))
-        return rows
+    def _row(self, number: int, example: Example, block_size: int, vocab_size: int) -> _Row:
+        task = self.tasks[example.task]
+        sequences, starts, ends = crop(example, block_size, str(self.bundle.folder / "eval_data" / task.dataset_uri))
+        top = max(max(s) for s in sequences)
+        if top >= vocab_size:
+            raise UserError(f"task {task.label!r} holds token id {top}, beyond this model's vocabulary of "
+                            f"{vocab_size}; the model was not trained with this tokenizer")
+        return pack_row(number, sequences, starts, ends)
 
     def evaluate(self, model, *, batch_size: int = 16, autocast_dtype: torch.dtype | None = None, rank: int = 0,
                  world_size: int = 1, progress: bool = False) -> CoreResult:
@@ -347,7 +395,9 @@ class CoreEvaluation:
         if not 0 <= rank < world_size:
             raise UserError(f"rank must be in [0, {world_size}), got {rank}")
         mine = [e for examples in self.examples for e in examples[rank::world_size]]
-        rows = self._rows(mine, model.config.block_size, model.config.vocab_size)
+        config = model.config
+        for example in mine:  # before any scoring
+            check_fits(example, config.block_size, str(self.bundle.folder / "eval_data" / self.tasks[example.task].dataset_uri))
         was_training = model.training
         model.eval()
         # FSDP2 gathers the root's own weights in its forward, which this scoring does not call.
@@ -355,8 +405,11 @@ class CoreEvaluation:
         if sharded:
             model.unshard()
         try:
-            scores = score_rows(model, rows, [len(e.sequences) for e in mine], batch_size=batch_size,
-                                autocast_dtype=autocast_dtype, progress=progress and rank == 0)
+            scores = score_rows(
+                model, lambda i: self._row(i, mine[i], config.block_size, config.vocab_size),
+                [e.row_length(config.block_size) for e in mine], [len(e.rests) for e in mine],
+                batch_size=batch_size, autocast_dtype=autocast_dtype, progress=progress and rank == 0,
+            )
         finally:
             if sharded:
                 model.reshard()
