@@ -143,3 +143,16 @@ def test_bench_quantized_kernels_runs_at_a_tiny_shape(tmp_path):
         "gpt2lab int8", "gpt2lab int8, PyTorch path", "gpt2lab int4", "gpt2lab int4, PyTorch path", "torch.ao int8 (fbgemm)",
     ])
     assert all(ms > 0 for ms in results["stack_ms"].values())
+
+
+def test_bench_core_metric_agrees_with_its_one_example_per_forward_reference(tmp_path):
+    from core_reference import BUNDLE, fixture_model
+    from gpt2lab.eval.core_bundle import load_bundle
+
+    bench = load_script("bench_core_metric")
+    model = fixture_model()
+    bundle = load_bundle(BUNDLE)
+    assert bench.run_one_per_forward(model, bundle, 50) == bench.run_gpt2lab(model, bundle, 50, 7)
+    synthetic = load_bundle(bench.write_bundle(tmp_path / "bundle", items=12))
+    assert {t.task_type for t in synthetic.tasks} == {"multiple_choice", "schema", "language_modeling"}
+    assert all(len(synthetic.items(t)) == 12 for t in synthetic.tasks)
