@@ -5,7 +5,13 @@ The model is drawn from numpy's generator over its parameters in name order, not
 initialization, so that it stays the same model when gpt2lab's initialization changes. Its
 context of 48 tokens crops the longer few-shot prompts. nanochat's per-example results
 (tests/fixtures/core_reference.json) were computed by a script outside this repository over
-nanochat's own code (commit recorded in that file): facts, not its code.
+nanochat's own code (commit recorded in that file): facts, not its code. To compute them again:
+export nanochat/core_eval.py from karpathy/nanochat beside the project, wrap `fixture_model()` as
+nanochat's model (`model(ids)` -> `model.logits(model.hidden_states(ids))`, `max_seq_len` = the
+block size, so that it crops) and gpt2lab's GPT2Tokenizer as its tokenizer (`tokenizer(texts,
+prepend=id)`, `get_bos_token_id()` = end-of-text), load the bundle as its `scripts/base_eval.py`
+does (shuffled with seed 1337, cut to max_per_task) and call `evaluate_task` (the accuracy) and
+`evaluate_example` (each example) per task, for max_per_task -1 and 8.
 """
 
 from __future__ import annotations

@@ -199,6 +199,9 @@ def test_an_archive_that_is_not_the_bundle_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(core_bundle, "BUNDLE_URL", archive.as_uri())
     with pytest.raises(UserError, match="is not a zip file"):
         cached_bundle()
+    # Not kept, nor its checksum: the next run downloads again and records what it gets.
+    assert not (tmp_path / "cache" / "core" / "eval_bundle.zip").exists()
+    assert not (tmp_path / "cache" / "core" / "eval_bundle.zip.sha256").exists()
 
 
 def test_offline_the_message_names_the_bundle_option(tmp_path, monkeypatch):

@@ -253,12 +253,11 @@ def _unpack(archive: Path, target: Path) -> None:
                 if not target.is_dir():  # else another process (a rank beside this one) unpacked it first
                     raise
     except zipfile.BadZipFile:
-        raise UserError(f"{archive} is not a zip file; delete it and run again to download it anew "
-                        f"({OFFLINE_HINT})") from None
+        raise UserError(f"{archive} is not a zip file, so not the eval bundle ({OFFLINE_HINT})") from None
 
 
 def cached_bundle() -> Path:
-    """The eval bundle unpacked in the gpt2lab cache, downloaded (about 25 MB) on first use.
+    """The eval bundle unpacked in the gpt2lab cache, downloaded on first use.
 
     The zip's sha256 is recorded beside it at the first download; a later download (the zip
     deleted or damaged before it was unpacked) must match that record. The folder takes its name
@@ -275,5 +274,12 @@ def cached_bundle() -> Path:
     if recorded is None:
         digest = file_sha256(archive)
         write_atomic(sidecar, lambda p: p.write_text(digest + "\n"))
-    _unpack(archive, target)
+    try:
+        _unpack(archive, target)
+    except UserError:
+        # A first download that is not the bundle must not become the record later ones match.
+        if recorded is None:
+            sidecar.unlink(missing_ok=True)
+            archive.unlink(missing_ok=True)
+        raise
     return target
