@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from core_reference import BUNDLE, CONFIG, REFERENCE, fixture_model
-from gpt2lab import UserError
+from gpt2lab import GPT, GPTConfig, UserError
 from gpt2lab.cli import main
 from gpt2lab.eval import core_bundle
 from gpt2lab.eval.core import CoreEvaluation, crop, score_rows
@@ -291,3 +291,15 @@ def test_two_ranks_under_torchrun_give_one_process_figures(tmp_path, model_folde
     for label, task in REFERENCE_RUNS[0]["tasks"].items():
         assert record["tasks"][label]["examples"] == len(task["examples"])
         assert record["tasks"][label]["accuracy"] == pytest.approx(task["accuracy"], abs=1e-6)
+
+
+def test_a_character_model_and_a_short_context_get_one_message_and_exit_2(capsys, tmp_path):
+    char = save_pretrained(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=4)),
+                           tmp_path / "char", tokenizer_spec={"type": "char", "chars": "abc "})
+    short = save_pretrained(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=3)), tmp_path / "short",
+                            tokenizer_spec="gpt2")
+    for folder, message in ((char, "character-level model, which CORE does not support"),
+                            (short, "do not fit this model's context of 3 tokens")):
+        assert main(["eval", "core", "--model", str(folder), "--bundle", str(BUNDLE), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
