@@ -14,6 +14,11 @@ The pieces, in order:
   hellaswag 10,042 HellaSwag-shaped examples scored (target: under 60 s); synthetic examples
             of the real lengths unless GPU_CHECK_HELLASWAG names the validation .jsonl
   serve     `gpt2lab serve` under 50 concurrent streaming requests of 64 tokens (124M)
+  core      CORE (`gpt2lab eval core`): with GPU_CHECK_CORE_BUNDLE (the unpacked eval bundle)
+            and GPU_CHECK_CORE_MODEL (OpenAI's GPT-2 124M, e.g. `hf download
+            openai-community/gpt2`), the full CORE score against nanochat's published 0.1139
+            (GPU_CHECK_CORE_MAX caps the items per task); otherwise examples/s of a random 124M
+            over benchmarks/bench_core_metric.py's synthetic bundle, 50 items per task
   ladder    `gpt2lab bench`'s speed ladder at B=16, T=1024, with MFU
 
 Weights are random (speed does not depend on them); GPU_CHECK_MODEL may name a model folder for
@@ -207,6 +212,42 @@ def piece_hellaswag() -> dict:
     return result
 
 
+def piece_core() -> dict:
+    from gpt2lab.eval.core import GPT2_CORE, CoreEvaluation
+    from gpt2lab.eval.core_bundle import load_bundle
+    from gpt2lab.pretrained import load_for_inference
+    from gpt2lab.tokenizer import GPT2Tokenizer
+
+    bundle_dir, model_dir = os.environ.get("GPU_CHECK_CORE_BUNDLE"), os.environ.get("GPU_CHECK_CORE_MODEL")
+    real = bool(bundle_dir and model_dir) and not SMOKE
+    limit = int(os.environ.get("GPU_CHECK_CORE_MAX", "0")) or None if real else 50
+    if real:
+        _, model, _, _ = load_for_inference(model_dir, "cuda", "auto")
+        bundle = load_bundle(bundle_dir)
+    else:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from bench_core_metric import write_bundle
+
+        model = model_124m()
+        folder = ROOT / "tests" / "fixtures" / "core_bundle" if SMOKE else write_bundle(
+            Path(tempfile.mkdtemp(prefix="core-bundle-")), items=60)
+        bundle, limit = load_bundle(folder), None if SMOKE else limit
+    started = time.perf_counter()
+    evaluation = CoreEvaluation(bundle, GPT2Tokenizer(), max_per_task=limit)
+    figures = {"bundle": str(bundle.folder), "max_per_task": limit, "tokenize_s": time.perf_counter() - started}
+    sync()
+    started = time.perf_counter()
+    result = evaluation.evaluate(model, batch_size=64)
+    sync()
+    seconds = time.perf_counter() - started
+    figures.update(examples=result.examples, seconds=seconds, examples_per_s=result.examples / seconds,
+                   core=result.core, tasks={label: t.centered for label, t in result.tasks.items()})
+    if real:
+        figures.update(model=model_dir, nanochat_gpt2_124m=GPT2_CORE["GPT-2 124M"],
+                       difference=result.core - GPT2_CORE["GPT-2 124M"])
+    return figures
+
+
 def piece_serve() -> dict:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_serve import load, start_server
@@ -238,7 +279,7 @@ def piece_ladder() -> dict:
 
 
 PIECES = {"tests": piece_tests, "preset": piece_preset, "decode": piece_decode, "hellaswag": piece_hellaswag,
-          "serve": piece_serve, "ladder": piece_ladder}
+          "core": piece_core, "serve": piece_serve, "ladder": piece_ladder}
 
 
 # ---- the run ---------------------------------------------------------------------------------------

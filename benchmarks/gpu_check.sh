@@ -5,6 +5,11 @@
 #     bash benchmarks/gpu_check.sh                    # figures into $OUT/gpu_check.json (+ .log)
 #     GPU_CHECK_SMOKE=1 bash benchmarks/gpu_check.sh  # every piece at a tiny size on the CPU
 #
+# GPT-2 124M's CORE against nanochat's published 0.1139 needs OpenAI's weights and the unpacked eval
+# bundle on the machine (nothing is downloaded there):
+#
+#     GPU_CHECK_CORE_MODEL=./gpt2-weights GPU_CHECK_CORE_BUNDLE=./eval_bundle bash benchmarks/gpu_check.sh --only core
+#
 # Python packages the GPU machine lacks travel as wheels in .whl/ (benchmarks/gpu_check_wheels.sh
 # downloads them here); they are installed into a scratch folder, nothing system-wide.
 set -uo pipefail

@@ -44,14 +44,15 @@ def run_script(args, tmp_path, **env):
 @pytest.mark.slow
 def test_gpu_check_smoke_writes_every_asked_piece(tmp_path):
     out = tmp_path / "gpu_check.json"
-    proc = run_script(["benchmarks/gpu_check.py", "--out", str(out), "--only", "tests", "decode", "hellaswag"],
+    proc = run_script(["benchmarks/gpu_check.py", "--out", str(out), "--only", "tests", "decode", "hellaswag", "core"],
                       tmp_path, GPU_CHECK_SMOKE="1")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads(out.read_text())
-    assert results["smoke"] is True and sorted(results["pieces"]) == ["decode", "hellaswag", "tests"]
+    assert results["smoke"] is True and sorted(results["pieces"]) == ["core", "decode", "hellaswag", "tests"]
     assert results["pieces"]["tests"]["rc"] == 0 and "tests/test_cuda.py" in results["pieces"]["tests"]["files"]
     assert results["pieces"]["decode"]["batch_64_tokens_per_s"] > 0
     assert results["pieces"]["hellaswag"]["examples"] == 16
+    assert results["pieces"]["core"]["examples"] == 80 and -1 <= results["pieces"]["core"]["core"] <= 1
 
 
 def test_gpu_check_refuses_to_run_without_a_gpu_unless_smoke(tmp_path):
@@ -142,3 +143,16 @@ def test_bench_quantized_kernels_runs_at_a_tiny_shape(tmp_path):
         "gpt2lab int8", "gpt2lab int8, PyTorch path", "gpt2lab int4", "gpt2lab int4, PyTorch path", "torch.ao int8 (fbgemm)",
     ])
     assert all(ms > 0 for ms in results["stack_ms"].values())
+
+
+def test_bench_core_metric_agrees_with_its_one_example_per_forward_reference(tmp_path):
+    from core_reference import BUNDLE, fixture_model
+    from gpt2lab.eval.core_bundle import load_bundle
+
+    bench = load_script("bench_core_metric")
+    model = fixture_model()
+    bundle = load_bundle(BUNDLE)
+    assert bench.run_one_per_forward(model, bundle, 50) == bench.run_gpt2lab(model, bundle, 50, 7)
+    synthetic = load_bundle(bench.write_bundle(tmp_path / "bundle", items=12))
+    assert {t.task_type for t in synthetic.tasks} == {"multiple_choice", "schema", "language_modeling"}
+    assert all(len(synthetic.items(t)) == 12 for t in synthetic.tasks)

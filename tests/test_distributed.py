@@ -50,9 +50,9 @@ def losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["train_loss"] for r in records if "train_loss" in r}
 
 
-def val_losses(run: Path) -> dict[int, float]:
+def val_losses(run: Path, key: str = "val_loss") -> dict[int, float]:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+    return {r["step"]: r[key] for r in records if key in r}
 
 
 def weights(run: Path, step: int) -> dict[str, torch.Tensor]:
@@ -78,6 +78,10 @@ def test_two_processes_equal_one_with_twice_the_accumulation(char_data, tmp_path
     val_one, val_two = val_losses(tmp_path / "one"), val_losses(tmp_path / "two")
     assert sorted(val_one) == sorted(val_two) == [10, 20]
     assert all(abs(val_one[s] - val_two[s]) < 1e-5 for s in val_one), (val_one, val_two)
+    # Bits per byte takes its own path through the model (hidden states, then the loss): under
+    # FSDP too, with the root's weights gathered for it.
+    bpb_one, bpb_two = val_losses(tmp_path / "one", "val_bpb"), val_losses(tmp_path / "two", "val_bpb")
+    assert sorted(bpb_two) == [10, 20] and all(abs(bpb_one[s] - bpb_two[s]) < 1e-5 for s in bpb_one)
     assert_close_relative(weights(tmp_path / "one", 20), weights(tmp_path / "two", 20))
     # The weights moved: the comparison is not between two untouched initialisations.
     first = losses(tmp_path / "one")

@@ -100,10 +100,10 @@ def test_steps_are_counted_from_the_budget_and_the_loader(char_data):
     assert count_steps(epoch, 1, train_loader) == (1, 4 * 32, 2 * train_loader.steps_per_epoch)
 
 
-def test_the_evaluators_are_the_datas_tokenizer_and_hellaswag_when_asked(char_data):
+def test_the_evaluators_are_the_datas_tokenizer_hellaswag_and_core_when_asked(char_data):
     config = tiny_config(char_data)
-    tokenizer, hellaswag = build_evaluators(config.eval, open_dataset(char_data))
-    assert tokenizer.decode(tokenizer.encode("ROMEO:")) == "ROMEO:" and hellaswag is None
+    tokenizer, hellaswag, core = build_evaluators(config.eval, open_dataset(char_data))
+    assert tokenizer.decode(tokenizer.encode("ROMEO:")) == "ROMEO:" and hellaswag is None and core is None
 
 
 def test_the_model_builder_draws_the_seeds_weights_in_the_configs_shape(char_data, tmp_path):

@@ -1,4 +1,4 @@
-"""The `eval` verb: `eval hellaswag`, `eval loss` and `eval chat`."""
+"""The `eval` verb: `eval hellaswag`, `eval loss`, `eval bpb`, `eval core` and `eval chat`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 from .options import MODEL_HELP, add_device_options, non_negative_int, positive_int
 from ..errors import UserError
 from ..files import write_atomic
+from ..eval.core_bundle import BUNDLE_URL
 from ..eval.hellaswag import SPLITS, URL
 
 HELLASWAG_DESCRIPTION = f"""Score a model on HellaSwag (10,042 validation examples: a context and four endings,
@@ -52,6 +53,48 @@ LOSS_EPILOG = """examples:
   gpt2lab eval loss --model runs/shakespeare-char --data data/shakespeare-char --batches 20
   gpt2lab eval loss --model runs/gpt2-124m --data data/fineweb-edu --seq-len 1024 --json"""
 
+CORE_DESCRIPTION = f"""The CORE metric of the DCLM paper (arXiv 2406.11794) as nanochat computes it
+(nanochat/core_eval.py, scripts/base_eval.py): 22 in-context tasks (ARC, HellaSwag, LAMBADA,
+Winograd, SQuAD, BigBench, ...), each scored as accuracy and centered against its random
+baseline rb, (acc - rb) / (1 - rb); CORE is the mean of the centered accuracies. nanochat's
+"time to GPT-2" leaderboard counts a model as GPT-2 grade when its CORE beats OpenAI GPT-2
+1.5B's 0.256525; GPT-2 124M scores 0.1139.
+
+Task types: multiple_choice (the choice with the lowest mean loss over its tokens),
+schema (the context option under which the common continuation has the lowest mean loss),
+language_modeling (right when the greedy prediction equals every continuation token). Each
+task's items are shuffled with seed 1337 before --max-per-task cuts them, few-shot examples
+drawn with seed 1234 + i from the others; prompts start with end-of-text and are cut from the
+left to the model's context. A character-level model is refused (CORE needs an end-of-text
+token and text beyond a character vocabulary): use `eval bpb`.
+
+The bundle (core.yaml, eval_meta_data.csv, eval_data/) is downloaded once from
+  {BUNDLE_URL}
+into the gpt2lab cache and unpacked there; its sha256 is recorded at the first download (no
+checksum is published). Offline, unzip it elsewhere and pass its eval_bundle folder with --bundle.
+
+An example's prompts go through the model as one row (their shared few-shot text once), and
+--batch-size examples at once, of all tasks together; under torchrun every rank scores a share."""
+
+CORE_EPILOG = """examples:
+  gpt2lab eval core --model gpt2
+  gpt2lab eval core --model runs/gpt2-124m --max-per-task 500 --json
+  gpt2lab eval core --model gpt2 --bundle ./eval_bundle --tasks hellaswag_zeroshot,arc_easy
+  torchrun --nproc_per_node=8 -m gpt2lab eval core --model runs/gpt2-124m
+
+--json prints one object: {"core": CORE, "tasks": {LABEL: {"accuracy", "centered", "examples"}},
+"seconds", "examples_per_s", "model", "bundle", "max_per_task", "ranks"}."""
+
+BPB_DESCRIPTION = """Bits per byte over a split of a dataset folder made by `gpt2lab prepare`, as nanochat's
+loss_eval.py computes it: the summed loss of the target tokens (nats) divided by ln 2 and by the
+bytes those tokens stand for, special tokens (end-of-text, chat role tokens) left out of both.
+It does not depend on the tokenizer, so it compares models with different vocabularies (a
+character-level model included). Windows of the model's context, read in order."""
+
+BPB_EPILOG = """examples:
+  gpt2lab eval bpb --model runs/gpt2-124m --data data/fineweb-edu
+  gpt2lab eval bpb --model runs/shakespeare-char --data data/shakespeare-char --max-tokens 100000 --json"""
+
 CHAT_DESCRIPTION = """Evaluate a chat model (one whose tokenizer record carries the chat format; a base model
 is refused with exit status 2).
 
@@ -93,10 +136,14 @@ def add_eval_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser], 
   hellaswag   HellaSwag accuracy, scored as build-nanogpt and as lm-evaluation-harness
   loss        mean loss and perplexity over a split of a prepared dataset
   chat        a chat model's exact-match accuracy on prompts with expected answers
+  core        the DCLM CORE metric over its 22 tasks, as nanochat computes it
+  bpb         bits per byte over a split of a prepared dataset (compares tokenizers)
 
 examples:
   gpt2lab eval hellaswag --model gpt2
   gpt2lab eval loss --model runs/gpt2-124m --data data/fineweb-edu
+  gpt2lab eval core --model runs/gpt2-124m --max-per-task 500
+  gpt2lab eval bpb --model runs/gpt2-124m --data data/fineweb-edu
   gpt2lab eval chat --model runs/sft --data heldout.jsonl""",
     )
     evaluate.set_defaults(handler=lambda args: _missing_task(evaluate))
@@ -148,7 +195,50 @@ examples:
     loss.add_argument("--json", action="store_true", help="print the results as one JSON object")
     add_device_options(loss)
     loss.set_defaults(handler=cmd_loss)
+    _add_bpb_task(tasks)
+    _add_core_task(tasks)
     _add_chat_task(tasks)
+
+
+def _add_core_task(tasks: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    core = tasks.add_parser(
+        "core", help="the DCLM CORE metric (nanochat's GPT-2 yardstick)",
+        formatter_class=argparse.RawDescriptionHelpFormatter, description=CORE_DESCRIPTION, epilog=CORE_EPILOG,
+    )
+    core.add_argument("--model", required=True, help=MODEL_HELP)
+    core.add_argument("--bundle", metavar="DIR", help="an unpacked eval bundle instead of the downloaded one")
+    core.add_argument("--tasks", metavar="A,B,...", help="score only these task labels (default: all of core.yaml)")
+    core.add_argument(
+        "--max-per-task", type=positive_int, metavar="N",
+        help="score N items of each task, the first of its shuffled list (default: all)",
+    )
+    core.add_argument(
+        "--batch-size", type=positive_int, default=16, metavar="N", help="examples per forward pass (default 16)"
+    )
+    core.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    add_device_options(core)
+    core.set_defaults(handler=cmd_core)
+
+
+def _add_bpb_task(tasks: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    bpb = tasks.add_parser(
+        "bpb", help="bits per byte over a dataset split (compares tokenizers)",
+        formatter_class=argparse.RawDescriptionHelpFormatter, description=BPB_DESCRIPTION, epilog=BPB_EPILOG,
+    )
+    bpb.add_argument("--model", required=True, help=MODEL_HELP)
+    bpb.add_argument("--data", required=True, metavar="DIR", help="a dataset folder made by `gpt2lab prepare`")
+    bpb.add_argument("--split", default="val", help="the split to read (default val)")
+    bpb.add_argument(
+        "--max-tokens", type=positive_int, metavar="N",
+        help="score about N tokens: the first windows holding them, rounded up to whole batches (default: the "
+        "whole split)",
+    )
+    bpb.add_argument(
+        "--batch-size", type=positive_int, default=8, metavar="N", help="windows per forward pass (default 8)"
+    )
+    bpb.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    add_device_options(bpb)
+    bpb.set_defaults(handler=cmd_bpb)
 
 
 def _add_chat_task(tasks: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -245,6 +335,89 @@ def cmd_loss(args: argparse.Namespace) -> int:
     print(
         f"{args.split} loss {result.loss:.4f}, perplexity {result.perplexity:.2f} over {result.tokens:,} tokens "
         f"of {args.data} (model {args.model}, {device.type}, {precision}, {seconds:.1f} s)"
+    )
+    return 0
+
+
+def cmd_core(args: argparse.Namespace) -> int:
+    from ..eval.core_bundle import cached_bundle, load_bundle
+    from ..train.distributed import init_distributed, shutdown_distributed
+
+    labels = [label.strip() for label in args.tasks.split(",") if label.strip()] if args.tasks else None
+    if args.tasks is not None and not labels:
+        raise UserError("--tasks names no task; give labels separated by commas, or leave it out for all")
+    bundle = load_bundle(args.bundle or cached_bundle())
+    bundle.select(labels)  # an unknown label is refused before the model loads
+    # Under torchrun every rank scores its share of each task and rank 0 prints the sums.
+    group = init_distributed(args.device)
+    try:
+        return _score_core(args, bundle, labels, group)
+    finally:
+        shutdown_distributed()
+
+
+def _score_core(args: argparse.Namespace, bundle, labels: list[str] | None, group) -> int:
+    from ..eval.core import CoreEvaluation
+    from ..pretrained import load_for_inference
+    from ..tokenizer import load_tokenizer
+
+    device_name = str(group.device) if group.enabled else args.device
+    folder, model, device, precision = load_for_inference(args.model, device_name, args.dtype)
+    evaluation = CoreEvaluation(bundle, load_tokenizer(folder), labels, args.max_per_task)
+    started = time.perf_counter()
+    result = evaluation.evaluate(model, batch_size=args.batch_size, rank=group.rank, world_size=group.world_size,
+                                 progress=True)
+    seconds = time.perf_counter() - started
+    rate = result.examples / max(seconds, 1e-9)
+    if not group.is_main:
+        return 0
+    if args.json:
+        print(json.dumps({**result.to_json(), "seconds": round(seconds, 3), "examples_per_s": round(rate, 2),
+                          "model": str(args.model), "bundle": str(bundle.folder), "max_per_task": args.max_per_task,
+                          "ranks": group.world_size}))
+        return 0
+    ranks = f", {group.world_size} ranks" if group.enabled else ""
+    print(f"CORE of model {args.model} ({device.type}, {precision}{ranks}) over {bundle.folder}: {result.examples} "
+          f"examples in {seconds:.1f} s ({rate:.1f} examples/s)")
+    width = max(len(label) for label in result.tasks)
+    print(f"{'task':<{width}}  {'examples':>8}  {'accuracy':>8}  {'centered':>8}")
+    for label, task in result.tasks.items():
+        print(f"{label:<{width}}  {task.examples:>8}  {task.accuracy:>8.4f}  {task.centered:>8.4f}")
+    print(f"{'CORE':<{width}}  {'':>8}  {'':>8}  {result.core:>8.4f}   (GPT-2 124M 0.1139, GPT-2 1.5B 0.256525)")
+    return 0
+
+
+def cmd_bpb(args: argparse.Namespace) -> int:
+    from ..data.dataset import open_dataset
+    from ..eval.loss import evaluate_loss, token_byte_lengths
+    from ..tokenizer import load_tokenizer
+
+    dataset = open_dataset(args.data)
+    folder, model, device, precision = _load(args)
+    tokenizer = load_tokenizer(folder)
+    if tokenizer.spec() != dataset.tokenizer_spec:
+        raise UserError(
+            f"the data in {args.data} was tokenized with a different tokenizer than the model's; "
+            "prepare the data with the model's tokenizer (bits per byte compares models across tokenizers, "
+            "each on data in its own tokens)"
+        )
+    seq_len = model.config.block_size
+    batches = None if args.max_tokens is None else -(-args.max_tokens // (args.batch_size * seq_len))
+    started = time.perf_counter()
+    result = evaluate_loss(
+        model, dataset, split=args.split, batches=batches, batch_size=args.batch_size, progress=True,
+        token_bytes=token_byte_lengths(tokenizer, model.config.embedding_rows),
+    )
+    seconds = time.perf_counter() - started
+    if args.json:
+        print(json.dumps({
+            "split": args.split, "bpb": result.bpb, "loss": result.loss, "tokens": result.tokens,
+            "bytes": result.bytes, "seconds": round(seconds, 3), "model": str(args.model), "data": str(args.data),
+        }))
+        return 0
+    print(
+        f"{args.split} bpb {result.bpb:.4f} (loss {result.loss:.4f} nats per token) over {result.tokens:,} tokens, "
+        f"{result.bytes:,} bytes of {args.data} (model {args.model}, {device.type}, {precision}, {seconds:.1f} s)"
     )
     return 0
 

@@ -14,9 +14,10 @@ def add_report_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser]
         help=summary,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="""Draw the curves of one or more training runs from their metrics.jsonl into one PNG:
-train loss (raw points faint, smoothed line) and validation loss, and HellaSwag acc_norm (both
-scorings) when the runs measured it, each against optimizer steps and against tokens seen.
-Several runs are overlaid in different colors.
+train loss (raw points faint, smoothed line) and validation loss, and when the runs measured
+them HellaSwag acc_norm (both scorings), CORE (eval.core_interval) and validation bits per byte,
+each against optimizer steps and against tokens seen. Several runs are overlaid in different
+colors.
 
 Baselines are drawn as labelled horizontal lines for the runs' model size (--baselines auto:
 GPT-2-tokenizer runs, by the first run's shape, the nearest of 124M, 350M, 774M, 1558M within
@@ -24,10 +25,14 @@ a factor of 2 in non-embedding parameters; the val loss only for a run on FineWe
   val loss    GPT-2 124M checkpoint on FineWeb-EDU val: 3.2924
   HellaSwag   GPT-2 124M 0.2945, 350M 0.3752, 774M 0.4320, 1558M 0.4889
               GPT-3 125M 0.337, 350M 0.436, 760M 0.510, 1.3B 0.547
+  CORE        GPT-2 124M 0.1139, GPT-2 1.5B 0.256525 (nanochat's measurements; drawn for
+              every run but --baselines none: CORE does not depend on the tokenizer)
 
 A Markdown summary (steps, tokens seen, wall time, last train loss, best val loss, last
-HellaSwag) is printed and written next to the PNG with the same name and .md. Both files are
-written under a temporary name and renamed when complete.""",
+HellaSwag) and a report card (each run's latest val loss, val bpb, HellaSwag and CORE beside
+GPT-2 124M's and 1.5B's, with where those come from) is printed and written next to the PNG
+with the same name and .md. Both files are written under a temporary name and renamed when
+complete.""",
         epilog="""examples:
   gpt2lab report runs/gpt2-124m                          # writes runs/gpt2-124m/report.png and .md
   gpt2lab report runs/a runs/b --out compare.png         # two runs overlaid

@@ -42,6 +42,9 @@ settings (--set key=value, or the same keys in a TOML file given with --config):
   eval.*         interval batches (0 = whole split) at_start final_full sample_interval
                  sample_prompt sample_tokens hellaswag_interval (0 = off) hellaswag_limit
                  (0 = all) hellaswag_file (a local .jsonl instead of the download)
+                 core_interval (0 = off; CORE, as `gpt2lab eval core`) core_max_per_task
+                 (default 500, 0 = all) core_bundle (an unpacked bundle instead of the
+                 download); every validation logs val_bpb (bits per byte) beside val_loss
   checkpoint.*   interval keep_last keep_best
   log.*          interval progress_bar tensorboard wandb_project
   system.*       device (auto|cpu|cuda|mps) precision (fp32|tf32|bf16|fp16) parallel (ddp|fsdp)

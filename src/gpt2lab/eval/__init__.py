@@ -1,1 +1,2 @@
-"""Evaluation: HellaSwag (both standard scorings) and loss / perplexity on a prepared dataset."""
+"""Evaluation: HellaSwag (both standard scorings), the CORE metric (DCLM, as nanochat computes it), loss,
+perplexity and bits per byte on a prepared dataset, and run reports."""

@@ -1,8 +1,10 @@
 """`gpt2lab report`: figures of training runs from their metrics.jsonl, and a Markdown summary.
 
-Train loss (raw points faint, a smoothed line over them), validation loss and HellaSwag acc_norm
-against optimizer steps and against tokens seen; several runs overlaid; the published
-baselines of the model's size drawn as labelled horizontal lines.
+Train loss (raw points faint, a smoothed line over them), validation loss, HellaSwag acc_norm,
+CORE and validation bits per byte against optimizer steps and against tokens seen; several runs
+overlaid; the published baselines drawn as labelled horizontal lines (those of the model's size
+for loss and HellaSwag; GPT-2 124M's and 1.5B's CORE for every run: CORE does not depend on the
+tokenizer). The summary ends with a report card: each run's latest measures beside GPT-2's.
 """
 
 from __future__ import annotations
@@ -37,6 +39,17 @@ VAL_LOSS_BASELINES = {"124m": [("GPT-2 124M checkpoint, FineWeb-EDU val", 3.2924
 VAL_LOSS_BASELINE_DATA = "fineweb-edu"
 # A run gets the baselines of the nearest size only within this factor of its non-embedding parameters.
 SIZE_TOLERANCE = 2.0
+# CORE of OpenAI's GPT-2 as nanochat measured it: 124M from the table of nanochat's
+# dev/estimate_gpt3_core.ipynb (given to four decimals), 1.5B (gpt2-xl) from its README and
+# dev/LEADERBOARD.md, where beating it makes a run "GPT-2 grade".
+CORE_BASELINES = [("GPT-2 124M", 0.1139), ("GPT-2 1.5B", 0.256525)]
+CARD_SOURCES = (
+    "GPT-2's figures: CORE as nanochat measured OpenAI's checkpoints (124M: nanochat's "
+    "dev/estimate_gpt3_core.ipynb; 1.5B: its README and dev/LEADERBOARD.md); HellaSwag acc_norm of "
+    "OpenAI's checkpoints in the completion scoring (`gpt2lab eval hellaswag`); val loss of the 124M "
+    "checkpoint on build-nanogpt's FineWeb-EDU validation shard, comparable only on that data with "
+    "GPT-2's tokenizer; val bpb: none published for GPT-2."
+)
 BASELINE_CHOICES = ("auto", *SIZES, "none")
 X_AXES = (("step", "step"), ("tokens", "tokens seen"))
 
@@ -172,60 +185,87 @@ def _token_tick(value: float, _position=None) -> str:
     return f"{value:g}"
 
 
+def _draw_loss(ax, runs: Sequence[Run], colors: Sequence[str], x: str, size: str | None, chosen: bool) -> None:
+    for run, color in zip(runs, colors):
+        xs, ys = run.series("train_loss", x)
+        if xs:
+            ax.plot(xs, ys, color=color, alpha=0.25, linewidth=0.8, gid=f"{run.name}:train_loss:{x}")
+            ax.plot(xs, smooth(ys), color=color, linewidth=1.6, label=f"{run.name} train (smoothed)",
+                    gid=f"{run.name}:train_loss_smoothed:{x}")
+        xs, ys = run.series("val_loss", x)
+        if xs:
+            ax.plot(xs, ys, color=color, linestyle="--", marker="o", markersize=3, label=f"{run.name} val",
+                    gid=f"{run.name}:val_loss:{x}")
+    for label, value in val_loss_baselines(runs[0], size, chosen):
+        ax.axhline(value, color="black", linestyle=":", linewidth=1.2, label=f"{label}: {value}",
+                   gid=f"baseline:val_loss:{label}")
+    ax.set_ylabel("loss (nats per token)")
+    ax.set_title("loss")
+
+
+def _draw_hellaswag(ax, runs: Sequence[Run], colors: Sequence[str], x: str, size: str | None) -> None:
+    for run, color in zip(runs, colors):
+        for key, style, kind in (("hellaswag_acc_norm", "-", "completion"),
+                                 ("hellaswag_acc_norm_harness", ":", "harness")):
+            xs, ys = run.series(key, x)
+            if xs:
+                ax.plot(xs, ys, color=color, linestyle=style, marker="o", markersize=3,
+                        label=f"{run.name} acc_norm ({kind})", gid=f"{run.name}:{key}:{x}")
+    for (label, value), color in zip(HELLASWAG_BASELINES.get(size, []), ("tab:red", "tab:green")):
+        ax.axhline(value, color=color, linestyle="--", linewidth=1.2, label=f"{label}: {value}",
+                   gid=f"baseline:hellaswag_acc_norm:{label}")
+    ax.axhline(0.25, color="gray", linewidth=0.8, linestyle=":", label="chance: 0.25",
+               gid="baseline:hellaswag_acc_norm:chance")
+    ax.set_ylabel("HellaSwag acc_norm")
+    ax.set_title("HellaSwag")
+
+
+def _draw_core(ax, runs: Sequence[Run], colors: Sequence[str], x: str, baselines: bool) -> None:
+    for run, color in zip(runs, colors):
+        xs, ys = run.series("core", x)
+        if xs:
+            ax.plot(xs, ys, color=color, marker="o", markersize=3, label=f"{run.name} CORE", gid=f"{run.name}:core:{x}")
+    for (label, value), color in zip(CORE_BASELINES if baselines else [], ("tab:red", "tab:purple")):
+        ax.axhline(value, color=color, linestyle="--", linewidth=1.2, label=f"{label}: {value}",
+                   gid=f"baseline:core:{label}")
+    ax.set_ylabel("CORE (mean centered accuracy)")
+    ax.set_title("CORE")
+
+
+def _draw_bpb(ax, runs: Sequence[Run], colors: Sequence[str], x: str) -> None:
+    for run, color in zip(runs, colors):
+        xs, ys = run.series("val_bpb", x)
+        if xs:
+            ax.plot(xs, ys, color=color, linestyle="--", marker="o", markersize=3, label=f"{run.name} val",
+                    gid=f"{run.name}:val_bpb:{x}")
+    ax.set_ylabel("bits per byte")
+    ax.set_title("validation bits per byte")
+
+
 def build_figure(runs: Sequence[Run], baselines: str = "auto"):
-    """The report's figure (matplotlib Figure, Agg). Every line carries a gid
-    `RUN:MEASURE:X` (X is step or tokens; baselines `baseline:MEASURE:LABEL`) so that its data can
-    be found again."""
+    """The report's figure (matplotlib Figure, Agg): a row of panels per measure the runs hold,
+    against steps (left) and tokens (right). Every line carries a gid `RUN:MEASURE:X` (X is step
+    or tokens; baselines `baseline:MEASURE:LABEL`) so that its data can be found again."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter
 
     if baselines not in BASELINE_CHOICES:
         raise UserError(f"unknown baselines {baselines!r}; use one of {', '.join(BASELINE_CHOICES)}")
     size = size_class(runs[0]) if baselines == "auto" else (None if baselines == "none" else baselines)
-    has_hellaswag = any(run.last("hellaswag_acc_norm") or run.last("hellaswag_acc_norm_harness") for run in runs)
-    rows = 2 if has_hellaswag else 1
-    figure = Figure(figsize=(13, 4.6 * rows), layout="constrained")
-    axes = figure.subplots(rows, 2, squeeze=False)
+    panels = [lambda ax, x: _draw_loss(ax, runs, colors, x, size, chosen=baselines != "auto")]
+    if any(run.last("hellaswag_acc_norm") or run.last("hellaswag_acc_norm_harness") for run in runs):
+        panels.append(lambda ax, x: _draw_hellaswag(ax, runs, colors, x, size))
+    if any(run.last("core") for run in runs):
+        panels.append(lambda ax, x: _draw_core(ax, runs, colors, x, baselines != "none"))
+    if any(run.last("val_bpb") for run in runs):
+        panels.append(lambda ax, x: _draw_bpb(ax, runs, colors, x))
+    figure = Figure(figsize=(13, 4.6 * len(panels)), layout="constrained")
+    axes = figure.subplots(len(panels), 2, squeeze=False)
     colors = [f"C{i % 10}" for i in range(len(runs))]
-
-    for column, (x, x_label) in enumerate(X_AXES):
-        ax = axes[0][column]
-        for run, color in zip(runs, colors):
-            xs, ys = run.series("train_loss", x)
-            if xs:
-                ax.plot(xs, ys, color=color, alpha=0.25, linewidth=0.8, gid=f"{run.name}:train_loss:{x}")
-                ax.plot(xs, smooth(ys), color=color, linewidth=1.6, label=f"{run.name} train (smoothed)",
-                        gid=f"{run.name}:train_loss_smoothed:{x}")
-            xs, ys = run.series("val_loss", x)
-            if xs:
-                ax.plot(xs, ys, color=color, linestyle="--", marker="o", markersize=3, label=f"{run.name} val",
-                        gid=f"{run.name}:val_loss:{x}")
-        for label, value in val_loss_baselines(runs[0], size, chosen=baselines != "auto"):
-            ax.axhline(value, color="black", linestyle=":", linewidth=1.2, label=f"{label}: {value}",
-                       gid=f"baseline:val_loss:{label}")
-        ax.set_ylabel("loss (nats per token)")
-        ax.set_title(f"loss against {x_label}")
-
-        if has_hellaswag:
-            ax = axes[1][column]
-            for run, color in zip(runs, colors):
-                for key, style, kind in (("hellaswag_acc_norm", "-", "completion"),
-                                         ("hellaswag_acc_norm_harness", ":", "harness")):
-                    xs, ys = run.series(key, x)
-                    if xs:
-                        ax.plot(xs, ys, color=color, linestyle=style, marker="o", markersize=3,
-                                label=f"{run.name} acc_norm ({kind})", gid=f"{run.name}:{key}:{x}")
-            for (label, value), color in zip(HELLASWAG_BASELINES.get(size, []), ("tab:red", "tab:green")):
-                ax.axhline(value, color=color, linestyle="--", linewidth=1.2, label=f"{label}: {value}",
-                           gid=f"baseline:hellaswag_acc_norm:{label}")
-            ax.axhline(0.25, color="gray", linewidth=0.8, linestyle=":", label="chance: 0.25",
-                       gid="baseline:hellaswag_acc_norm:chance")
-            ax.set_ylabel("HellaSwag acc_norm")
-            ax.set_title(f"HellaSwag against {x_label}")
-
-    for row in axes:
-        for column, (x, x_label) in enumerate(X_AXES):
-            ax = row[column]
+    for row, draw in zip(axes, panels):
+        for ax, (x, x_label) in zip(row, X_AXES):
+            draw(ax, x)
+            ax.set_title(f"{ax.get_title()} against {x_label}")
             ax.set_xlabel(x_label)
             ax.grid(True, alpha=0.3)
             if x == "tokens":
@@ -289,9 +329,36 @@ def summary_markdown(runs: Sequence[Run], baselines: str = "auto", image: str | 
         hellaswag = ", ".join(f"{label} {value}" for label, value in HELLASWAG_BASELINES[size])
         parts.append(f"HellaSwag acc_norm: {hellaswag}")
         lines.append(f"Baselines for {size.upper()}: " + "; ".join(parts) + ".")
+    lines += report_card(runs)
     if image is not None:
         lines += ["", f"![training curves]({image})"]
     return "\n".join(lines) + "\n"
+
+
+def _latest(run: Run, key: str, digits: int = 4) -> str:
+    record = run.last(key)
+    return f"{record[key]:.{digits}f} (step {record['step']:,})" if record else "-"
+
+
+def report_card(runs: Sequence[Run]) -> list[str]:
+    """Markdown lines: each run's latest val loss, val bpb, HellaSwag acc_norm and CORE beside
+    those of OpenAI's GPT-2 124M and 1.5B, with where GPT-2's come from."""
+    small_hellaswag, large_hellaswag = HELLASWAG_BASELINES["124m"][0][1], HELLASWAG_BASELINES["1558m"][0][1]
+    core = dict(CORE_BASELINES)
+    rows = [
+        ("val loss (nats per token)", "val_loss", str(VAL_LOSS_BASELINES["124m"][0][1]), "-"),
+        ("val bpb (bits per byte)", "val_bpb", "-", "-"),
+        ("HellaSwag acc_norm (completion)", "hellaswag_acc_norm", str(small_hellaswag), str(large_hellaswag)),
+        ("CORE", "core", str(core["GPT-2 124M"]), str(core["GPT-2 1.5B"])),
+    ]
+    lines = [
+        "", "## Report card", "",
+        "| latest | " + " | ".join(run.name for run in runs) + " | GPT-2 124M | GPT-2 1.5B |",
+        "|---|" + "---:|" * (len(runs) + 2),
+    ]
+    for label, key, gpt2_small, gpt2_large in rows:
+        lines.append(f"| {label} | " + " | ".join(_latest(run, key) for run in runs) + f" | {gpt2_small} | {gpt2_large} |")
+    return lines + ["", CARD_SOURCES]
 
 
 def write_report(

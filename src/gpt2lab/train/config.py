@@ -73,6 +73,9 @@ class EvalSettings:
     hellaswag_interval: int = 0  # steps between HellaSwag evaluations (and at the last step); 0 disables
     hellaswag_limit: int = 0  # score only the first N validation examples; 0: all 10,042
     hellaswag_file: str = ""  # a local HellaSwag .jsonl instead of the downloaded validation file
+    core_interval: int = 0  # steps between CORE evaluations (and at the last step); 0 disables
+    core_max_per_task: int = 500  # items scored per CORE task (nanochat's default in training); 0: all
+    core_bundle: str = ""  # a local, unpacked CORE eval bundle instead of the downloaded one
 
 
 @dataclass
@@ -207,6 +210,8 @@ class TrainConfig:
             "eval.sample_tokens": self.eval.sample_tokens,
             "eval.hellaswag_interval": self.eval.hellaswag_interval,
             "eval.hellaswag_limit": self.eval.hellaswag_limit,
+            "eval.core_interval": self.eval.core_interval,
+            "eval.core_max_per_task": self.eval.core_max_per_task,
             "checkpoint.interval": self.checkpoint.interval,
             "log.interval": self.log.interval,
             "optim.weight_decay": self.optim.weight_decay,

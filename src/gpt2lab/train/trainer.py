@@ -21,7 +21,7 @@ from ..data.chat_loader import ChatLoader
 from ..data.dataset import TokenDataset, open_dataset
 from ..data.loader import TokenLoader
 from ..errors import UserError
-from ..eval.loss import LossResult, loss_over_batches
+from ..eval.loss import LossResult, loss_over_batches, token_byte_lengths
 from ..files import FolderLock, write_atomic
 from ..generate import generate
 from ..lora import apply_lora, parameter_counts
@@ -46,6 +46,7 @@ from .profiling import step_profiler
 if TYPE_CHECKING:
     from tqdm import tqdm
 
+    from ..eval.core import CoreEvaluation
     from ..eval.hellaswag import HellaSwag
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -138,11 +139,23 @@ def count_steps(config: TrainConfig, world_size: int, train_loader: TokenLoader 
     return grad_accum, tokens_per_step, config.total_steps(world_size, train_loader.steps_per_epoch // grad_accum)
 
 
-def build_evaluators(settings: EvalSettings, dataset: TokenDataset) -> tuple[Tokenizer, HellaSwag | None]:
-    """The data's tokenizer (samples and checkpoints use it), and HellaSwag when
-    eval.hellaswag_interval asks for it."""
+def build_evaluators(
+    settings: EvalSettings, dataset: TokenDataset
+) -> tuple[Tokenizer, HellaSwag | None, CoreEvaluation | None]:
+    """The data's tokenizer (samples, checkpoints and bits per byte use it), HellaSwag when
+    eval.hellaswag_interval asks for it, and the CORE tasks when eval.core_interval does."""
     tokenizer = tokenizer_from_spec(dataset.tokenizer_spec)
-    return tokenizer, _load_hellaswag(settings, tokenizer)
+    return tokenizer, _load_hellaswag(settings, tokenizer), _load_core(settings, tokenizer)
+
+
+def _load_core(settings: EvalSettings, tokenizer: Tokenizer) -> CoreEvaluation | None:
+    if not settings.core_interval:
+        return None
+    from ..eval.core import CoreEvaluation
+    from ..eval.core_bundle import cached_bundle, load_bundle
+
+    bundle = load_bundle(settings.core_bundle or cached_bundle())
+    return CoreEvaluation(bundle, tokenizer, max_per_task=settings.core_max_per_task or None)
 
 
 def _load_hellaswag(settings: EvalSettings, tokenizer: Tokenizer) -> HellaSwag | None:
@@ -390,9 +403,10 @@ class Trainer:
         self.dataset, self.train_loader, self.val_loader = open_data(config, self.dist, self.echo)
         steps = count_steps(config, self.world_size, self.train_loader)
         self.grad_accum, self.tokens_per_step, self.total_steps = steps
-        self.tokenizer, self.hellaswag = build_evaluators(config.eval, self.dataset)
+        self.tokenizer, self.hellaswag, self.core = build_evaluators(config.eval, self.dataset)
         self.raw_model, config = build_model(config, self.dist, self.dataset.vocab_size)
         self.config = config
+        self.token_bytes = token_byte_lengths(self.tokenizer, config.model.embedding_rows)
         add_adapters(self.raw_model, config.finetune, self.echo)
         self.fsdp, self.autocast_dtype = place_on_ranks(self.raw_model, config.system, self.dist)
         self.optimizer, self.scaler = build_optimizer_and_scaler(self.raw_model, config, self.device, self.fsdp)
@@ -437,7 +451,8 @@ class Trainer:
         assert self.val_loader is not None
         per_rank = None if max_batches is None else -(-max_batches // self.world_size)
         return loss_over_batches(
-            self.raw_model, self.val_loader, batches=per_rank, autocast_dtype=self.autocast_dtype
+            self.raw_model, self.val_loader, batches=per_rank, autocast_dtype=self.autocast_dtype,
+            token_bytes=self.token_bytes,
         )
 
     def evaluate_hellaswag(self, metrics: MetricsLog, write: Callable[[str], None]) -> None:
@@ -454,6 +469,18 @@ class Trainer:
             f"step {self.step}: HellaSwag acc_norm {result.acc_norm:.4f} (harness {result.acc_norm_harness:.4f}) "
             f"over {result.examples} examples"
         )
+
+    def evaluate_core(self, metrics: MetricsLog, write: Callable[[str], None]) -> None:
+        assert self.core is not None
+        # As for HellaSwag: no more tokens at once than a training micro-batch (a row is at most
+        # the model's context).
+        rows = max(8, self.config.batch.micro_batch * self.config.batch.seq_len // 512)
+        result = self.core.evaluate(
+            self.raw_model, batch_size=rows, autocast_dtype=self.autocast_dtype,
+            rank=self.rank, world_size=self.world_size,
+        )
+        metrics.log(self.step, self.step * self.tokens_per_step, self.elapsed_s, **result.metrics())
+        write(f"step {self.step}: CORE {result.core:.4f} over {len(result.tasks)} tasks, {result.examples} examples")
 
     def sample_text(self) -> str:
         settings = self.config.eval
@@ -607,11 +634,12 @@ class Trainer:
         vocab_size = self.config.model.vocab_size
         # Not kept as last_val_loss: checkpoints record the loss of their own training, and with
         # eval.interval=0 every one would claim the untrained model's (keep_best kept the first).
-        val_loss = self.evaluate(self.config.eval.batches or None).loss
-        metrics.log(0, 0, 0.0, val_loss=val_loss)
+        result = self.evaluate(self.config.eval.batches or None)
+        val_loss = result.loss
+        metrics.log(0, 0, 0.0, val_loss=val_loss, val_bpb=result.bpb)
         write(
             f"step 0: val loss {val_loss:.4f} (a uniform guess over {vocab_size} tokens "
-            f"gives ln({vocab_size}) = {math.log(vocab_size):.4f})"
+            f"gives ln({vocab_size}) = {math.log(vocab_size):.4f}), val bpb {result.bpb:.4f}"
         )
 
     def _train(self, metrics: MetricsLog, bar: tqdm | None, write: Callable[[str], None], started: float) -> int | None:
@@ -681,13 +709,17 @@ class Trainer:
         """The validation loss, HellaSwag and the sample that this step is due."""
         settings = self.config.eval
         if self.val_loader is not None and self._due(settings.interval):
-            val_loss = self.evaluate(settings.batches or None).loss
+            result = self.evaluate(settings.batches or None)
+            val_loss = result.loss
             self.last_val_loss = val_loss
             self.best_val_loss = val_loss if self.best_val_loss is None else min(self.best_val_loss, val_loss)
-            metrics.log(self.step, self.step * self.tokens_per_step, self.elapsed_s, val_loss=val_loss)
-            write(f"step {self.step}: val loss {val_loss:.4f}")
+            metrics.log(self.step, self.step * self.tokens_per_step, self.elapsed_s, val_loss=val_loss,
+                        val_bpb=result.bpb)
+            write(f"step {self.step}: val loss {val_loss:.4f}, val bpb {result.bpb:.4f}")
         if self.hellaswag is not None and (self._due(settings.hellaswag_interval) or self.step == self.total_steps):
             self.evaluate_hellaswag(metrics, write)
+        if self.core is not None and (self._due(settings.core_interval) or self.step == self.total_steps):
+            self.evaluate_core(metrics, write)
         if self._due(settings.sample_interval) and self.is_main and not self.fsdp:
             text = self.sample_text()
             with open(self.run_dir / "samples.txt", "a", encoding="utf-8") as handle:
@@ -707,9 +739,9 @@ class Trainer:
         if self.stop_signal is None and config.eval.final_full and self.val_loader is not None:
             full = self.evaluate(None)
             metrics.log(self.step, self.step * self.tokens_per_step, self.elapsed_s, val_loss=full.loss,
-                        val_tokens=full.tokens)
+                        val_bpb=full.bpb, val_tokens=full.tokens)
             write(f"step {self.step}: val loss over the whole {config.data.val_split} split "
-                  f"({full.tokens:,} tokens): {full.loss:.4f}")
+                  f"({full.tokens:,} tokens): {full.loss:.4f}, val bpb {full.bpb:.4f}")
             summary["val_loss_full"] = full.loss
         if self.stop_signal is not None:
             write(f"stopped at step {self.step}; continue with --resume auto")
