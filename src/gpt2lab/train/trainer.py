@@ -367,7 +367,8 @@ def _group_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
 
 def _keep_group_settings(optimizer: torch.optim.Optimizer, configured: list[dict[str, Any]]) -> list[str]:
     """Put back the run's own group settings that loading a checkpoint's optimizer state replaced
-    (the run's config.toml says what it trains with); returns each change, as "key: old -> new"."""
+    (the run's config.toml says what it trains with); returns each change, said as "key: OLD in
+    the checkpoint, NEW now"."""
     changes = set()
     for group, settings in zip(optimizer.param_groups, configured):
         for key, value in settings.items():
