@@ -301,6 +301,16 @@ def test_the_oldest_turns_give_way_when_the_context_is_full(paris):
     assert "oldest messages no longer fit the model's context of 32 tokens" in err.getvalue()
 
 
+def test_a_message_longer_than_the_context_is_said_to_be_cut(paris):
+    chat, _, _ = load_chat(paris, "cpu")  # a context of 32 tokens: 28 for the conversation, 4 for the answer
+    out, err = io.StringIO(), io.StringIO()
+    Session(chat, Conversation(), ChatSettings(temperature=0, max_new_tokens=4), out, err).run(
+        scripted_reader("Hi", "word " * 40)
+    )
+    assert err.getvalue().count("the model sees only its last part") == 1
+    assert "of the model's context of 32 that leave room for the answer" in err.getvalue()
+
+
 def read_until(buffer: list[str], lock: threading.Lock, pattern: str, timeout: float = 60) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -335,3 +335,20 @@ def test_20_concurrent_streams_all_complete_and_share_decode_steps(server, model
     assert tokens == 20 * 40
     # One at a time would take 39 decode steps per request; together they share them.
     assert engine.decode_steps - steps_before < tokens / 2
+
+
+def test_openapi_describes_the_request_bodies_and_the_error_answers(server):
+    host, port = server[0].removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("GET", "/openapi.json")
+    spec = json.loads(conn.getresponse().read())
+    conn.close()
+    for path, field in (("/v1/completions", "prompt"), ("/v1/chat/completions", "messages")):
+        operation = spec["paths"][path]["post"]
+        body = operation["requestBody"]["content"]["application/json"]["schema"]
+        assert operation["requestBody"]["required"] and field in body["required"]
+        assert {"max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "stream"} <= set(body["properties"])
+        assert {"400", "404", "408", "413"} <= set(operation["responses"])
+        error = operation["responses"]["400"]["content"]["application/json"]["schema"]
+        assert error["properties"]["error"]["required"] == ["message", "type", "param", "code"]
+        assert "$ref" not in json.dumps(body)  # a schema's own $defs do not resolve inside the document

@@ -283,6 +283,13 @@ class Session:
                 f"the {dropped} oldest messages no longer fit the model's context of "
                 f"{self.chat.model.config.block_size} tokens and are dropped"
             )
+        length = len(self.chat.prompt_ids(messages))
+        if length > self.context_limit:
+            self.note(
+                f"this message (with the system prompt) is {length} tokens, more than the {self.context_limit} "
+                f"of the model's context of {self.chat.model.config.block_size} that leave room for the answer: "
+                "the model sees only its last part"
+            )
         pieces = []
         try:
             stream = self.chat.stream(messages, self.settings, self.generator)

@@ -270,9 +270,51 @@ def create_app(
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/v1/models", list_models, methods=["GET"])
     app.add_api_route("/v1/models/{name:path}", get_model, methods=["GET"])
-    app.add_api_route("/v1/completions", completions, methods=["POST"])
-    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    app.add_api_route("/v1/completions", completions, methods=["POST"], **_documented(CompletionRequest))
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], **_documented(ChatCompletionRequest))
     return app
+
+
+_ERROR_SCHEMA = {
+    "type": "object",
+    "properties": {"error": {"type": "object", "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"},
+        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]},
+    }, "required": ["message", "type", "param", "code"]}},
+    "required": ["error"],
+}
+_ERRORS = {
+    400: "a bad request: the message names the field (`param`) and the fix",
+    404: "no such model (`model_not_found`)",
+    408: "the body did not arrive within the read deadline",
+    413: "the body is larger than the server's cap",
+}
+
+
+def _documented(body: type[BaseModel]) -> dict[str, Any]:
+    """What /openapi.json says of an endpoint that reads its body itself (to answer every mistake
+    with OpenAI's error body): the body's schema and the error answers."""
+    schema = body.model_json_schema()
+    definitions = schema.pop("$defs", {})
+    schema = _inline(schema, definitions)
+    errors = {status: {"description": text, "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
+              for status, text in _ERRORS.items()}
+    return {
+        "openapi_extra": {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}},
+        "responses": errors,
+    }
+
+
+def _inline(schema: Any, definitions: dict[str, Any]) -> Any:
+    """`schema` with its `$ref`s to `definitions` replaced by what they name: refs into a schema's
+    own `$defs` do not resolve inside an OpenAPI document."""
+    if isinstance(schema, dict):
+        if "$ref" in schema:
+            return _inline(definitions[schema["$ref"].rsplit("/", 1)[-1]], definitions)
+        return {key: _inline(value, definitions) for key, value in schema.items()}
+    if isinstance(schema, list):
+        return [_inline(item, definitions) for item in schema]
+    return schema
 
 
 @asynccontextmanager
