@@ -56,3 +56,20 @@ def context_or_own_group(groups: torch.Tensor) -> torch.Tensor:
     same = groups[:, :, None] == groups[:, None, :]  # (B, T, T)
     context = groups[:, None, :] == 0
     return (causal(groups.size(1), device=groups.device) & (same | context)).unsqueeze(1)
+
+
+def grouped_batch(rows, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tokens, positions, mask) for rows that each hold a shared context (group 0) and its
+    continuations (groups 1, 2, ...): `row.tokens`, `row.positions` and `row.groups` padded on the
+    right to the longest row (group -1), with `context_or_own_group`'s mask. HellaSwag and CORE
+    score their choices this way, a context computed once for all of them."""
+    length = max(len(row.tokens) for row in rows)
+    tokens = torch.zeros((len(rows), length), dtype=torch.int64)
+    positions = torch.zeros((len(rows), length), dtype=torch.int64)
+    groups = torch.full((len(rows), length), -1, dtype=torch.int64)
+    for r, row in enumerate(rows):
+        n = len(row.tokens)
+        tokens[r, :n] = torch.as_tensor(row.tokens)
+        positions[r, :n] = torch.as_tensor(row.positions)
+        groups[r, :n] = torch.as_tensor(row.groups)
+    return tokens.to(device), positions.to(device), context_or_own_group(groups.to(device))

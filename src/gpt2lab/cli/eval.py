@@ -307,19 +307,29 @@ def cmd_hellaswag(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_loss(args: argparse.Namespace) -> int:
+def _model_and_its_data(args: argparse.Namespace, why: str):
+    """(dataset, model, its tokenizer, device, precision) of --model and --data, refusing data
+    in other tokens than the model's (`why` tells the user how to go on)."""
     from ..data.dataset import open_dataset
     from ..tokenizer import load_tokenizer
-    from ..eval.loss import evaluate_loss
 
     dataset = open_dataset(args.data)
     folder, model, device, precision = _load(args)
-    model_tokens = load_tokenizer(folder).spec()
-    if model_tokens != dataset.tokenizer_spec:
+    tokenizer = load_tokenizer(folder)
+    if tokenizer.spec() != dataset.tokenizer_spec:
         raise UserError(
             f"the data in {args.data} was tokenized with a different tokenizer than the model's; "
-            "prepare the data with the model's tokenizer (GPT-2 models: `gpt2lab prepare` of a BPE source)"
+            f"prepare the data with the model's tokenizer ({why})"
         )
+    return dataset, model, tokenizer, device, precision
+
+
+def cmd_loss(args: argparse.Namespace) -> int:
+    from ..eval.loss import evaluate_loss
+
+    dataset, model, _, device, precision = _model_and_its_data(
+        args, "GPT-2 models: `gpt2lab prepare` of a BPE source"
+    )
     started = time.perf_counter()
     result = evaluate_loss(
         model, dataset, split=args.split, batches=args.batches, batch_size=args.batch_size, seq_len=args.seq_len,
@@ -388,19 +398,11 @@ def _score_core(args: argparse.Namespace, bundle, labels: list[str] | None, grou
 
 
 def cmd_bpb(args: argparse.Namespace) -> int:
-    from ..data.dataset import open_dataset
     from ..eval.loss import evaluate_loss, token_byte_lengths
-    from ..tokenizer import load_tokenizer
 
-    dataset = open_dataset(args.data)
-    folder, model, device, precision = _load(args)
-    tokenizer = load_tokenizer(folder)
-    if tokenizer.spec() != dataset.tokenizer_spec:
-        raise UserError(
-            f"the data in {args.data} was tokenized with a different tokenizer than the model's; "
-            "prepare the data with the model's tokenizer (bits per byte compares models across tokenizers, "
-            "each on data in its own tokens)"
-        )
+    dataset, model, tokenizer, device, precision = _model_and_its_data(
+        args, "bits per byte compares models across tokenizers, each on data in its own tokens"
+    )
     seq_len = model.config.block_size
     batches = None if args.max_tokens is None else -(-args.max_tokens // (args.batch_size * seq_len))
     started = time.perf_counter()

@@ -217,18 +217,6 @@ def pack_row(number: int, sequences: Sequence[Sequence[int]], starts: Sequence[i
     return row
 
 
-def _batch_tensors(rows: Sequence[_Row], device: torch.device):
-    length = max(len(row.tokens) for row in rows)
-    tokens = np.zeros((len(rows), length), dtype=np.int64)
-    positions = np.zeros((len(rows), length), dtype=np.int64)
-    groups = np.full((len(rows), length), -1, dtype=np.int64)
-    for r, row in enumerate(rows):
-        n = len(row.tokens)
-        tokens[r, :n], positions[r, :n], groups[r, :n] = row.tokens, row.positions, row.groups
-    mask = masks.context_or_own_group(torch.from_numpy(groups).to(device))
-    return torch.from_numpy(tokens).to(device), torch.from_numpy(positions).to(device), mask
-
-
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
@@ -260,7 +248,7 @@ def score_rows(model, make_row: Callable[[int], _Row], lengths: Sequence[int], s
     bar = tqdm(total=len(lengths), unit="example", desc="core", disable=None if progress else True, leave=False)
     for batch in batches:
         rows = {r: make_row(r) for r in batch}
-        tokens, positions, mask = _batch_tensors(list(rows.values()), device)
+        tokens, positions, mask = masks.grouped_batch(list(rows.values()), device)
         if all(max(row.groups) == 0 for row in rows.values()):
             positions = mask = None  # right padding is never seen by a causal query before it
         with autocast(device, dtype):

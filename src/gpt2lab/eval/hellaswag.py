@@ -288,19 +288,6 @@ def pack_rows(items: Sequence[Item], block_size: int) -> list[_Row]:
     return rows
 
 
-def _batch_tensors(rows: Sequence[_Row], device: torch.device):
-    length = max(len(row.tokens) for row in rows)
-    tokens = np.zeros((len(rows), length), dtype=np.int64)
-    positions = np.zeros((len(rows), length), dtype=np.int64)
-    groups = np.full((len(rows), length), -1, dtype=np.int64)
-    for r, row in enumerate(rows):
-        n = len(row.tokens)
-        tokens[r, :n], positions[r, :n], groups[r, :n] = row.tokens, row.positions, row.groups
-    groups_t = torch.from_numpy(groups).to(device)
-    mask = masks.context_or_own_group(groups_t)  # the context is group 0, each ending its own
-    return torch.from_numpy(tokens).to(device), torch.from_numpy(positions).to(device), mask
-
-
 @torch.no_grad()
 def ending_loglikelihoods(
     model,
@@ -337,7 +324,7 @@ def ending_loglikelihoods(
     dtype = autocast_dtype or torch.float32
     bar = tqdm(total=len(rows), unit="row", desc="hellaswag", disable=None if progress else True, leave=False)
     for batch in batches:
-        tokens, positions, mask = _batch_tensors(batch, device)
+        tokens, positions, mask = masks.grouped_batch(batch, device)
         with autocast(device, dtype):
             hidden = model.hidden_states(tokens, position_ids=positions, attn_mask=mask)
         where = [(r, p, t, row.item, j) for r, row in enumerate(batch) for p, t, j in row.predictions]

@@ -458,14 +458,7 @@ class Trainer:
 
     def evaluate_hellaswag(self, metrics: MetricsLog, write: Callable[[str], None]) -> None:
         assert self.hellaswag is not None
-        # A HellaSwag row holds at most about 500 tokens: this many rows take no more tokens than a
-        # training micro-batch, and need no gradients.
-        rows = max(8, self.config.batch.micro_batch * self.config.batch.seq_len // 512)
-        result = self.hellaswag.evaluate(
-            self.raw_model, batch_size=rows, autocast_dtype=self.autocast_dtype,
-            rank=self.rank, world_size=self.world_size,
-        )
-        metrics.log(self.step, self.step * self.tokens_per_step, self.elapsed_s, **result.metrics())
+        result = self._score_choices(self.hellaswag, metrics)
         write(
             f"step {self.step}: HellaSwag acc_norm {result.acc_norm:.4f} (harness {result.acc_norm_harness:.4f}) "
             f"over {result.examples} examples"
@@ -473,15 +466,20 @@ class Trainer:
 
     def evaluate_core(self, metrics: MetricsLog, write: Callable[[str], None]) -> None:
         assert self.core is not None
-        # As for HellaSwag: no more tokens at once than a training micro-batch (a row is at most
-        # the model's context).
+        result = self._score_choices(self.core, metrics)
+        write(f"step {self.step}: CORE {result.core:.4f} over {len(result.tasks)} tasks, {result.examples} examples")
+
+    def _score_choices(self, task: HellaSwag | CoreEvaluation, metrics: MetricsLog):
+        """Score a multiple-choice evaluation on every rank's share and log its measures."""
+        # A row holds at most about 500 tokens (HellaSwag) or the context (CORE): this many rows
+        # take no more tokens than a training micro-batch, and need no gradients.
         rows = max(8, self.config.batch.micro_batch * self.config.batch.seq_len // 512)
-        result = self.core.evaluate(
+        result = task.evaluate(
             self.raw_model, batch_size=rows, autocast_dtype=self.autocast_dtype,
             rank=self.rank, world_size=self.world_size,
         )
         metrics.log(self.step, self.step * self.tokens_per_step, self.elapsed_s, **result.metrics())
-        write(f"step {self.step}: CORE {result.core:.4f} over {len(result.tasks)} tasks, {result.examples} examples")
+        return result
 
     def sample_text(self) -> str:
         settings = self.config.eval
