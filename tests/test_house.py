@@ -24,7 +24,7 @@ STAGES = [
                "kernels.fused", "kernels.matvec", "kernels.quantized", "kernels.linear", "kernels.attention", "kernels.loss",
                "kernels.memory", "kernels.compile", "kernels.overrides", "pretrained"]),
     ("model libraries", ["generate", "chat.session", "eval", "eval.loss", "eval.hellaswag", "eval.chat", "eval.report",
-                         "eval.core_bundle", "eval.core"]),
+                         "eval.core_bundle", "eval.ranks", "eval.core"]),
     ("train", ["train", "train.config", "train.muon", "train.optim", "train.distributed", "train.metrics", "train.checkpoint",
                "train.profiling", "train.trainer"]),
     ("api", ["api", ""]),

@@ -20,12 +20,11 @@ def reader_gone(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno in _READER_GONE
 
 
-def detach(stream=None) -> None:
-    """Point `stream` (stdout by default) at /dev/null, so that later writes, and the flush of
-    Python's buffers at exit, have somewhere to go."""
-    stream = stream or sys.stdout
+def detach_stdout() -> None:
+    """Point stdout at /dev/null, so that later writes, and the flush of Python's buffers at
+    exit, have somewhere to go."""
     try:
-        descriptor = stream.fileno()
+        descriptor = sys.stdout.fileno()
     except (OSError, ValueError):  # not a real file (a test's capture): nothing to repoint
         return
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -58,6 +57,6 @@ class Console:
         if self.gone:
             return
         self.gone = True
-        detach(sys.stdout)
+        detach_stdout()
         if self._on_gone is not None:
             self._on_gone()

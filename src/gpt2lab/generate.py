@@ -22,7 +22,7 @@ from . import masks
 from .kv_cache import KVCache
 from .prompts import checked_prompt
 from .runtime import check_fits, format_bytes
-from .sampling import check_sampling_options, generator_seed, sample_next_token
+from .sampling import check_sampling_options, sample_next_token, seeded_generator
 
 if TYPE_CHECKING:
     from .model import GPT
@@ -236,7 +236,7 @@ def generate_stream(
     rows = _prompt_rows(prompts, model.config.vocab_size, eos_token_id)
     decoder = _Decoder(model, rows, max_new_tokens, use_cache, compile)
     if generator is None and seed is not None:
-        generator = torch.Generator(device=decoder.tokens.device).manual_seed(generator_seed(seed))
+        generator = seeded_generator(decoder.tokens.device, seed)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, vocab_size=vocab_size)
     return _stream(model, decoder, len(rows), max_new_tokens, eos_token_id, sampling)
 

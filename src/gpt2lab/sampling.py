@@ -37,6 +37,16 @@ def generator_seed(seed: int) -> int:
     return mixed ^ (mixed >> 31)
 
 
+def seeded_generator(device: torch.device | str, seed: int | None) -> torch.Generator:
+    """A generator on `device` seeded from all 64 bits of `seed` (None: from the system's entropy)."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(generator_seed(seed))
+    return generator
+
+
 def is_greedy(temperature: float) -> bool:
     """Whether `temperature` samples as temperature 0 does: the argmax."""
     return temperature < _TINIEST_TEMPERATURE

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 from .template import validate_messages
 from ..errors import UserError
+from ..data.sources import open_hub_dataset
 from ..jsontext import parse_json
 
 ALPACA_FIELDS = {"instruction", "input", "output"}
@@ -98,17 +99,9 @@ def hub_conversations(
     """The conversations of a `datasets` dataset (a hub name such as HuggingFaceTB/smol-smoltalk,
     or a builder such as "json"/"parquet" with local `data_files`): the column `field` holds a
     list of messages, or the rows are Alpaca records (tatsu-lab/alpaca)."""
-    import datasets
-
-    where = name if data_files is None else ", ".join(data_files)
-    try:
-        dataset = datasets.load_dataset(name, name=config, data_files=data_files, split=split, streaming=streaming)
-    except Exception as error:  # network, hub and builder errors have no common base class
-        raise UserError(
-            f"cannot open the dataset {where}{f' (config {config!r})' if config else ''}, split {split!r}: "
-            f"{type(error).__name__}: {error}; check the name, config and split, and your connection "
-            "(or give local .jsonl files)"
-        ) from None
+    dataset, where = open_hub_dataset(
+        name, name=config, data_files=data_files, split=split, streaming=streaming, instead="give local .jsonl files"
+    )
     columns = dataset.column_names
     if columns is not None and field not in columns and not ALPACA_FIELDS - {"input"} <= set(columns):
         raise UserError(

@@ -13,7 +13,7 @@ import importlib
 import signal
 import sys
 
-from ..console import detach
+from ..console import detach_stdout
 from ..errors import UserError, disk_fault
 from ..kernels import tune_cpu_memory
 from ..version import __version__
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except BrokenPipeError:
         # The reader of the output went away (`| head`): end as a killed writer would, quietly.
-        detach(sys.stdout)
+        detach_stdout()
         return 128 + signal.SIGPIPE
     except OSError as error:
         fault = disk_fault(error)

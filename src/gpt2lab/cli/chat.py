@@ -18,6 +18,7 @@ from .options import (
     positive_int,
     probability,
     seed,
+    read_text_file,
 )
 from ..errors import UserError
 from ..jsontext import parse_json
@@ -102,17 +103,7 @@ def add_chat_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser], 
 
 def read_history(path: str | Path) -> list[dict[str, str]]:
     """The messages of a --history file, or a UserError naming the file and what is wrong."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"--history file {path} does not exist; check the path") from None
-    except IsADirectoryError:
-        raise UserError(f"--history {path} is a folder; give a JSON file") from None
-    except UnicodeDecodeError:
-        raise UserError(f"--history file {path} is not UTF-8 text; save it as UTF-8") from None
-    except OSError as error:
-        raise UserError(f"cannot read --history file {path} ({error.strerror}); check its permissions") from None
+    text = read_text_file(path, "--history", "a JSON file")
     example = '[{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]'
     try:
         data = parse_json(text)
@@ -219,18 +210,11 @@ class Session:
     def __init__(self, chat: Chat, conversation: Conversation, settings: ChatSettings, out: TextIO, err: TextIO):
         self.chat, self.conversation, self.settings = chat, conversation, settings
         self.out, self.err = out, err
-        device = next(chat.model.parameters()).device
+        from ..sampling import seeded_generator
+
         # One generator for the session: each answer continues its random stream, so that asking
         # the same thing twice can answer differently, and a seeded session repeats whole.
-        import torch
-
-        from ..sampling import generator_seed
-
-        self.generator = torch.Generator(device=device)
-        if settings.seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(generator_seed(settings.seed))
+        self.generator = seeded_generator(next(chat.model.parameters()).device, settings.seed)
         block = chat.model.config.block_size
         self.context_limit = block - min(settings.max_new_tokens, block // 4)
 

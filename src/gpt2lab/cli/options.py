@@ -4,6 +4,9 @@ this module imports no verb, so that `gpt2lab.cli` can import every verb without
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from ..errors import UserError
 
 MODEL_HELP = (
     "a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, or owner/name), a folder in the "
@@ -78,3 +81,19 @@ def seed(text: str) -> int:
     if not -(2**63) <= value < 2**64:
         raise argparse.ArgumentTypeError(f"{value} does not fit in 64 bits; give a seed from 0 to {2**64 - 1}")
     return value
+
+
+def read_text_file(path: str | Path, option: str, kind: str) -> str:
+    """The UTF-8 text of the file `option` names, or one UserError naming the option, the file
+    and the fix; `kind` says what to give instead of a folder ("a JSON file")."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{option} file {path} does not exist; check the path") from None
+    except IsADirectoryError:
+        raise UserError(f"{option} {path} is a folder; give {kind}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{option} file {path} is not UTF-8 text; save it as UTF-8") from None
+    except OSError as error:
+        raise UserError(f"cannot read {option} file {path} ({error.strerror}); check its permissions") from None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 from .options import (
     MODEL_HELP,
@@ -15,8 +14,8 @@ from .options import (
     positive_int,
     probability,
     seed,
+    read_text_file,
 )
-from ..errors import UserError
 
 
 def add_sample_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser], summary: str) -> None:
@@ -79,38 +78,22 @@ the compile's time apart from the tokens/s.""",
 
 def _read_prompt(args) -> str:
     if args.prompt_file is not None:
-        path = Path(args.prompt_file)
-        try:
-            return path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise UserError(f"prompt file {path} does not exist; check the path given to --prompt-file") from None
-        except IsADirectoryError:
-            raise UserError(f"--prompt-file {path} is a folder; give a text file in it") from None
-        except UnicodeDecodeError:
-            raise UserError(f"prompt file {path} is not UTF-8 text; save it as UTF-8") from None
-        except OSError as error:
-            raise UserError(f"cannot read prompt file {path} ({error.strerror}); check its permissions") from None
+        return read_text_file(args.prompt_file, "--prompt-file", "a text file in it")
     return args.prompt
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    import torch
-
     from ..generate import generate_stream
     from ..pretrained import load_for_inference
     from ..prompts import checked_prompt, empty_prompt_start
-    from ..sampling import generator_seed
+    from ..sampling import seeded_generator
     from ..tokenizer import StreamDecoder, load_tokenizer
 
     prompt = _read_prompt(args)
     folder, model, device, precision = load_for_inference(args.model, args.device, args.dtype)
     tokenizer = load_tokenizer(folder)
     prompt_ids = checked_prompt(tokenizer.encode(prompt), model.config.vocab_size, empty_prompt_start(tokenizer))
-    generator = torch.Generator(device=device)
-    if args.seed is not None:
-        generator.manual_seed(generator_seed(args.seed))
-    else:
-        generator.seed()
+    generator = seeded_generator(device, args.seed)
     # The compiled step runs from the second new token, and only within the block size.
     compiles = args.compile and args.max_new_tokens >= 2 and len(prompt_ids) < model.config.block_size
     compile_seconds = _compile_first(model, prompt_ids, args) if compiles else None

@@ -220,6 +220,24 @@ def local_documents(paths: list[Path], *, field: str = "text", column: str = "te
             yield from _parquet_documents(path, column)
 
 
+def open_hub_dataset(
+    path: str, *, name: str | None, data_files: list[str] | None, split: str, streaming: bool, instead: str,
+) -> tuple[Any, str]:
+    """(`datasets.load_dataset(...)`, how messages name it), or a UserError naming the dataset,
+    the config and split, and `instead`, the way around the hub."""
+    import datasets
+
+    where = path if data_files is None else ", ".join(data_files)
+    try:
+        return datasets.load_dataset(path, name=name, data_files=data_files, split=split, streaming=streaming), where
+    except Exception as error:  # network, hub and builder errors have no common base class
+        raise UserError(
+            f"cannot open the dataset {where}{f' (config {name!r})' if name else ''}, split {split!r}: "
+            f"{type(error).__name__}: {error}; check the name, config and split, and your connection "
+            f"(or {instead})"
+        ) from None
+
+
 def hub_documents(
     path: str,
     *,
@@ -233,17 +251,9 @@ def hub_documents(
 
     The hub datasets and local stand-ins of the same schema go through this one call.
     """
-    import datasets
-
-    where = path if data_files is None else ", ".join(data_files)
-    try:
-        dataset = datasets.load_dataset(path, name=name, data_files=data_files, split=split, streaming=streaming)
-    except Exception as error:  # network, hub and builder errors have no common base class
-        raise UserError(
-            f"cannot open the dataset {where}{f' (config {name!r})' if name else ''}, split {split!r}: "
-            f"{type(error).__name__}: {error}; "
-            "check the name, config and split, and your connection (or use local files)"
-        ) from None
+    dataset, where = open_hub_dataset(
+        path, name=name, data_files=data_files, split=split, streaming=streaming, instead="use local files"
+    )
     columns = dataset.column_names
     if columns is not None:
         if column not in columns:

@@ -34,7 +34,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
 
 from .. import masks
@@ -42,6 +41,7 @@ from ..errors import UserError
 from ..runtime import autocast
 from ..tokenizer import Tokenizer
 from .core_bundle import Bundle, Item, TaskSpec
+from . import ranks
 
 FEWSHOT_SEED = 1234
 SHUFFLE_SEED = 1337
@@ -217,10 +217,6 @@ def pack_row(number: int, sequences: Sequence[Sequence[int]], starts: Sequence[i
     return row
 
 
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
 @torch.no_grad()
 def score_rows(model, make_row: Callable[[int], _Row], lengths: Sequence[int], sequences_per_row: Sequence[int], *,
                batch_size: int, autocast_dtype: torch.dtype | None, progress: bool
@@ -237,13 +233,7 @@ def score_rows(model, make_row: Callable[[int], _Row], lengths: Sequence[int], s
     # fails at once, not at the end.
     order = sorted(range(len(lengths)), key=lambda r: (sequences_per_row[r] > 1, -lengths[r]))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    # A sharded model (FSDP) gathers each block's weights collectively: every rank runs as many
-    # forward passes as the busiest one.
-    idle_passes = 0
-    if _distributed():
-        most = torch.tensor([len(batches)], device=device)
-        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
-        idle_passes = int(most.item()) - len(batches)
+    short = ranks.passes_short(len(batches), device)
     dtype = autocast_dtype or torch.float32
     bar = tqdm(total=len(lengths), unit="example", desc="core", disable=None if progress else True, leave=False)
     for batch in batches:
@@ -272,9 +262,7 @@ def score_rows(model, make_row: Callable[[int], _Row], lengths: Sequence[int], s
             wrong[r][k] += not hit
         bar.update(len(batch))
     bar.close()
-    for _ in range(idle_passes):
-        with autocast(device, dtype):
-            model.hidden_states(torch.zeros((1, 1), dtype=torch.long, device=device))
+    ranks.idle_passes(model, short, device, dtype)
     return [(s, c, w == 0) for s, c, w in zip(sums, counts, wrong)]
 
 
@@ -386,34 +374,21 @@ class CoreEvaluation:
         config = model.config
         for example in mine:  # before any scoring
             check_fits(example, config.block_size, str(self.bundle.folder / "eval_data" / self.tasks[example.task].dataset_uri))
-        was_training = model.training
-        model.eval()
-        # FSDP2 gathers the root's own weights in its forward, which this scoring does not call.
-        sharded = isinstance(model, FSDPModule)
-        if sharded:
-            model.unshard()
-        try:
+        with ranks.scoring(model):
             scores = score_rows(
                 model, lambda i: self._row(i, mine[i], config.block_size, config.vocab_size),
                 [e.row_length(config.block_size) for e in mine], [len(e.rests) for e in mine],
                 batch_size=batch_size, autocast_dtype=autocast_dtype, progress=progress and rank == 0,
             )
-        finally:
-            if sharded:
-                model.reshard()
-            model.train(was_training)
         outcomes: dict[str, list[tuple[int, int, bool]]] = {task.label: [] for task in self.tasks}
         counts = np.zeros((len(self.tasks), 2), dtype=np.int64)
         for example, score in zip(mine, scores):
             right = is_correct(example, *score)
             outcomes[self.tasks[example.task].label].append((example.index, example.line, right))
             counts[example.task] += (right, 1)
-        if _distributed():
-            counts_t = torch.from_numpy(counts).to(next(model.parameters()).device)
-            torch.distributed.all_reduce(counts_t)
-            counts = counts_t.cpu().numpy()
+        summed = ranks.summed_counts(counts.ravel().tolist(), next(model.parameters()).device)
         results = {}
-        for task, (right, total) in zip(self.tasks, counts.tolist()):
+        for task, (right, total) in zip(self.tasks, np.reshape(summed, (-1, 2)).tolist()):
             accuracy = right / total
             baseline = 0.01 * task.random_baseline
             results[task.label] = TaskResult(accuracy, (accuracy - baseline) / (1.0 - baseline), total)

@@ -29,7 +29,6 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
 
 from ..cache import cache_dir, download, file_sha256
@@ -38,6 +37,7 @@ from ..errors import UserError
 from ..files import write_atomic
 from ..runtime import autocast
 from ..tokenizer import Tokenizer
+from . import ranks
 
 SPLITS = ("val", "train")
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
@@ -314,13 +314,7 @@ def ending_loglikelihoods(
     # Longest first: a batch that does not fit in memory fails at once, not at the end.
     rows = sorted(pack_rows(items, config.block_size), key=lambda row: len(row.tokens), reverse=True)
     batches = [rows[start : start + batch_size] for start in range(0, len(rows), batch_size)]
-    # A sharded model (FSDP) gathers each block's weights collectively, so every rank must run as
-    # many forward passes as the busiest one; agreed on before any of them.
-    idle_passes = 0
-    if _distributed():
-        most = torch.tensor([len(batches)], device=device)
-        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
-        idle_passes = int(most.item()) - len(batches)
+    short = ranks.passes_short(len(batches), device)
     dtype = autocast_dtype or torch.float32
     bar = tqdm(total=len(rows), unit="row", desc="hellaswag", disable=None if progress else True, leave=False)
     for batch in batches:
@@ -344,14 +338,8 @@ def ending_loglikelihoods(
         np.add.at(counts, owner, 1)
         bar.update(len(batch))
     bar.close()
-    for _ in range(idle_passes):
-        with autocast(device, dtype):
-            model.hidden_states(torch.zeros((1, 1), dtype=torch.long, device=device))
+    ranks.idle_passes(model, short, device, dtype)
     return sums, counts
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 # ---- results ------------------------------------------------------------------------------------
@@ -463,21 +451,10 @@ class HellaSwag:
             raise UserError(f"rank must be in [0, {world_size}), got {rank}")
         mine = list(range(rank, len(self.examples), world_size))
         items = [self.completion[i] for i in mine] + [self.harness[i] for i in mine]
-        was_training = model.training
-        model.eval()
-        # FSDP2 gathers the root's own weights (embeddings, final norm) in its forward, which this
-        # scoring does not call; the blocks gather theirs as usual.
-        sharded = isinstance(model, FSDPModule)
-        if sharded:
-            model.unshard()
-        try:
+        with ranks.scoring(model):
             sums, counts = ending_loglikelihoods(
                 model, items, batch_size=batch_size, autocast_dtype=autocast_dtype, progress=progress and rank == 0
             )
-        finally:
-            if sharded:
-                model.reshard()
-            model.train(was_training)
         n = len(mine)
         scores = tuple(
             ExampleScore(
@@ -497,9 +474,5 @@ class HellaSwag:
             sum(s.pred_harness == s.label for s in scores),
             sum(s.pred_norm_harness == s.label for s in scores),
         ]
-        if _distributed():
-            device = next(model.parameters()).device
-            counts_t = torch.tensor(totals, dtype=torch.long, device=device)
-            torch.distributed.all_reduce(counts_t)
-            totals = counts_t.tolist()
+        totals = ranks.summed_counts(totals, next(model.parameters()).device)
         return HellaSwagResult(*totals, scores=scores)

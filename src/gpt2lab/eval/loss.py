@@ -22,6 +22,7 @@ from ..data.loader import TokenLoader
 from ..errors import UserError
 from ..runtime import autocast
 from ..tokenizer import Tokenizer
+from . import ranks
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ def loss_over_batches(
         token_bytes = token_bytes.to(device)
     count = 0
     expected = _batch_count(loader, loader.rank, batches)
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    distributed = ranks.distributed()
     # A sharded model (FSDP) gathers its weights collectively in every forward pass, so a rank
     # with fewer batches makes uncounted passes until it has made as many as rank 0, which has
     # the most.

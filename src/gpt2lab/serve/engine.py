@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import UserError
-from ..sampling import check_sampling_options, generator_seed, is_greedy, next_token_probs, sample_next_token
+from ..sampling import check_sampling_options, is_greedy, next_token_probs, sample_next_token, seeded_generator
 from ..stopping import StopRule
 from ..kv_cache import KVCache
 from ..model import GPT
@@ -169,7 +169,7 @@ class Engine:
             raise UserError(f"stop_token_ids must be token ids in [0, {self.vocab_size}), got {params.stop_token_ids!r}")
         generator = None
         if not is_greedy(params.temperature) and params.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(generator_seed(params.seed + seed_offset))
+            generator = seeded_generator(self.device, params.seed + seed_offset)
         sequence = Sequence(
             id=next(self._ids),
             prompt=list(prompt),
