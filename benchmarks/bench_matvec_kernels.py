@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2lab import GPT, GPTConfig
-from gpt2lab.generate import generate
+from gpt2lab.inference.generate import generate
 from gpt2lab.kernels import accelerate, matvec, tune_cpu_memory
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

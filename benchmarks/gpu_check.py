@@ -155,7 +155,7 @@ def piece_decode() -> dict:
 
 
 def _decode_rate(model, name: str, batch: int, new_tokens: int, compiled: bool) -> dict:
-    from gpt2lab.generate import generate
+    from gpt2lab.inference.generate import generate
 
     figures = {}
     prompts = torch.randint(0, 50257, (batch, 16), generator=torch.Generator().manual_seed(batch)).to(device())

@@ -5,7 +5,7 @@ import pytest
 from gpt2lab.chat.template import ChatTemplate, validate_messages
 from gpt2lab.config import GPTConfig
 from gpt2lab.errors import UserError
-from gpt2lab.prompts import checked_prompt
+from gpt2lab.inference.prompts import checked_prompt
 from gpt2lab.tokenizer import CharTokenizer, GPT2Tokenizer, gpt2_encoding, is_gpt2_spec, load_tokenizer, tokenizer_from_spec
 
 SYSTEM, USER, ASSISTANT, END, EOT = 50257, 50258, 50259, 50260, 50256

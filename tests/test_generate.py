@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2lab import UserError
-from gpt2lab.sampling import filter_logits
+from gpt2lab.inference.sampling import filter_logits
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +143,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 
 def test_sampling_with_top_k_draws_only_kept_tokens():
     logits = torch.tensor([[0.0, 3.0, 2.9, -1.0, 2.8]]).repeat(500, 1)
-    from gpt2lab.sampling import sample_next_token
+    from gpt2lab.inference.sampling import sample_next_token
 
     draws = sample_next_token(logits, temperature=1.0, top_k=2, generator=torch.Generator().manual_seed(0))
     assert set(draws.tolist()) == {1, 2}
@@ -158,7 +158,7 @@ def test_seeds_2_to_the_32_apart_draw_differently_and_small_seeds_stay_as_they_w
     """A CPU generator keeps 32 bits of its seed; every bit of a 64-bit seed must count."""
     import torch
 
-    from gpt2lab.sampling import generator_seed
+    from gpt2lab.inference.sampling import generator_seed
 
     model = make_model()
     draws = {seed: model.generate([[1, 2, 3]], 12, temperature=1.0, seed=seed)[0] for seed in (5, 2**32 + 5, 2**40 + 5, -5)}

@@ -111,7 +111,7 @@ def test_sample_compile_with_no_cache_exits_2(capsys, make_model_folder):
 
 
 def test_a_compiler_that_fails_is_one_clear_error(model, monkeypatch):
-    from gpt2lab import generate as generate_module
+    from gpt2lab.inference import generate as generate_module
 
     def no_compiler(*args, **kwargs):
         raise torch._dynamo.exc.BackendCompilerFailed(

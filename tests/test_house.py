@@ -14,8 +14,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "gpt2lab"
 # the eval scorers are libraries over a model (the trainer samples and scores with them); the
 # verbs that drive them come last.
 STAGES = [
-    ("base", ["errors", "files", "config", "cache", "runtime", "version", "tokenizer", "masks", "sampling", "stopping",
-              "kv_cache", "prompts", "console", "jsontext",
+    ("base", ["errors", "files", "config", "cache", "runtime", "version", "tokenizer", "console", "jsontext",
+              "inference", "inference.masks", "inference.sampling", "inference.stopping", "inference.kv_cache",
+              "inference.prompts",
               "chat", "chat.template"]),
     ("data", ["data", "data.dataset", "data.loader", "data.prepare", "data.shards", "data.sources", "chat.records",
                "data.chat_prepare", "data.chat_loader"]),
@@ -23,7 +24,7 @@ STAGES = [
                "formats.transformers_llama", "quantize", "lora", "kernels", "kernels.build", "kernels.cpu", "kernels.torch_compat",
                "kernels.fused", "kernels.matvec", "kernels.quantized", "kernels.linear", "kernels.attention", "kernels.loss",
                "kernels.memory", "kernels.compile", "kernels.overrides", "pretrained"]),
-    ("model libraries", ["generate", "chat.session", "eval", "eval.loss", "eval.hellaswag", "eval.chat", "eval.report",
+    ("model libraries", ["inference.generate", "chat.session", "eval", "eval.loss", "eval.hellaswag", "eval.chat", "eval.report",
                          "eval.core_bundle", "eval.ranks", "eval.core"]),
     ("train", ["train", "train.config", "train.muon", "train.optim", "train.distributed", "train.metrics", "train.checkpoint",
                "train.profiling", "train.trainer"]),
@@ -130,7 +131,7 @@ def test_no_module_imports_a_later_stage():
 def test_model_is_the_transformer_alone():
     source = MODULES["model"].read_text()
     assert len(source.splitlines()) <= 300
-    assert imports_of("model") <= {"config", "layers", "loss", "kv_cache"}
+    assert imports_of("model") <= {"config", "layers", "loss", "inference.kv_cache"}
 
 
 def test_the_kernels_are_entered_by_their_door_alone():

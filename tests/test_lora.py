@@ -27,7 +27,7 @@ from gpt2lab.lora import (
     merge_lora,
     parameter_counts,
 )
-from gpt2lab.model import GPT
+from gpt2lab.model import Transformer
 from gpt2lab.pretrained import (
     ADAPTERS_FILE,
     checkpoint_folders,
@@ -50,12 +50,12 @@ QUIET = [
 LLAMA = dict(position="rope", norm="rmsnorm", activation="swiglu", bias=False, tie_embeddings=False)
 
 
-def tiny(seed: int = 0, **options) -> GPT:
+def tiny(seed: int = 0, **options) -> Transformer:
     torch.manual_seed(seed)
-    return GPT(GPTConfig(**{**TINY, "vocab_size": 65, **options})).eval()
+    return Transformer(GPTConfig(**{**TINY, "vocab_size": 65, **options})).eval()
 
 
-def with_random_adapters(model: GPT, seed: int = 1) -> GPT:
+def with_random_adapters(model: Transformer, seed: int = 1) -> Transformer:
     """B drawn away from zero, so that the adapters change what the model computes."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -116,7 +116,7 @@ def test_targets_pick_the_layers_and_the_counts_add_up():
     assert wrapped == [f"transformer.h.{i}.{name}" for i in (0, 1) for name in ("attn.c_proj", "mlp.c_fc")]
     # rank * (in + out) per layer: attention's 32 -> 32 and the MLP's 32 -> 128.
     per_layer = 4 * (32 + 32) + 4 * (32 + 128)
-    base = GPT(GPTConfig(**{**TINY, "vocab_size": 65})).num_params(non_embedding=False)
+    base = Transformer(GPTConfig(**{**TINY, "vocab_size": 65})).num_params(non_embedding=False)
     assert parameter_counts(model) == (2 * per_layer, base + 2 * per_layer)
     assert sorted(lora_state_dict(model)) == sorted(f"{n}.{k}" for n in wrapped for k in ("lora_A", "lora_B"))
     both = apply_lora(tiny(), rank=4, targets=["c_proj"])
@@ -229,7 +229,7 @@ def lora_run(char_data, tmp_path_factory):
 def test_the_trainable_share_is_reported(lora_run):
     _, _, lines, trainer = lora_run
     per_layer = 4 * (32 + 96) + 4 * (32 + 32) + 4 * (32 + 128) + 4 * (128 + 32)
-    total = GPT(trainer.config.model).num_params(non_embedding=False) + 2 * per_layer
+    total = Transformer(trainer.config.model).num_params(non_embedding=False) + 2 * per_layer
     share = 100 * 2 * per_layer / total
     assert lines[0] == (
         f"LoRA rank 4 on c_attn, c_proj, c_fc: {2 * per_layer:,} of {total:,} parameters train ({share:.2f}%)"
@@ -298,10 +298,10 @@ def test_resume_with_other_lora_settings_is_refused(lora_run, char_data, tmp_pat
         Trainer(plain, resumed, resume="auto", echo=lambda line: None)
 
 
-def unmerged_model(checkpoint: Path, config: GPTConfig) -> GPT:
+def unmerged_model(checkpoint: Path, config: GPTConfig) -> Transformer:
     """The LoRA model of a checkpoint as training ran it: base (with the CPU kernels, as the
     trainer's), wrappers, adapters."""
-    model = accelerate(GPT(config))
+    model = accelerate(Transformer(config))
     model.load_state_dict(read_state_dict(checkpoint, config), strict=False)  # the tied head shares wte
     apply_lora(model, rank=4, alpha=16.0, dropout=0.1)
     model.load_state_dict(load_file(str(checkpoint / ADAPTERS_FILE)), strict=False)

@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt2lab.generate import generate
+from gpt2lab.inference.generate import generate
 from gpt2lab.kernels import accelerate, build, matvec
 from gpt2lab.kernels.linear import CPULinear, linear
-from gpt2lab.model import GPT, GPTConfig
+from gpt2lab.model import GPTConfig, Transformer
 
 needs_kernels = pytest.mark.skipif(matvec._library() is None, reason="the matvec kernels do not run here")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -127,7 +127,7 @@ def test_decoding_with_the_kernels_gives_the_logits_of_pytorchs_products(dtype, 
     """An accelerated model against the plain one it was made from (nn.Linear, F.linear)."""
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=300, block_size=64, n_layer=2, n_head=4, n_embd=64)
-    plain = GPT(config).to(dtype).eval()
+    plain = Transformer(config).to(dtype).eval()
     model = accelerate(copy.deepcopy(plain))
     layers = 4 * config.n_layer + 1
     assert sum(type(m) is CPULinear for m in model.modules()) == layers

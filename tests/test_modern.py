@@ -12,7 +12,7 @@ import torch
 from gpt2lab import GPT, GPTConfig, UserError, load_model
 from gpt2lab.cli import main
 from gpt2lab.data.prepare import prepare
-from gpt2lab.kv_cache import KVCache
+from gpt2lab.inference.kv_cache import KVCache
 from gpt2lab.layers import apply_rope, rope_tables
 from gpt2lab.train.config import resolve_config
 from gpt2lab.train.muon import Muon, orthogonalize

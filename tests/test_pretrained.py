@@ -614,4 +614,4 @@ def test_gpt_from_pretrained_and_load_model_give_the_package_class(tmp_path):
 
     small_gpt().save_pretrained(tmp_path)
     assert type(GPT.from_pretrained(tmp_path)) is GPT and type(load_model(tmp_path)) is GPT
-    assert type(load_transformer(tmp_path)) is gpt2lab.model.GPT
+    assert type(load_transformer(tmp_path)) is gpt2lab.model.Transformer

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gpt2lab import UserError
-from gpt2lab.prompts import checked_prompt, empty_prompt_start
+from gpt2lab.inference.prompts import checked_prompt, empty_prompt_start
 from gpt2lab.tokenizer import GPT2Tokenizer, CharTokenizer
 
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from gpt2lab.cli import main
-from gpt2lab.generate import generate
+from gpt2lab.inference.generate import generate
 from gpt2lab.pretrained import save_pretrained
-from gpt2lab.sampling import sample_next_token
+from gpt2lab.inference.sampling import sample_next_token
 from gpt2lab.serve.engine import Engine, SamplingParams
 from gpt2lab.tokenizer import GPT2Tokenizer
 

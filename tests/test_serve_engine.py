@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gpt2lab import UserError
-from gpt2lab.kv_cache import KVCache
+from gpt2lab.inference.kv_cache import KVCache
 from gpt2lab.serve.engine import Engine, SamplingParams
 from gpt2lab.tokenizer import GPT2Tokenizer
 

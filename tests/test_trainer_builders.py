@@ -11,7 +11,7 @@ from gpt2lab.data.dataset import open_dataset
 from gpt2lab.data.loader import TokenLoader
 from gpt2lab.data.prepare import prepare
 from gpt2lab.lora import parameter_counts
-from gpt2lab.model import GPT
+from gpt2lab.model import Transformer
 from gpt2lab.pretrained import save_pretrained
 from gpt2lab.train.config import resolve_config
 from gpt2lab.train.distributed import DistInfo
@@ -109,11 +109,11 @@ def test_the_evaluators_are_the_datas_tokenizer_hellaswag_and_core_when_asked(ch
 def test_the_model_builder_draws_the_seeds_weights_in_the_configs_shape(char_data, tmp_path):
     config = tiny_config(char_data, "max_steps=1")
     model, built_config = build_model(config, ALONE, 65)
-    assert built_config == config and isinstance(model, GPT) and model.config == config.model
+    assert built_config == config and isinstance(model, Transformer) and model.config == config.model
     assert (len(model.transformer.h), model.config.n_embd) == (2, 32)
     assert all(p.device.type == "cpu" for p in model.parameters())
     torch.manual_seed(config.system.seed)
-    assert_same_weights(model, GPT(config.model))
+    assert_same_weights(model, Transformer(config.model))
     trainer = Trainer(config, tmp_path / "run", echo=lambda line: None)
     try:
         assert_same_weights(model, trainer.raw_model)
@@ -129,7 +129,7 @@ def test_the_model_builder_refuses_a_model_too_large_for_memory(char_data):
 
 def test_a_loaded_model_brings_its_shape_into_the_settings(char_data, tmp_path):
     torch.manual_seed(3)
-    base = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=65))
+    base = Transformer(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=65))
     folder = save_pretrained(base, tmp_path / "base", tokenizer_spec=None)
     config = tiny_config(char_data, f"init_from={folder}")
     model, built_config = build_model(config, ALONE, 65)

@@ -1,4 +1,4 @@
-"""`gpt2lab.GPT`: the transformer of `gpt2lab.model` with its loader, writer and generation
+"""`gpt2lab.GPT`: the transformer of `gpt2lab.model` (`Transformer`) with its loader, writer and generation
 attached, the way transformers users expect to find them (`GPT.from_pretrained(...)`,
 `model.generate(...)`).
 
@@ -14,12 +14,12 @@ from typing import Any, Iterator
 
 import torch
 
-from . import model as transformer
-from .generate import PromptBatch, generate, generate_stream
+from .model import Transformer
+from .inference.generate import PromptBatch, generate, generate_stream
 from . import pretrained
 
 
-class GPT(transformer.GPT):
+class GPT(Transformer):
     """GPT-2. ``logits, _ = model(idx)``: logits for every position; ``_, loss = model(idx, targets)``."""
 
     @classmethod
@@ -40,11 +40,11 @@ class GPT(transformer.GPT):
         return pretrained.save_pretrained(self, directory, **options)
 
     def generate(self, prompts: PromptBatch, max_new_tokens: int, **options: Any):
-        """Continue each prompt; see `gpt2lab.generate.generate` for the options."""
+        """Continue each prompt; see `gpt2lab.inference.generate.generate` for the options."""
         return generate(self, prompts, max_new_tokens, **options)
 
     def generate_stream(self, prompts: PromptBatch, max_new_tokens: int, **options: Any) -> Iterator[torch.Tensor]:
-        """Yield a (B,) tensor of new tokens at each step; see `gpt2lab.generate.generate_stream`."""
+        """Yield a (B,) tensor of new tokens at each step; see `gpt2lab.inference.generate.generate_stream`."""
         return generate_stream(self, prompts, max_new_tokens, **options)
 
 

@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import masks
+from .inference import masks
 
 
 def plain_attention(q, k, v, attn_mask, is_causal, dropout_p):

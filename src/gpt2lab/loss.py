@@ -3,7 +3,7 @@
 
 Each chunk's gradients are computed while its logits are at hand, so backward only scales them.
 The products and the softmax of a chunk go through a `HeadKernels`: PyTorch's operators here;
-`gpt2lab.kernels.accelerate` gives a model on a CPU kernels of its own (`GPT.head_kernels`).
+`gpt2lab.kernels.accelerate` gives a model on a CPU kernels of its own (`Transformer.head_kernels`).
 """
 
 from __future__ import annotations

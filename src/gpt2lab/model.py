@@ -5,11 +5,12 @@ Design:
 - the options of the modern recipe, each off by default (`GPTConfig`): RoPE, RMSNorm, QK-norm,
   ReLU² / SwiGLU, logit soft-capping, zero-initialised projections, grouped-query attention;
 - attention through F.scaled_dot_product_attention (or `layers.plain_attention`), with a KV cache
-  (`kv_cache.CacheRows`) and per-row positions and masks for padded and packed batches;
+  (`inference.kv_cache.CacheRows`) and per-row positions and masks for padded and packed batches;
 - the loss chunk by chunk from the hidden states (`loss.linear_cross_entropy`), never the full logits;
 - module and parameter names of transformers' GPT2LMHeadModel (``transformer.h.0.attn.c_attn``
   and so on), so that converting weights is a matter of transposing the Conv1D matrices.
 
+`gpt2lab.GPT` is this class with its loader, writer and generation attached (`gpt2lab.api`).
 Nothing here is specific to one kind of hardware: `gpt2lab.kernels.accelerate(model)` swaps in the
 CPU kernels, explicitly, where a model runs on a CPU.
 """
@@ -28,7 +29,7 @@ from .layers import apply_rope, plain_attention, rope_tables
 from .loss import PYTORCH, HeadKernels, linear_cross_entropy
 
 if TYPE_CHECKING:
-    from .kv_cache import CacheRows
+    from .inference.kv_cache import CacheRows
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 
@@ -136,8 +137,8 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(nn.Module):
-    """GPT-2. ``logits, _ = model(idx)``: logits for every position; ``_, loss = model(idx, targets)``."""
+class Transformer(nn.Module):
+    """GPT-2 (and the modern recipe's options). ``logits, _ = model(idx)``: logits for every position; ``_, loss = model(idx, targets)``."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -291,4 +292,4 @@ class GPT(nn.Module):
         return self._head(hidden), None
 
 
-__all__ = ["GPT", "GPTConfig", "plain_attention"]
+__all__ = ["GPTConfig", "Transformer", "plain_attention"]

@@ -29,7 +29,7 @@ from .formats import (
     transformers_llama,
 )
 from .lora import LoRAConfig, apply_lora, lora_config, lora_state_dict, merge_adapters, split_adapters
-from .model import GPT
+from .model import Transformer
 from .quantize import QUANTIZERS, quantize
 from .runtime import resolve_device, resolve_dtype
 from .tokenizer import is_gpt2_spec, tokenizer_from_spec
@@ -330,7 +330,7 @@ def checked_state_dict(state: dict[str, torch.Tensor], config: GPTConfig, *, sou
     """`state` checked against the parameters of GPT(config): a UserError for anything missing,
     extra or of the wrong shape; an unpadded vocabulary padded with zero rows."""
     with torch.device("meta"):
-        expected = {name: p.shape for name, p in GPT(config).named_parameters()}
+        expected = {name: p.shape for name, p in Transformer(config).named_parameters()}
     missing = [k for k in expected if k not in state]
     if missing:
         raise UserError(
@@ -397,7 +397,7 @@ def read_adapters(folder: Path, config: GPTConfig, lora: LoRAConfig) -> dict[str
     check_digest(folder, ADAPTERS_FILE)
     tensors = _load_safetensors(path)
     with torch.device("meta"):
-        expected = {k: t.shape for k, t in lora_state_dict(apply_lora(GPT(config), *_lora_args(lora))).items()}
+        expected = {k: t.shape for k, t in lora_state_dict(apply_lora(Transformer(config), *_lora_args(lora))).items()}
     wrong = sorted(set(expected) ^ set(tensors)) or [k for k in expected if tensors[k].shape != expected[k]]
     if wrong:
         raise UserError(
@@ -421,9 +421,9 @@ def load_model(
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
-    model_class: type[GPT] = GPT,
+    model_class: type[Transformer] = Transformer,
     **config_overrides: Any,
-) -> GPT:
+) -> Transformer:
     """The one resolver every command uses: a `model_class` built from a hub name, a transformers
     folder, a checkpoint folder or a run folder (its newest checkpoint). A LoRA checkpoint's
     adapters are merged into its base weights: the model is a plain one.
@@ -456,7 +456,7 @@ def load_model(
 
 
 def save_pretrained(
-    model: GPT,
+    model: Transformer,
     directory: str | Path,
     *,
     keep_padded_vocab: bool = False,
@@ -472,7 +472,7 @@ def save_pretrained(
     )
 
 
-def plain_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+def plain_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     """`model.state_dict()`, with a LoRA model's adapters folded into its weights (the model
     itself keeps them)."""
     state = model.state_dict()
@@ -503,7 +503,7 @@ def architecture_name(layout: str) -> str:
 
 
 def export_for_transformers(
-    model: GPT, directory: str | Path, *, tokenizer_spec: Any = None, card_facts: dict[str, Any] | None = None
+    model: Transformer, directory: str | Path, *, tokenizer_spec: Any = None, card_facts: dict[str, Any] | None = None
 ) -> Path:
     """What `gpt2lab convert` writes: the transformers model of `model`'s architecture (see
     `export_layout`), padded vocabulary rows cut, with a README.md model card of `card_facts`
@@ -568,7 +568,7 @@ def write_model_folder(
     return directory
 
 
-def check_finite_weights(model: GPT, folder: Path) -> None:
+def check_finite_weights(model: Transformer, folder: Path) -> None:
     """A UserError naming the first tensor that holds NaN or infinite values: such a model gives
     nothing but NaN (a diverged run saved it, or the file is damaged)."""
     for name, tensor in model.named_parameters():

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from .errors import UserError
-from .model import GPT
+from .model import Transformer
 
 ROWS = 4  # output rows per packed block (ROWS in kernels/csrc/gpt2lab_kernels.h)
 GROUP = 32  # inputs per chunk of the packing, and per int4 scale and minimum (CHUNK there)
@@ -189,7 +189,7 @@ def int4_linear(layer: nn.Linear) -> Int4Linear:
 QUANTIZERS = {"int8": Int8Linear, "int4": int4_linear}
 
 
-def quantize(model: GPT, precision: str) -> GPT:
+def quantize(model: Transformer, precision: str) -> Transformer:
     """A copy of `model` (float32, CPU) whose linear layers are `precision` ("int8" or "int4"),
     for inference only; the original is left as it is."""
     make_layer = QUANTIZERS[precision]

@@ -16,14 +16,14 @@ import torch
 
 from .template import chat_template_for, validate_messages
 from ..errors import UserError
-from ..generate import generate_stream
-from ..sampling import check_sampling_options
-from ..stopping import StopRule
+from ..inference.generate import generate_stream
+from ..inference.sampling import check_sampling_options
+from ..inference.stopping import StopRule
 from ..pretrained import load_for_inference
 from ..tokenizer import StreamDecoder, load_tokenizer
 
 if TYPE_CHECKING:
-    from ..model import GPT
+    from ..model import Transformer
 
 @dataclass
 class ChatSettings:
@@ -69,7 +69,7 @@ class ReplyStream:
 class Chat:
     """A chat model: the model and its tokenizer's chat template, checked to fit each other."""
 
-    def __init__(self, model: GPT, tokenizer: Any, model_name: str = "this model", compile: bool = False):
+    def __init__(self, model: Transformer, tokenizer: Any, model_name: str = "this model", compile: bool = False):
         self.model = model
         self.compile = compile  # decode through `generate`'s compiled one-token step
         self.template = chat_template_for(tokenizer, model.config.vocab_size, model_name)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from ..errors import UserError
-from ..stopping import StopRule
+from ..inference.stopping import StopRule
 from ..tokenizer import CHAT_FORMATS, DEFAULT_CHAT_FORMAT, GPT2Tokenizer, tokenizer_from_spec
 
 ROLES = ("system", "user", "assistant")

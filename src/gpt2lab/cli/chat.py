@@ -210,7 +210,7 @@ class Session:
     def __init__(self, chat: Chat, conversation: Conversation, settings: ChatSettings, out: TextIO, err: TextIO):
         self.chat, self.conversation, self.settings = chat, conversation, settings
         self.out, self.err = out, err
-        from ..sampling import seeded_generator
+        from ..inference.sampling import seeded_generator
 
         # One generator for the session: each answer continues its random stream, so that asking
         # the same thing twice can answer differently, and a seeded session repeats whole.

@@ -83,10 +83,10 @@ def _read_prompt(args) -> str:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from ..generate import generate_stream
+    from ..inference.generate import generate_stream
     from ..pretrained import load_for_inference
-    from ..prompts import checked_prompt, empty_prompt_start
-    from ..sampling import seeded_generator
+    from ..inference.prompts import checked_prompt, empty_prompt_start
+    from ..inference.sampling import seeded_generator
     from ..tokenizer import StreamDecoder, load_tokenizer
 
     prompt = _read_prompt(args)
@@ -143,7 +143,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def _compile_first(model, prompt_ids: list[int], args: argparse.Namespace) -> float:
     """Seconds spent compiling the one-token step, before the clock of -v starts: its tokens/s is
     then the decoding's own. Greedy, so the samples' random draws are left as they were."""
-    from ..generate import generate_stream
+    from ..inference.generate import generate_stream
 
     started = time.perf_counter()
     warm_up = generate_stream(

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..chat.template import ChatTemplate
-from .. import masks
+from ..inference import masks
 from ..errors import UserError
 from .dataset import TokenDataset, open_dataset
 from .loader import _positive

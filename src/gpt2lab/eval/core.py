@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .. import masks
+from ..inference import masks
 from ..errors import UserError
 from ..runtime import autocast
 from ..tokenizer import Tokenizer

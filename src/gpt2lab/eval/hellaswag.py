@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from ..cache import cache_dir, download, file_sha256
-from .. import masks
+from ..inference import masks
 from ..errors import UserError
 from ..files import write_atomic
 from ..runtime import autocast

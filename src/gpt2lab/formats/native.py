@@ -1,4 +1,4 @@
-"""gpt2lab's own weight layout: `model.safetensors` holding `GPT.state_dict()` as it is
+"""gpt2lab's own weight layout: `model.safetensors` holding `Transformer.state_dict()` as it is
 (nn.Linear matrices stored (out, in), tied matrices once, padded vocabulary rows kept).
 
 Checkpoint folders of models that transformers cannot load are written this way; `gpt2lab.json`

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from ..model import GPT, CausalSelfAttention
+from ..model import Transformer, CausalSelfAttention
 from ..quantize import Int4Linear, Int8Linear
 from . import cpu, fused
 from .attention import CPUSelfAttention
@@ -34,9 +34,9 @@ def accelerate_on_cpu(model: nn.Module) -> nn.Module:
         cpu_class = SWAPS.get(type(module))
         if cpu_class is not None and _takes(module):
             module.__class__ = cpu_class
-        if isinstance(module, GPT):
+        if isinstance(module, Transformer):
             module.head_kernels = HEAD_KERNELS
-        fused_in_use |= isinstance(module, (FusedGELU, GPT))
+        fused_in_use |= isinstance(module, (FusedGELU, Transformer))
     if fused_in_use:
         fused.for_compile()  # builds the library, if need be, before a graph that calls it compiles
     return model

@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat.template import ChatTemplate, base_model_reason
 from ..errors import UserError
-from ..prompts import checked_prompt, empty_prompt_start
+from ..inference.prompts import checked_prompt, empty_prompt_start
 from ..tokenizer import Tokenizer
 from .engine import Engine, SamplingParams, Sequence, Update
 from .limits import Limits, RequestLimits, error_body, uvicorn_config

@@ -6,7 +6,7 @@ into free cache slots up to `max_concurrency`, reading each prompt in a forward 
 `KVCache` where each row sits at its own position. Finished sequences leave between steps and
 the last slot moves into the hole, so that the live rows are always slots 0..B-1 (read as a view).
 
-Sampling draws from the distribution of `gpt2lab.generate.sample_next_token`; a seeded sequence
+Sampling draws from the distribution of `gpt2lab.inference.sampling.sample_next_token`; a seeded sequence
 draws exactly as it does, with a `torch.Generator` of its own, so its tokens depend only on its
 prompt, settings and seed: decoded alone, a request gives exactly the tokens of `generate()` (and
 `gpt2lab sample`) with the same seed. Decoded in a batch, the matmuls run at another batch size
@@ -29,11 +29,11 @@ from typing import Any, Callable
 import torch
 
 from ..errors import UserError
-from ..sampling import check_sampling_options, is_greedy, next_token_probs, sample_next_token, seeded_generator
-from ..stopping import StopRule
-from ..kv_cache import KVCache
-from ..model import GPT
-from ..prompts import checked_prompt
+from ..inference.sampling import check_sampling_options, is_greedy, next_token_probs, sample_next_token, seeded_generator
+from ..inference.stopping import StopRule
+from ..inference.kv_cache import KVCache
+from ..model import Transformer
+from ..inference.prompts import checked_prompt
 from ..tokenizer import StreamDecoder, Tokenizer
 
 log = logging.getLogger("gpt2lab.serve")
@@ -92,7 +92,7 @@ class Sequence:
 class Engine:
     """Continuous batching over a GPT. Thread-safe: `submit` and `cancel` from any thread."""
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, *, max_concurrency: int = 64):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_concurrency: int = 64):
         if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1:
             raise UserError(f"max_concurrency must be a positive integer, got {max_concurrency!r}")
         self.model = model.eval()

@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
 from ..errors import UserError
 from ..formats import native
 from ..lora import LoRAConfig, lora_config, split_adapters
-from ..model import GPT
+from ..model import Transformer
 from ..pretrained import (
     ADAPTERS_FILE, CHECKPOINT_NAME, MODEL_FILES, check_digest, checkpoint_folders, newest_checkpoint, read_adapters,
     read_lora_config, read_state_dict, write_adapters, write_model_folder,
@@ -83,7 +83,7 @@ def _gather_rng_states() -> list[dict[str, Any]]:
 def save_checkpoint(
     run_dir: Path,
     *,
-    model: GPT,
+    model: Transformer,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None,
     state: dict[str, Any],
@@ -127,7 +127,7 @@ def save_checkpoint(
     return final
 
 
-def _write_model(model: GPT, model_state: dict[str, torch.Tensor], folder: Path, tokenizer_spec: Any,
+def _write_model(model: Transformer, model_state: dict[str, torch.Tensor], folder: Path, tokenizer_spec: Any,
                  train_config: dict[str, Any]) -> None:
     """The weights of a checkpoint: the model, or a LoRA model's frozen base and its adapters."""
     lora = lora_config(model)
@@ -219,7 +219,7 @@ def find_resume_checkpoint(run_dir: Path, resume: str | None) -> Path | None:
     return path
 
 
-def _read_model(checkpoint: Path, model: GPT) -> dict[str, torch.Tensor]:
+def _read_model(checkpoint: Path, model: Transformer) -> dict[str, torch.Tensor]:
     """The checkpoint's weights as `model.state_dict()` names them, adapters included: its LoRA
     settings must be the run's."""
     saved, wanted = read_lora_config(checkpoint), lora_config(model)
@@ -245,7 +245,7 @@ def _described(lora: LoRAConfig | None) -> str:
 def load_checkpoint(
     checkpoint: Path,
     *,
-    model: GPT,
+    model: Transformer,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None,
 ) -> dict[str, Any]:

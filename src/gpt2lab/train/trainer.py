@@ -23,12 +23,12 @@ from ..data.loader import TokenLoader
 from ..errors import UserError
 from ..eval.loss import LossResult, loss_over_batches, token_byte_lengths
 from ..files import FolderLock, write_atomic
-from ..generate import generate
+from ..inference.generate import generate
 from ..lora import apply_lora, parameter_counts
-from ..model import GPT
-from ..prompts import checked_prompt, empty_prompt_start
+from ..model import Transformer
+from ..inference.prompts import checked_prompt, empty_prompt_start
 from ..runtime import autocast, check_fits
-from ..sampling import generator_seed
+from ..inference.sampling import generator_seed
 from ..tokenizer import Tokenizer, tokenizer_from_spec
 from .checkpoint import (
     find_resume_checkpoint,
@@ -167,7 +167,7 @@ def _load_hellaswag(settings: EvalSettings, tokenizer: Tokenizer) -> HellaSwag |
     return HellaSwag(examples, tokenizer)
 
 
-def build_model(config: TrainConfig, group: DistInfo, data_vocab_size: int) -> tuple[GPT, TrainConfig]:
+def build_model(config: TrainConfig, group: DistInfo, data_vocab_size: int) -> tuple[Transformer, TrainConfig]:
     """The model to train, still on the CPU and whole (no adapters, shards or compilation yet):
     drawn from system.seed, or loaded from init_from. Returned with the settings, whose model.*
     is then the loaded model's shape. A model from scratch whose training cannot fit in memory
@@ -177,7 +177,7 @@ def build_model(config: TrainConfig, group: DistInfo, data_vocab_size: int) -> t
         _check_model_fits(config, group.device, group.world_size if fsdp else 1)
     _configure_torch(config.system, group.device)
     if config.init_from == "scratch":
-        model = GPT(config.model)
+        model = Transformer(config.model)
     else:
         model, config = _load_initial_model(config, data_vocab_size)
     if group.device.type == "cpu":  # elsewhere the kernels package is not even imported
@@ -192,7 +192,7 @@ def _check_model_fits(config: TrainConfig, device: torch.device, shards: int) ->
     model.block_size=1e9 would otherwise fail inside the allocator); FSDP keeps 1/`shards` of it
     on each device."""
     with torch.device("meta"):
-        shapes = dict(GPT(config.model).named_parameters())
+        shapes = dict(Transformer(config.model).named_parameters())
     weights = sum(p.numel() * p.element_size() for p in shapes.values())
     name, largest = max(shapes.items(), key=lambda item: item[1].numel())
     count, shape = sum(p.numel() for p in shapes.values()), " x ".join(map(str, largest.shape))
@@ -218,7 +218,7 @@ def _configure_torch(system: SystemSettings, device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def _load_initial_model(config: TrainConfig, data_vocab_size: int) -> tuple[GPT, TrainConfig]:
+def _load_initial_model(config: TrainConfig, data_vocab_size: int) -> tuple[Transformer, TrainConfig]:
     """The model init_from names, on the CPU, and the settings with its shape in model.*."""
     from ..pretrained import load_model
 
@@ -244,7 +244,7 @@ def _load_initial_model(config: TrainConfig, data_vocab_size: int) -> tuple[GPT,
     return model, config
 
 
-def _take_spare_rows(model: GPT, vocab_size: int, seed: int) -> None:
+def _take_spare_rows(model: Transformer, vocab_size: int, seed: int) -> None:
     """Give the ids [vocab_size of the model, vocab_size) of a loaded model (the chat tokens in
     GPT-2's padded rows) embeddings of their own: a padded row holds zeros, and zero rows would
     make the role tokens indistinguishable. Each new row is the mean embedding plus noise of the
@@ -259,7 +259,7 @@ def _take_spare_rows(model: GPT, vocab_size: int, seed: int) -> None:
     model.config.vocab_size = vocab_size
 
 
-def add_adapters(model: GPT, settings: FinetuneSettings, echo: Callable[[str], None]) -> None:
+def add_adapters(model: Transformer, settings: FinetuneSettings, echo: Callable[[str], None]) -> None:
     """LoRA adapters on the model, in place (all else frozen), when finetune.lora_rank asks for them."""
     if not settings.lora_rank:
         return
@@ -271,7 +271,7 @@ def add_adapters(model: GPT, settings: FinetuneSettings, echo: Callable[[str], N
     )
 
 
-def place_on_ranks(model: GPT, system: SystemSettings, group: DistInfo) -> tuple[bool, torch.dtype | None]:
+def place_on_ranks(model: Transformer, system: SystemSettings, group: DistInfo) -> tuple[bool, torch.dtype | None]:
     """The model on this rank's device, in place, with a dropout stream of the rank's own, and
     sharded across the ranks under FSDP. Returns (whether it is sharded, the dtype the training
     step autocasts to: None for none)."""
@@ -287,7 +287,7 @@ def place_on_ranks(model: GPT, system: SystemSettings, group: DistInfo) -> tuple
 
 
 def build_optimizer_and_scaler(
-    model: GPT, config: TrainConfig, device: torch.device, fsdp: bool
+    model: Transformer, config: TrainConfig, device: torch.device, fsdp: bool
 ) -> tuple[torch.optim.Optimizer, torch.amp.GradScaler | None]:
     """The optimizer over the parameters that train, and the loss scaler of fp16 training (None
     otherwise, and under FSDP, whose float32 gradient reduction needs none)."""
@@ -296,7 +296,7 @@ def build_optimizer_and_scaler(
     return optimizer, scaler
 
 
-def wrap_for_step(model: GPT, compile_model: bool, ddp: bool, device: torch.device) -> torch.nn.Module:
+def wrap_for_step(model: Transformer, compile_model: bool, ddp: bool, device: torch.device) -> torch.nn.Module:
     """What the training step calls: the model, compiled if asked, inside DDP on several ranks."""
     wrapped = torch.compile(model) if compile_model else model
     if ddp:
@@ -330,7 +330,7 @@ class Progress:
 
 
 def resume_training(
-    run_dir: Path, requested: str | None, *, model: GPT, optimizer: torch.optim.Optimizer,
+    run_dir: Path, requested: str | None, *, model: Transformer, optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None, train_loader: TokenLoader | ChatLoader, group: DistInfo, seed: int,
     echo: Callable[[str], None],
 ) -> Progress:

@@ -17,15 +17,15 @@ from typing import TYPE_CHECKING, Iterator, Sequence, Union
 import torch
 import torch.nn as nn
 
-from .errors import UserError
+from ..errors import UserError
 from . import masks
 from .kv_cache import KVCache
 from .prompts import checked_prompt
-from .runtime import check_fits, format_bytes
+from ..runtime import check_fits, format_bytes
 from .sampling import check_sampling_options, sample_next_token, seeded_generator
 
 if TYPE_CHECKING:
-    from .model import GPT
+    from ..model import Transformer
 
 PromptBatch = Union[torch.Tensor, Sequence[Sequence[int]]]
 
@@ -63,7 +63,7 @@ class _SingleTokenStep(nn.Module):
     """Logits after one new token per row, every row at the same cache position: the forward that
     `compiled_step` compiles (its shapes do not change from token to token)."""
 
-    def __init__(self, model: GPT):
+    def __init__(self, model: Transformer):
         super().__init__()
         self.model = model
 
@@ -78,13 +78,13 @@ _compiled_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _weights_fingerprint(model: nn.Module) -> tuple:
     # Frozen weights (and buffers, such as int4's packed weights) are constants of the compiled
     # graph: an optimizer step (which bumps a tensor's version) or a new tensor must compile afresh.
-    from .kernels import tensor_version
+    from ..kernels import tensor_version
 
     tensors = itertools.chain(model.parameters(), model.buffers())
     return tuple((t.data_ptr(), tensor_version(t), t.dtype, t.device) for t in tensors)
 
 
-def compiled_step(model: GPT) -> _SingleTokenStep:
+def compiled_step(model: Transformer) -> _SingleTokenStep:
     """The model's one-token step through torch.compile, made once per model and set of weights
     (the first call compiles, a minute or more on a CPU; inductor's caches on disk shorten later
     processes' compiles)."""
@@ -93,7 +93,7 @@ def compiled_step(model: GPT) -> _SingleTokenStep:
     if cached is not None and cached[0] != fingerprint:
         # Dynamo's guards pass for the same tensors changed in place, so the graph holding the old
         # values would be reused: drop the compiled graphs (other models' steps recompile on use).
-        from .kernels import forget_compiled
+        from ..kernels import forget_compiled
 
         forget_compiled(_SingleTokenStep.forward)
         cached = None
@@ -106,7 +106,7 @@ def compiled_step(model: GPT) -> _SingleTokenStep:
 class _Decoder:
     """State of one generation call: the token buffer, the left padding of each row, the cache."""
 
-    def __init__(self, model: GPT, rows: list[list[int]], max_new_tokens: int, use_cache: bool, compile: bool):
+    def __init__(self, model: Transformer, rows: list[list[int]], max_new_tokens: int, use_cache: bool, compile: bool):
         self.model = model
         param = next(model.parameters())
         device = param.device
@@ -129,7 +129,7 @@ class _Decoder:
             # One graph for every generation length: the cache's length is a symbol of the graph
             # (it enters no product with the weights, so the autotuned GEMM kernels keep their
             # static shapes).
-            from .kernels import mark_dynamic
+            from ..kernels import mark_dynamic
 
             for tensor in self.cache.keys + self.cache.values:
                 mark_dynamic(tensor, 2)
@@ -180,7 +180,7 @@ class _Decoder:
         # A column of the token buffer has the buffer's width as its stride, which the graph's
         # guards would check: a copy is laid out the same for every generation.
         idx = idx.clone(memory_format=torch.contiguous_format)
-        from .kernels import compiler_failure, decoding_compile_settings
+        from ..kernels import compiler_failure, decoding_compile_settings
 
         try:
             with torch.no_grad(), decoding_compile_settings(idx.device):
@@ -202,7 +202,7 @@ class _Decoder:
 
 
 def generate_stream(
-    model: GPT,
+    model: Transformer,
     prompts: PromptBatch,
     max_new_tokens: int,
     *,
@@ -247,7 +247,7 @@ def _all_finite(logits: torch.Tensor) -> bool:
     return bool(torch.isfinite(logits.sum())) or bool(torch.isfinite(logits).all())
 
 
-def _stream(model: GPT, decoder: _Decoder, batch: int, max_new_tokens: int, eos_token_id, sampling: dict):
+def _stream(model: Transformer, decoder: _Decoder, batch: int, max_new_tokens: int, eos_token_id, sampling: dict):
     if max_new_tokens == 0:
         return
     was_training = model.training
@@ -275,7 +275,7 @@ def _stream(model: GPT, decoder: _Decoder, batch: int, max_new_tokens: int, eos_
 
 
 def generate(
-    model: GPT, prompts: PromptBatch, max_new_tokens: int, **options
+    model: Transformer, prompts: PromptBatch, max_new_tokens: int, **options
 ) -> torch.Tensor | list[list[int]]:
     """Continue every prompt by up to `max_new_tokens` tokens (options as `generate_stream`).
 

@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
+from ..errors import UserError
 
 # float32's smallest normal number: its inverse is still finite (8.5e37), while the inverse of one
 # below 2.9e-39 overflows float32 and one below 7e-46 rounds to 0 there.

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from . import masks
-from .config import GPTConfig
+from ..config import GPTConfig
 
 
 class KVCache:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def empty_prompt_start(tokenizer: Any) -> list[int] | None:
