@@ -270,6 +270,29 @@ def test_a_record_that_disagrees_with_the_weights_or_tokenizer_is_refused(make_m
     assert code == 2 and "Traceback" not in err and not (tmp_path / "hf").exists(), err
 
 
+@pytest.mark.parametrize(
+    "claimed, named",
+    [("gpt2", r"GPT-2's BPE"), ({"type": "char", "chars": "ab"}, "a character vocabulary"), (None, "no tokenizer")],
+    ids=["plain-gpt2", "char", "dropped"],
+)
+def test_a_chat_models_record_claiming_another_tokenizer_is_refused(tmp_path, capsys, claimed, named):
+    """The chat model's 50261 ids in 50304 rows fit GPT-2's 50257 and two characters alike, so no
+    shape tells the lie; the tokenizer digest written with the record does."""
+    from conftest import CHAT_TOKENIZER, chat_gpt
+
+    from gpt2lab import load_model, load_tokenizer
+    from gpt2lab.errors import UserError
+
+    folder = save_pretrained(chat_gpt(), tmp_path / "m", tokenizer_spec=CHAT_TOKENIZER)
+    assert load_tokenizer(folder).chat == "gpt2lab-chat-v1"
+    edit_record(folder, lambda r: r.pop("tokenizer") if claimed is None else r.update(tokenizer=claimed))
+    with pytest.raises(UserError, match=rf"its tokenizer record \({named}\) is not the one the weights were written with"):
+        load_model(folder)
+    code, out, err = run_cli(capsys, "convert", folder, "--out", tmp_path / "hf")
+    assert code == 2 and "tokenizer_sha256 differs" in err and "Traceback" not in err, err
+    assert not (tmp_path / "hf").exists()
+
+
 def test_a_record_of_a_tied_head_for_an_untied_model_is_refused(make_model, tmp_path):
     from gpt2lab import load_model
     from gpt2lab.errors import UserError

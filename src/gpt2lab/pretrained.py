@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -46,6 +47,9 @@ MODEL_FILES = (NATIVE_RECORD, "model.safetensors")
 ADAPTERS_FILE = "adapters.safetensors"
 # gpt2lab.json's table of the sha256 of the files written with it (weights, adapters, training state).
 DIGESTS = "sha256"
+# The sha256 of the tokenizer record as written: a record edited afterwards (a chat model's record
+# claiming plain GPT-2 or characters) agrees with every tensor shape, so only this tells it.
+TOKENIZER_DIGEST = "tokenizer_sha256"
 # The version of gpt2lab.json's layout that this gpt2lab writes and reads.
 RECORD_FORMAT = 1
 
@@ -224,6 +228,26 @@ def _check_tokenizer_fits(config: GPTConfig, spec: Any, path: Path) -> None:
         )
 
 
+def tokenizer_digest(spec: Any) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _check_tokenizer_record(record: dict[str, Any], path: Path) -> None:
+    """A UserError where the tokenizer record differs from the one gpt2lab wrote with the weights
+    (folders written before the digest was recorded pass)."""
+    expected = record.get(TOKENIZER_DIGEST)
+    if expected is None:
+        return
+    spec = record.get("tokenizer")
+    if spec is None or tokenizer_digest(spec) != expected:
+        named = "no tokenizer" if spec is None else _tokenizer_name(spec)
+        raise UserError(
+            f"{path}: its tokenizer record ({named}) is not the one the weights were written with "
+            f"({TOKENIZER_DIGEST} differs): the record was changed after it was written; restore it, or write "
+            "the folder again with the model's own tokenizer"
+        )
+
+
 def _tokenizer_name(spec: Any) -> str:
     if is_gpt2_spec(spec):
         return "GPT-2's BPE" + (f" with chat format {spec['chat']}" if isinstance(spec, dict) and spec.get("chat") else "")
@@ -239,6 +263,7 @@ def read_config(folder: Path) -> GPTConfig:
         config = GPTConfig.from_dict(record["model"], where=f"{native}: model")
         if "tokenizer" in record:
             _check_tokenizer_fits(config, record["tokenizer"], native)
+        _check_tokenizer_record(record, native)
         return config
     hf_config = folder / "config.json"
     if not hf_config.is_file():
@@ -564,6 +589,7 @@ def write_model_folder(
     record[DIGESTS] = {name: file_sha256(directory / name) for name in ("model.safetensors", *digested)}
     if tokenizer_spec is not None or gpt2_tokens:
         record["tokenizer"] = tokenizer_spec if tokenizer_spec is not None else "gpt2"
+        record[TOKENIZER_DIGEST] = tokenizer_digest(record["tokenizer"])
     write_atomic(directory / NATIVE_RECORD, lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
     return directory
 
