@@ -11,7 +11,7 @@ import math
 import tomllib
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -403,7 +403,68 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {type(value).__name__} as TOML")
 
 
+# ---- LoRA settings (the layers are in gpt2lab.lora) ------------------------------------------------
+
+# Names of the targetable matrices in model.py: `c_proj` is both attention's output and the
+# MLP's; `attn.c_proj` / `mlp.c_proj` name one of them.
+LORA_TARGETS = ("c_attn", "c_proj", "c_fc", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+# The defaults of `apply_lora` and of training's finetune.lora_* settings.
+DEFAULT_ALPHA = 16.0
+DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """What a LoRA model was built with; recorded in gpt2lab.json so a reader rebuilds it."""
+
+    rank: int
+    alpha: float
+    dropout: float
+    targets: tuple[str, ...]
+
+    @classmethod
+    def from_dict(cls, values: dict, *, where: str) -> LoRAConfig:
+        try:
+            targets = values["targets"]
+            if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+                raise TypeError(f"targets {targets!r} is not a list of names")
+            config = cls(int(values["rank"]), float(values["alpha"]), float(values["dropout"]), tuple(targets))
+            check_lora_settings(config.rank, config.alpha, config.dropout, config.targets)
+            if config.rank < 1:
+                raise ValueError(f"rank {config.rank}")
+        except KeyError as error:
+            raise UserError(f"{where}: the LoRA record is damaged (no {error}); the folder is not one gpt2lab wrote") from None
+        except (TypeError, ValueError, UserError) as error:
+            raise UserError(f"{where}: the LoRA record is damaged ({error}); the folder is not one gpt2lab wrote") from None
+        return config
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "targets": list(self.targets)}
+
+
+def check_lora_settings(rank: int, alpha: float, dropout: float, targets: list[str] | tuple[str, ...]) -> None:
+    """A UserError naming the first bad setting (as `finetune.*` spells it) and the fix."""
+    if rank < 0:
+        raise UserError(f"finetune.lora_rank must be >= 0 (0 = full fine-tuning), got {rank}")
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise UserError(f"finetune.lora_alpha must be a finite number > 0, got {alpha}; 16 is the usual choice")
+    if not 0 <= dropout < 1:
+        raise UserError(f"finetune.lora_dropout must be in [0, 1), got {dropout}")
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown:
+        raise UserError(
+            f"unknown LoRA target {unknown[0]!r} in finetune.lora_targets; the targets are {', '.join(LORA_TARGETS)}"
+        )
+    if rank and not targets:
+        raise UserError(f"finetune.lora_targets is empty; name at least one of {', '.join(LORA_TARGETS)}")
+
+
 __all__ = [
+    "DEFAULT_ALPHA",
+    "DEFAULT_TARGETS",
+    "LORA_TARGETS",
+    "LoRAConfig",
+    "check_lora_settings",
     "GPTConfig",
     "MODEL_PRESETS",
     "GPT2_VOCAB_SIZE",

@@ -29,7 +29,8 @@ from .formats import (
     ARCHITECTURES, hub_files, native, options_without_transformers_equivalent, transformers_gpt2, transformers_layout,
     transformers_llama,
 )
-from .lora import LoRAConfig, apply_lora, lora_config, lora_state_dict, merge_adapters, split_adapters
+from .config import LoRAConfig
+from .lora import apply_lora, lora_config, lora_state_dict, merge_adapters, split_adapters
 from .model import Transformer
 from .quantize import QUANTIZERS, quantize
 from .runtime import resolve_device, resolve_dtype

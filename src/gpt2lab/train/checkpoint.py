@@ -34,7 +34,8 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ..errors import UserError
 from ..formats import native
-from ..lora import LoRAConfig, lora_config, split_adapters
+from ..config import LoRAConfig
+from ..lora import lora_config, split_adapters
 from ..model import Transformer
 from ..pretrained import (
     ADAPTERS_FILE, CHECKPOINT_NAME, MODEL_FILES, check_digest, checkpoint_folders, newest_checkpoint, read_adapters,

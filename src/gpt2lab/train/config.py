@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..config import (
-    GPT2_PADDED_VOCAB_SIZE, GPTConfig, apply_overrides, check_finite_settings, load_toml, merge_values, to_toml,
+    DEFAULT_ALPHA, DEFAULT_TARGETS, GPT2_PADDED_VOCAB_SIZE, GPTConfig, apply_overrides, check_finite_settings,
+    check_lora_settings, load_toml, merge_values, to_toml,
 )
 from ..errors import UserError
 from ..tokenizer import CHAT_FORMATS, DEFAULT_CHAT_FORMAT
-from ..lora import DEFAULT_ALPHA, DEFAULT_TARGETS, check_lora_settings
 
 
 @dataclass
