@@ -213,7 +213,7 @@ def test_a_character_model_is_refused(capsys, make_model_folder):
     tokenizer = CharTokenizer.from_text("abc ")
     folder = make_model_folder("char", tokenizer_spec=tokenizer.spec(), vocab_size=tokenizer.vocab_size)
     code, _, err = run_cli(capsys, "chat", "--model", folder, "--prompt", "abc")
-    assert code == 2 and "chat needs the GPT-2 tokenizer" in err
+    assert code == 2 and "chat needs a BPE tokenizer" in err
 
 
 # ---- interactive -----------------------------------------------------------------------------

@@ -118,7 +118,7 @@ def test_unknown_chat_records_are_refused(spec):
 
 
 def test_char_tokenizer_is_refused():
-    with pytest.raises(UserError, match="chat needs the GPT-2 tokenizer.*'char'"):
+    with pytest.raises(UserError, match="chat needs a BPE tokenizer.*'char'"):
         ChatTemplate(CharTokenizer.from_text("hello"))
 
 

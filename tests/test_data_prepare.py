@@ -353,7 +353,7 @@ def test_interrupted_prepare_resumes_to_the_same_result(tmp_path, parquet_file, 
 
     written = []
     real_write_shard = prepare_module.write_shard
-    monkeypatch.setattr(prepare_module, "write_shard", lambda path, tokens: written.append(path.name) or real_write_shard(path, tokens))
+    monkeypatch.setattr(prepare_module, "write_shard", lambda path, tokens, *dtype: written.append(path.name) or real_write_shard(path, tokens, *dtype))
     messages = []
     prepare_dataset("fineweb-edu", out, log=messages.append, **options)
     assert written[0] == "train_000002.bin" and len(written) == len(clean["splits"]["train"]["shards"]) - 2

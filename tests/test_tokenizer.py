@@ -295,7 +295,7 @@ def test_gpt2_spec_round_trip():
 
 
 @pytest.mark.parametrize("spec", ["gpt3", None, {"type": "char"}, {"type": "char", "chars": 3},
-                                  {"type": "bpe", "chars": "ab"}])
+                                  {"type": "wordpiece", "chars": "ab"}])
 def test_unknown_spec_is_refused(spec):
     with pytest.raises(UserError, match="unknown tokenizer"):
         tokenizer_from_spec(spec)

@@ -5,8 +5,9 @@ The format (docs/chat.md), for `gpt2lab-chat-v1`:
 
     <|endoftext|> [<|system|> SYSTEM <|end|>] (<|user|> TEXT <|end|> | <|assistant|> TEXT <|end|>)...
 
-Contents are GPT-2 BPE by `encode_ordinary`, so text that looks like a special token is text.
-The special tokens are ids 50257.. in the padded rows of GPT-2's vocabulary. A character
+Contents are BPE by `encode_ordinary`, so text that looks like a special token is text. With
+GPT-2's BPE the special tokens are ids 50257.. in the padded rows of its vocabulary; a trained
+BPE (`gpt2lab tokenizer train`) reserves them at ids 1..4, after end-of-text at 0. A character
 model has no spare rows and no BPE to keep apart from them, so chat refuses it.
 """
 
@@ -16,7 +17,7 @@ from typing import Any, Sequence
 
 from ..errors import UserError
 from ..inference.stopping import StopRule
-from ..tokenizer import CHAT_FORMATS, DEFAULT_CHAT_FORMAT, GPT2Tokenizer, tokenizer_from_spec
+from ..tokenizer import CHAT_FORMATS, DEFAULT_CHAT_FORMAT, BPETokenizer, GPT2Tokenizer, tokenizer_from_spec
 
 ROLES = ("system", "user", "assistant")
 
@@ -48,21 +49,25 @@ def validate_messages(messages: Any) -> list[dict[str, str]]:
     return checked
 
 
+# The tokenizers whose vocabularies hold a chat format's tokens.
+CHAT_TOKENIZERS = (GPT2Tokenizer, BPETokenizer)
+
+
 class ChatTemplate:
-    """Renders conversations for one chat format over GPT-2's BPE."""
+    """Renders conversations for one chat format over GPT-2's BPE or a trained BPE."""
 
     def __init__(self, tokenizer: Any, name: str | None = None):
-        if not isinstance(tokenizer, GPT2Tokenizer):
+        if not isinstance(tokenizer, CHAT_TOKENIZERS):
             raise UserError(
-                f"chat needs the GPT-2 tokenizer (its special tokens live in GPT-2's padded vocabulary rows); "
-                f"this model uses the {getattr(tokenizer, 'name', type(tokenizer).__name__)!r} tokenizer: "
-                "train or load a GPT-2-tokenized model for chat"
+                f"chat needs a BPE tokenizer with the chat tokens (GPT-2's, in its padded vocabulary rows, or one of "
+                f"`gpt2lab tokenizer train`); this model uses the {getattr(tokenizer, 'name', type(tokenizer).__name__)!r} "
+                "tokenizer: train or load a BPE-tokenized model for chat"
             )
         name = name or tokenizer.chat or DEFAULT_CHAT_FORMAT
         # The tokenizer carries the format, so that its spec() records it wherever it is saved.
-        self.tokenizer = tokenizer if tokenizer.chat == name else GPT2Tokenizer(tokenizer.encoding, chat=name)
+        self.tokenizer = tokenizer.with_chat(name)
         self.name = name
-        tokens = CHAT_FORMATS[name]
+        tokens = self.tokenizer.chat_tokens()
         self.role_tokens = {role: tokens[f"<|{role}|>"] for role in ROLES}
         self.end_token = tokens["<|end|>"]
         self.start_token = self.tokenizer.eot_token
@@ -83,10 +88,13 @@ class ChatTemplate:
 
     def check_vocab(self, vocab_size: int) -> None:
         if vocab_size < self.vocab_needed:
+            fix = (
+                "use a model padded to 50304 rows (model.vocab_size=50304, as GPT-2's training presets do)"
+                if isinstance(self.tokenizer, GPT2Tokenizer) else "use a model trained on data of this tokenizer"
+            )
             raise UserError(
                 f"the model's vocabulary has {vocab_size} ids but the chat tokens of {self.name} need "
-                f"{self.vocab_needed}; use a model padded to 50304 rows (model.vocab_size=50304, as GPT-2's "
-                "training presets do)"
+                f"{self.vocab_needed}; {fix}"
             )
 
     def render(self, messages: Any, add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
@@ -152,10 +160,12 @@ GET_A_CHAT_MODEL = (
 def base_model_reason(tokenizer: Any, vocab_size: int) -> str | None:
     """Why a model with this tokenizer and vocabulary cannot chat (a base model), or None: every
     entry point (the terminal, `eval chat`, the server) refuses with this reason."""
-    if not isinstance(tokenizer, GPT2Tokenizer):
+    if not isinstance(tokenizer, CHAT_TOKENIZERS):
         return "it has a character vocabulary, which holds no chat tokens"
     if tokenizer.chat is None:
-        return "its tokenizer record is plain 'gpt2', without a chat format"
+        if isinstance(tokenizer, GPT2Tokenizer):
+            return "its tokenizer record is plain 'gpt2', without a chat format"
+        return "its tokenizer record carries no chat format"
     needed = ChatTemplate(tokenizer).vocab_needed
     if vocab_size < needed:
         return f"its vocabulary has {vocab_size} ids and the chat tokens need {needed}"
@@ -165,7 +175,7 @@ def base_model_reason(tokenizer: Any, vocab_size: int) -> str | None:
 def chat_template_for(tokenizer: Any, vocab_size: int, model_name: str = "this model") -> ChatTemplate:
     """The chat template of a model's tokenizer, or a UserError naming why the model is a base model
     and how to make a chat model."""
-    if not isinstance(tokenizer, GPT2Tokenizer):
+    if not isinstance(tokenizer, CHAT_TOKENIZERS):
         return ChatTemplate(tokenizer)  # refuses a character model, with its reason
     reason = base_model_reason(tokenizer, vocab_size)
     if reason is not None:

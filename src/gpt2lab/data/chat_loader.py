@@ -36,7 +36,7 @@ ChatBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 def _role_tokens(dataset: TokenDataset) -> tuple[np.ndarray, int]:
     """The role tokens (where turns start) and the start token (where conversations start)."""
     template = ChatTemplate.from_spec(dataset.tokenizer_spec)
-    return np.array(sorted(template.role_tokens.values()), dtype=np.uint16), template.start_token
+    return np.array(sorted(template.role_tokens.values()), dtype=np.int64), template.start_token
 
 
 class ChatLoader:

@@ -25,10 +25,10 @@ import numpy as np
 from ..chat.template import ChatTemplate
 from ..errors import UserError
 from ..files import write_atomic
-from ..tokenizer import GPT2Tokenizer
+from ..tokenizer import Tokenizer
 from . import sources
 from ..chat.records import hub_conversations, jsonl_conversations
-from .prepare import _new_meta, _save_meta, _start, _summary, shard_name
+from .prepare import _new_meta, _save_meta, _start, _summary, _tokenizer_recipe, document_tokenizer, shard_dtype, shard_name
 from .shards import write_shard
 
 DEFAULT_CONTEXT = 1024
@@ -99,7 +99,7 @@ class _ChatShardWriter:
         entry = self.meta["splits"][split]
         index = len(entry["shards"])
         name, masks = shard_name(split, index), mask_name(split, index)
-        digest = write_shard(self.folder / name, tokens)
+        digest = write_shard(self.folder / name, tokens, shard_dtype(self.meta))
         mask_digest = write_mask(self.folder / masks, mask)
         entry["shards"].append({
             "file": name, "tokens": int(len(tokens)), "sha256": digest,
@@ -149,25 +149,27 @@ def prepare_chat(
     val_every: int = DEFAULT_VAL_EVERY,
     max_conversations: int | None = None,
     streaming: bool = True,
+    tokenizer: str | Path | Tokenizer | None = None,
     command: str | None = None,
     progress: bool = True,
     log: Callable[[str], Any] = lambda message: print(message, file=sys.stderr),
 ) -> dict[str, Any]:
     """Prepare the conversations of `inputs` (JSONL files or one hub dataset) into `out`; return
-    its `dataset.json` contents. Options as `gpt2lab prepare chat --help` describes them."""
+    its `dataset.json` contents. Options as `gpt2lab prepare chat --help` describes them;
+    `tokenizer` as for `prepare` (GPT-2's BPE by default)."""
     _check_chat_options(context, shard_tokens, val_every, max_conversations)
+    template = ChatTemplate(document_tokenizer(tokenizer))
     folder = Path(out)
     source_recipe, read, description = _input_conversations(
         inputs, split=split, config=config, field=field, streaming=streaming, log=log
     )
-    recipe = {"source": "chat", **source_recipe, "context": context, "shard_tokens": shard_tokens,
-              "val_every": val_every, "max_conversations": max_conversations}
+    recipe = {"source": "chat", **source_recipe, **_tokenizer_recipe(template.tokenizer), "context": context,
+              "shard_tokens": shard_tokens, "val_every": val_every, "max_conversations": max_conversations}
     command = command or shlex.join(["gpt2lab", "prepare", "chat", *inputs, "--out", str(folder)])
     meta = _start(folder, recipe)
     if meta is not None and meta["complete"]:
         log(f"{folder} is already prepared; nothing to do")
         return meta
-    template = ChatTemplate(GPT2Tokenizer())
     if meta is None:
         meta = _new_meta("chat", recipe, template.tokenizer, command)
         meta.update(kind="chat", chat={"format": template.name, "context": context})

@@ -106,7 +106,7 @@ class TokenLoader:
         span = self.seq_len + 1
         shard_ids = np.searchsorted(self._first, window_ids, side="right") - 1
         starts = (window_ids - self._first[shard_ids]) * self.seq_len + offset
-        windows = np.empty((len(window_ids), span), dtype=np.uint16)
+        windows = np.empty((len(window_ids), span), dtype=np.uint32)  # holds uint16 and uint32 shards' ids
         for row, (shard, start) in enumerate(zip(shard_ids.tolist(), starts.tolist())):
             windows[row] = self._array(shard)[start : start + span]
         x = torch.from_numpy(windows[:, :-1].astype(np.int64))

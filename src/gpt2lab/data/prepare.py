@@ -24,11 +24,11 @@ import numpy as np
 
 from ..errors import UserError
 from ..files import write_atomic
-from ..tokenizer import CharTokenizer, GPT2Tokenizer, Tokenizer
+from ..tokenizer import BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer, load_tokenizer
 from ..version import __version__
 from . import sources
 from .dataset import DATASET_FILE, FORMAT_NAME, FORMAT_VERSION, read_dataset_json
-from .shards import read_shard, shard_length, write_shard
+from .shards import TOKEN_DTYPE, read_shard, shard_length, token_dtype, write_shard
 
 SOURCES = ("shakespeare-char", "shakespeare", "fineweb-edu", "text")
 DEFAULT_SHARD_TOKENS = 100_000_000
@@ -56,6 +56,7 @@ def _new_meta(source: str, recipe: dict, tokenizer: Tokenizer, command: str) -> 
         "tokenizer": tokenizer.spec(),
         "vocab_size": tokenizer.vocab_size,
         "eot_token": tokenizer.eot_token,
+        "token_dtype": token_dtype(tokenizer.vocab_size).name,
         "splits": {"train": {"tokens": 0, "shards": []}, "val": {"tokens": 0, "shards": []}},
         "command": command,
         "recipe": recipe,
@@ -69,10 +70,15 @@ def _save_meta(folder: Path, meta: dict[str, Any]) -> None:
     write_atomic(folder / DATASET_FILE, lambda temp: temp.write_text(text, encoding="utf-8"))
 
 
+def shard_dtype(meta: dict[str, Any]) -> np.dtype:
+    """The token type of a dataset's shards (uint16 where dataset.json predates the entry)."""
+    return np.dtype(meta.get("token_dtype", TOKEN_DTYPE.name))
+
+
 def _add_shard(folder: Path, meta: dict[str, Any], split: str, tokens: np.ndarray) -> None:
     entry = meta["splits"][split]
     name = shard_name(split, len(entry["shards"]))
-    digest = write_shard(folder / name, tokens)
+    digest = write_shard(folder / name, tokens, shard_dtype(meta))
     entry["shards"].append({"file": name, "tokens": int(len(tokens)), "sha256": digest})
     entry["tokens"] += int(len(tokens))
 
@@ -125,6 +131,8 @@ def _summary(folder: Path, meta: dict[str, Any]) -> str:
     kind = meta["source"]
     if isinstance(meta["tokenizer"], dict) and meta["tokenizer"].get("type") == "char" and not kind.endswith("-char"):
         kind += ", one token per character"
+    if isinstance(meta["tokenizer"], dict) and meta["tokenizer"].get("type") == "bpe":
+        kind += f", a trained BPE in {meta.get('token_dtype', 'uint16')} shards"
     lines = [f"{folder}: {', '.join(parts)}; vocabulary of {meta['vocab_size']:,} ({kind})"]
     for name, split in meta["splits"].items():
         shards = split["shards"]
@@ -140,10 +148,14 @@ def _summary(folder: Path, meta: dict[str, Any]) -> str:
 # ---- Tiny Shakespeare ------------------------------------------------------------------------
 
 
-def _prepare_shakespeare(folder: Path, source: str, input_file, shard_tokens: int, command: str, log) -> dict:
+def _prepare_shakespeare(
+    folder: Path, source: str, input_file, shard_tokens: int, command: str, log, tokenizer: Tokenizer
+) -> dict:
     text = sources.shakespeare_text(input_file)
-    recipe = {"source": source}
-    return _prepare_whole_text(folder, source, text, recipe, source == "shakespeare-char", shard_tokens, None, command, log)
+    recipe = {"source": source, **_tokenizer_recipe(tokenizer)}
+    if source == "shakespeare-char":
+        tokenizer = CharTokenizer.from_text(text)
+    return _prepare_whole_text(folder, source, text, recipe, tokenizer, shard_tokens, None, command, log)
 
 
 def _prepare_characters(
@@ -158,26 +170,27 @@ def _prepare_characters(
     if not text:
         raise UserError(f"{documents.description} holds no text")
     recipe = {**documents.recipe, "char": True, "val_tokens": val_tokens, "max_tokens": max_tokens}
-    return _prepare_whole_text(folder, "text", text, recipe, True, shard_tokens, val_tokens, command, log)
+    return _prepare_whole_text(
+        folder, "text", text, recipe, CharTokenizer.from_text(text), shard_tokens, val_tokens, command, log
+    )
 
 
 def _prepare_whole_text(
-    folder: Path, source: str, text: str, recipe: dict, char: bool, shard_tokens: int, val_chars: int | None,
-    command: str, log,
+    folder: Path, source: str, text: str, recipe: dict, tokenizer: Tokenizer, shard_tokens: int,
+    val_chars: int | None, command: str, log,
 ) -> dict:
-    """One text held in memory, tokenized by characters or GPT-2's BPE: its last `val_chars`
-    characters validate (None: nanoGPT's split, the first 90% train and the rest validate)."""
+    """One text held in memory, tokenized by `tokenizer`: its last `val_chars` characters
+    validate (None: nanoGPT's split, the first 90% train and the rest validate)."""
     recipe = {**recipe, "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(), "shard_tokens": shard_tokens}
     meta = _start(folder, recipe)
     if meta is not None and meta["complete"]:
         log(f"{folder} is already prepared; nothing to do")
         return meta
-    tokenizer: Tokenizer = CharTokenizer.from_text(text) if char else GPT2Tokenizer()
     meta = _new_meta(source, recipe, tokenizer, command)
     _save_meta(folder, meta)
     cut = int(len(text) * SHAKESPEARE_TRAIN_FRACTION) if val_chars is None else max(len(text) - val_chars, 0)
     for split, part in (("train", text[:cut]), ("val", text[cut:])):
-        tokens = np.array(tokenizer.encode(part), dtype=np.int64)
+        tokens = np.array(tokenizer.encode(part), dtype=np.int64)  # written narrower by _add_shard
         for start in range(0, max(len(tokens), 1), shard_tokens):
             _add_shard(folder, meta, split, tokens[start : start + shard_tokens])
     meta["complete"] = True
@@ -278,7 +291,7 @@ class _StreamWriter:
                 parts.append(head[:count])
                 self.buffer[0] = head[count:]
                 count = 0
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=shard_dtype(self.meta))
 
     def _position(self, offset: int) -> tuple[int, int]:
         """(unit, tokens of it already used) at stream `offset`."""
@@ -300,7 +313,7 @@ class _StreamWriter:
     def _write_pending(self) -> None:
         # Pending files start at multiples of shard_tokens: no shard is cut before them.
         name = f"{PENDING_PREFIX}{self.stored // self.shard_tokens:06d}.bin"
-        write_shard(self.folder / name, self._take(self.shard_tokens))
+        write_shard(self.folder / name, self._take(self.shard_tokens), shard_dtype(self.meta))
         self.pending.append({"file": name, "start": self.stored, "tokens": self.shard_tokens})
         self._record(self.stored + self.shard_tokens)
 
@@ -327,6 +340,7 @@ def _prepare_documents(
     max_tokens: int | None,
     expected_tokens: int | None,
     workers: int,
+    tokenizer: Tokenizer,
     command: str,
     progress: bool,
     log,
@@ -338,7 +352,7 @@ def _prepare_documents(
         log(f"{folder} is already prepared; nothing to do")
         return meta
     if meta is None:
-        meta = _new_meta(source, recipe, GPT2Tokenizer(), command)
+        meta = _new_meta(source, recipe, tokenizer, command)
         _save_meta(folder, meta)
     writer = _StreamWriter(folder, meta, shard_tokens, val_tokens, max_tokens)
     resume = meta["progress"]
@@ -346,7 +360,7 @@ def _prepare_documents(
         files = sum(len(s["shards"]) for s in meta["splits"].values()) + len(resume.get("pending", []))
         log(f"resuming after {resume['tokens']:,} tokens in {files} shards")
     total = min(filter(None, (max_tokens, expected_tokens)), default=None)
-    with sources.ParallelEncoder(workers) as encoder, tqdm(
+    with sources.ParallelEncoder(workers, tokenizer) as encoder, tqdm(
         total=total, initial=resume["tokens"], unit="tok", unit_scale=True, disable=None if progress else True
     ) as bar:
         units: Iterator = itertools.islice(sources.text_units(documents()), resume["unit"], None)
@@ -395,14 +409,18 @@ def prepare(
     max_tokens: int | None = None,
     workers: int | None = None,
     char: bool = False,
+    tokenizer: str | Path | Tokenizer | None = None,
+    invalid_utf8: str = "strict",
     command: str | None = None,
     progress: bool = True,
     log: Callable[[str], Any] = lambda message: print(message, file=sys.stderr),
 ) -> dict[str, Any]:
     """Prepare `source` into the folder `out`; return its `dataset.json` contents.
 
-    The options are those of `gpt2lab prepare` (see its --help). Re-running the same command
-    on the same folder finishes an interrupted run, or does nothing if the folder is complete.
+    The options are those of `gpt2lab prepare` (see its --help); `tokenizer` is GPT-2's BPE by
+    default, or a BPE tokenizer or a folder `load_tokenizer` reads (one of `gpt2lab tokenizer
+    train`). Re-running the same command on the same folder finishes an interrupted run, or
+    does nothing if the folder is complete.
     """
     _check_options(
         source, inputs=inputs, input_file=input_file, data_files=data_files,
@@ -413,10 +431,13 @@ def prepare(
             f"--char tokenizes your own text by characters: use it with the text source "
             f"(Tiny Shakespeare by characters is the shakespeare-char source), not with {source}"
         )
+    if tokenizer is not None and (char or source == "shakespeare-char"):
+        raise UserError("--tokenizer names a BPE; a dataset of characters (--char, shakespeare-char) has none: drop one")
+    text_tokenizer = document_tokenizer(tokenizer)
     folder = Path(out)
     command = command or f"gpt2lab prepare {source} --out {shlex.quote(str(folder))}"
     if source in ("shakespeare", "shakespeare-char"):
-        meta = _prepare_shakespeare(folder, source, input_file, shard_tokens, command, log)
+        meta = _prepare_shakespeare(folder, source, input_file, shard_tokens, command, log, text_tokenizer)
         log(_summary(folder, meta))
         return meta
 
@@ -426,14 +447,18 @@ def prepare(
             # build-nanogpt's layout: the first shard is the validation split.
             val_tokens = shard_tokens if max_tokens is None else min(shard_tokens, max(1, max_tokens // 10))
     else:
-        documents = _text_documents(
-            inputs, config=config, split=split, field=field, column=column, streaming=streaming, log=log
+        documents = text_documents(
+            inputs, config=config, split=split, field=field, column=column, streaming=streaming, log=log,
+            invalid_utf8=invalid_utf8,
         )
         if char:
             meta = _prepare_characters(folder, documents, shard_tokens, val_tokens, max_tokens, command, log)
             log(_summary(folder, meta))
             return meta
-    recipe = {**documents.recipe, "shard_tokens": shard_tokens, "val_tokens": val_tokens, "max_tokens": max_tokens}
+    recipe = {
+        **documents.recipe, **_tokenizer_recipe(text_tokenizer),
+        "shard_tokens": shard_tokens, "val_tokens": val_tokens, "max_tokens": max_tokens,
+    }
     meta = _prepare_documents(
         folder,
         source,
@@ -445,6 +470,7 @@ def prepare(
         max_tokens=max_tokens,
         expected_tokens=documents.expected_tokens,
         workers=workers or sources.default_workers(),
+        tokenizer=text_tokenizer,
         command=command,
         progress=progress,
         log=log,
@@ -524,23 +550,50 @@ def _fineweb_edu_documents(sample: str, data_files: list[str] | None, streaming:
     )
 
 
-def _text_documents(
-    inputs: list[str] | None, *, config: str | None, split: str, field: str, column: str, streaming: bool,
-    log: Callable[[str], Any],
+def text_documents(
+    inputs: list[str] | None, *, config: str | None = None, split: str = "train", field: str = "text",
+    column: str = "text", streaming: bool = True, log: Callable[[str], Any] | None = None,
+    invalid_utf8: str = "strict",
 ) -> _Documents:
+    """The documents of the `text` source (files, globs or one hub dataset name), as `prepare`
+    and `gpt2lab tokenizer train` read them."""
     if not inputs:
         raise UserError("the text source needs input files, globs, or a hub dataset name")
+    # Only a choice to replace is recorded, so recipes of folders made before the choice existed match.
+    errors = {"invalid_utf8": invalid_utf8} if invalid_utf8 != "strict" else {}
     if len(inputs) == 1 and sources.looks_like_hub_name(inputs[0]):
         name = inputs[0]
         return _Documents(
-            {"source": "text", "dataset": name, "config": config, "split": split, "column": column},
+            {"source": "text", "dataset": name, "config": config, "split": split, "column": column, **errors},
             f"the dataset {name}",
-            lambda: sources.hub_documents(name, name=config, split=split, column=column, streaming=streaming),
+            lambda: sources.hub_documents(
+                name, name=config, split=split, column=column, streaming=streaming, errors=invalid_utf8
+            ),
         )
     paths = sources.expand_inputs(inputs, log=log)
     return _Documents(
-        {"source": "text", "inputs": _local_files_recipe(paths), "field": field, "column": column},
+        {"source": "text", "inputs": _local_files_recipe(paths), "field": field, "column": column, **errors},
         _describe(paths),
-        lambda: sources.local_documents(paths, field=field, column=column),
+        lambda: sources.local_documents(paths, field=field, column=column, errors=invalid_utf8),
     )
+
+
+def document_tokenizer(tokenizer: str | Path | Tokenizer | None) -> Tokenizer:
+    """The BPE a token stream is prepared with (GPT-2's for None), without a chat format."""
+    if tokenizer is None:
+        return GPT2Tokenizer()
+    if isinstance(tokenizer, (str, Path)):
+        tokenizer = load_tokenizer(tokenizer)
+    if not isinstance(tokenizer, (GPT2Tokenizer, BPETokenizer)):
+        raise UserError(
+            f"--tokenizer names {tokenizer.describe()}; a dataset of characters is made with --char "
+            "(or the shakespeare-char source), --tokenizer takes GPT-2's BPE or a trained one"
+        )
+    return tokenizer.with_chat(None)
+
+
+def _tokenizer_recipe(tokenizer: Tokenizer) -> dict[str, Any]:
+    """What the recipe records of the tokenizer: nothing for GPT-2's (as before trained ones
+    existed), a trained BPE's sha256, so that a folder is never continued with another."""
+    return {"tokenizer": tokenizer.digest} if isinstance(tokenizer, BPETokenizer) else {}
 

@@ -3,7 +3,8 @@ headerless `train.bin`/`val.bin` (read).
 
 llm.c's layout: a header of 256 little-endian int32 (magic 20240520, version 1, token count,
 the rest zero), then the tokens as little-endian uint16. llm.c, modded-nanogpt and gpt2lab
-read and write the same files.
+read and write the same files. A vocabulary too large for uint16 takes llm.c's layout for
+Llama 3's tokens: magic 20240801, version 7, uint32 tokens.
 """
 
 from __future__ import annotations
@@ -22,39 +23,55 @@ HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 TOKEN_DTYPE = np.dtype("<u2")
 MAX_TOKEN = 65535
+# llm.c's layout of wider ids: (magic, version) -> token type, one per width.
+WIDE_MAGIC, WIDE_VERSION = 20240801, 7
+WIDE_TOKEN_DTYPE = np.dtype("<u4")
+LAYOUTS = {(MAGIC, VERSION): TOKEN_DTYPE, (WIDE_MAGIC, WIDE_VERSION): WIDE_TOKEN_DTYPE}
 # nanoGPT writes its splits under these names, with no header.
 HEADERLESS_NAMES = ("train.bin", "val.bin")
 
 
-def shard_header(num_tokens: int) -> np.ndarray:
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The shards' token type for a vocabulary: uint16 while its ids fit, else uint32."""
+    if vocab_size <= MAX_TOKEN + 1:
+        return TOKEN_DTYPE
+    if vocab_size <= 2**32:
+        return WIDE_TOKEN_DTYPE
+    raise UserError(f"a vocabulary of {vocab_size:,} ids does not fit the shards' uint32 tokens (at most 2**32)")
+
+
+def shard_header(num_tokens: int, dtype: np.dtype = TOKEN_DTYPE) -> np.ndarray:
     header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = (MAGIC, VERSION, num_tokens)
+    (magic, version), = (layout for layout, width in LAYOUTS.items() if width == dtype)
+    header[:3] = (magic, version, num_tokens)
     return header
 
 
-def check_token_range(tokens: np.ndarray, path: Path) -> None:
-    if tokens.dtype.kind == "u" and tokens.dtype.itemsize <= TOKEN_DTYPE.itemsize:
+def check_token_range(tokens: np.ndarray, path: Path, dtype: np.dtype = TOKEN_DTYPE) -> None:
+    if tokens.dtype.kind == "u" and tokens.dtype.itemsize <= dtype.itemsize:
         return
     if tokens.dtype.kind not in "ui":
         raise UserError(f"{path}: tokens must be integers, got {tokens.dtype}")
     if tokens.size:
-        low, high = int(tokens.min()), int(tokens.max())
-        if low < 0 or high > MAX_TOKEN:
+        low, high, top = int(tokens.min()), int(tokens.max()), int(np.iinfo(dtype).max)
+        if low < 0 or high > top:
             raise UserError(
-                f"{path}: token id {low if low < 0 else high} does not fit the shard format's uint16 "
-                f"(0..{MAX_TOKEN}); a vocabulary this large needs another format"
+                f"{path}: token id {low if low < 0 else high} does not fit the shard format's {dtype.name} "
+                f"(0..{top}); a vocabulary this large needs another format"
             )
 
 
-def write_shard(path: str | Path, tokens: np.ndarray) -> str:
-    """Write `tokens` as an llm.c shard, atomically; return the file's sha256."""
+def write_shard(path: str | Path, tokens: np.ndarray, dtype: np.dtype = TOKEN_DTYPE) -> str:
+    """Write `tokens` as an llm.c shard of `dtype` tokens (uint16, or uint32 for a vocabulary
+    past 65,536 ids: `token_dtype`), atomically; return the file's sha256."""
     path = Path(path)
     tokens = np.asarray(tokens)
+    dtype = np.dtype(dtype).newbyteorder("<")
     if tokens.ndim != 1:
         raise UserError(f"{path}: a shard holds a flat sequence of tokens, got shape {tokens.shape}")
-    check_token_range(tokens, path)
-    payload = np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE)
-    header = shard_header(len(payload))
+    check_token_range(tokens, path, dtype)
+    payload = np.ascontiguousarray(tokens, dtype=dtype)
+    header = shard_header(len(payload), dtype)
     digest = hashlib.sha256(header.tobytes())
     digest.update(memoryview(payload).cast("B"))
 
@@ -67,14 +84,20 @@ def write_shard(path: str | Path, tokens: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def _llmc_count(path: Path, header: np.ndarray, size: int) -> int:
-    if header[1] != VERSION:
+def _llmc_layout(path: Path, header: np.ndarray) -> np.dtype:
+    dtype = LAYOUTS.get((int(header[0]), int(header[1])))
+    if dtype is None:
         raise UserError(
-            f"{path} is an llm.c shard of version {header[1]}; only version 1 (uint16 GPT-2 tokens) "
-            "is supported"
+            f"{path} is an llm.c shard of version {header[1]}; only version {VERSION} (uint16 tokens, magic {MAGIC}) "
+            f"and version {WIDE_VERSION} (uint32 tokens, magic {WIDE_MAGIC}) are supported"
         )
+    return dtype
+
+
+def _llmc_count(path: Path, header: np.ndarray, size: int) -> int:
+    width = _llmc_layout(path, header).itemsize
     count = int(header[2])
-    expected = HEADER_BYTES + count * TOKEN_DTYPE.itemsize
+    expected = HEADER_BYTES + count * width
     if count < 0 or size < expected:
         raise UserError(
             f"{path} is truncated: its header promises {count} tokens ({expected} bytes) but the file "
@@ -83,7 +106,7 @@ def _llmc_count(path: Path, header: np.ndarray, size: int) -> int:
     if size > expected:
         raise UserError(
             f"{path}: the header's token count ({count}) disagrees with the file size ({size} bytes, "
-            f"room for {(size - HEADER_BYTES) // TOKEN_DTYPE.itemsize} tokens); the file is damaged, "
+            f"room for {(size - HEADER_BYTES) // width} tokens); the file is damaged, "
             "prepare the data again"
         )
     return count
@@ -100,7 +123,7 @@ def shard_format(path: Path) -> str:
             start = handle.read(4)
     except OSError as error:
         raise UserError(f"cannot read shard {path}: {error.strerror}") from None
-    if len(start) == 4 and int(np.frombuffer(start, "<i4")[0]) == MAGIC:
+    if len(start) == 4 and int(np.frombuffer(start, "<i4")[0]) in (MAGIC, WIDE_MAGIC):
         return "llmc"
     if path.name in HEADERLESS_NAMES:
         return "headerless"
@@ -110,16 +133,20 @@ def shard_format(path: Path) -> str:
     )
 
 
+def _llmc_header(path: Path) -> np.ndarray:
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if len(header) < HEADER_INTS:
+        raise UserError(f"{path} is truncated: shorter than llm.c's {HEADER_BYTES}-byte header")
+    return header
+
+
 def shard_length(path: str | Path) -> int:
     """Number of tokens in a shard, checked against the file size, without reading the tokens."""
     path = Path(path)
     kind = shard_format(path)
     size = path.stat().st_size
     if kind == "llmc":
-        header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
-        if len(header) < HEADER_INTS:
-            raise UserError(f"{path} is truncated: shorter than llm.c's {HEADER_BYTES}-byte header")
-        return _llmc_count(path, header, size)
+        return _llmc_count(path, _llmc_header(path), size)
     if kind == "headerless":
         if size % TOKEN_DTYPE.itemsize:
             raise UserError(f"{path} has an odd number of bytes ({size}): not a file of uint16 tokens")
@@ -138,7 +165,7 @@ def _load_npy(path: Path) -> np.ndarray:
 
 
 def read_shard(path: str | Path) -> np.ndarray:
-    """The tokens of a shard, memory-mapped where the file holds uint16 (a plain ndarray view)."""
+    """The tokens of a shard, memory-mapped where the file holds uint16 or uint32 (a plain ndarray view)."""
     path = Path(path)
     kind = shard_format(path)
     if kind == "npy":
@@ -149,7 +176,8 @@ def read_shard(path: str | Path) -> np.ndarray:
             array = np.asarray(array, dtype=TOKEN_DTYPE)
         return array.view(np.ndarray)
     count = shard_length(path)
+    dtype = _llmc_layout(path, _llmc_header(path)) if kind == "llmc" else TOKEN_DTYPE
     if count == 0:
-        return np.zeros(0, dtype=TOKEN_DTYPE)
+        return np.zeros(0, dtype=dtype)
     offset = HEADER_BYTES if kind == "llmc" else 0
-    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=offset, shape=(count,)).view(np.ndarray)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count,)).view(np.ndarray)

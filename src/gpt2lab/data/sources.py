@@ -1,5 +1,5 @@
 """Where text comes from (Tiny Shakespeare, FineWeb-EDU, the user's files, any hub dataset) and
-how it becomes GPT-2 tokens on every core."""
+how it becomes tokens (GPT-2's BPE, or a trained one) on every core."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ import numpy as np
 from ..cache import download
 from ..errors import UserError
 from ..jsontext import parse_json
-from ..tokenizer import GPT2_EOT_TOKEN, gpt2_encoding
+from ..tokenizer import GPT2Tokenizer, Tokenizer
+from .shards import token_dtype
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -45,7 +46,21 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 _SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)")
 
 
-def read_text_file(path: Path) -> str:
+# How bytes that are not UTF-8 are read: refused ("strict", naming the file and offset), or each
+# bad sequence replaced by U+FFFD ("replace").
+UTF8_ERRORS = ("strict", "replace")
+REPLACE_FLAG = "--replace-invalid-utf8"
+
+
+def _not_utf8(where: str, byte: int, offset: int) -> UserError:
+    return UserError(
+        f"{where} is not UTF-8 text: byte 0x{byte:02x} at offset {offset} cannot be decoded; "
+        f"convert the file to UTF-8 (e.g. `iconv -f latin1 -t utf-8`), or pass {REPLACE_FLAG} to read each "
+        "bad byte as U+FFFD"
+    )
+
+
+def read_text_file(path: Path, errors: str = "strict") -> str:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -53,12 +68,9 @@ def read_text_file(path: Path) -> str:
     except OSError as error:
         raise UserError(f"cannot read input file {path}: {error.strerror}") from None
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8", errors)
     except UnicodeDecodeError as error:
-        raise UserError(
-            f"{path} is not UTF-8 text: byte 0x{data[error.start]:02x} at offset {error.start} cannot be "
-            "decoded; convert the file to UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
-        ) from None
+        raise _not_utf8(str(path), data[error.start], error.start) from None
 
 
 def packaged_shakespeare() -> str:
@@ -153,17 +165,19 @@ def looks_like_hub_name(argument: str) -> bool:
     )
 
 
-def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
+def _jsonl_documents(path: Path, field: str, errors: str = "strict") -> Iterator[str]:
+    offset = 0
     with open(path, "rb") as lines:
         for number, line in enumerate(lines, 1):
-            if number == 1:
-                line = line.removeprefix(codecs.BOM_UTF8)  # written by Windows editors; no part of the text
+            start, offset = offset, offset + len(line)
+            if number == 1 and line.startswith(codecs.BOM_UTF8):
+                line, start = line[len(codecs.BOM_UTF8):], start + len(codecs.BOM_UTF8)  # no part of the text
             if not line.strip():
                 continue
             try:
-                record = parse_json(line)
-            except UnicodeDecodeError:
-                raise UserError(f"{path} line {number} is not UTF-8 text; convert the file to UTF-8") from None
+                record = parse_json(line.decode("utf-8", errors))
+            except UnicodeDecodeError as error:
+                raise _not_utf8(f"{path} line {number}", line[error.start], start + error.start) from None
             except json.JSONDecodeError as error:
                 raise UserError(f"{path} line {number} is not valid JSON ({error.msg})") from None
             if not isinstance(record, dict):
@@ -176,20 +190,23 @@ def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
             yield _checked_text(record[field], f"{path} line {number}, field {field!r}")
 
 
-def _checked_text(value: Any, where: str) -> str:
+def _checked_text(value: Any, where: str, errors: str = "strict") -> str:
     if value is None:
         return ""
     if isinstance(value, bytes):
         try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError:
-            raise UserError(f"{where} holds bytes that are not UTF-8 text") from None
+            return value.decode("utf-8", errors)
+        except UnicodeDecodeError as error:
+            raise UserError(
+                f"{where} holds bytes that are not UTF-8 text (byte 0x{value[error.start]:02x} at offset "
+                f"{error.start} of the value); pass {REPLACE_FLAG} to read each bad byte as U+FFFD"
+            ) from None
     if not isinstance(value, str):
         raise UserError(f"{where} holds {type(value).__name__}, not text; name a text column")
     return value
 
 
-def _parquet_documents(path: Path, column: str) -> Iterator[str]:
+def _parquet_documents(path: Path, column: str, errors: str = "strict") -> Iterator[str]:
     import pyarrow
     import pyarrow.parquet as pq
 
@@ -205,19 +222,24 @@ def _parquet_documents(path: Path, column: str) -> Iterator[str]:
     row = 0
     for batch in table.iter_batches(columns=[column], batch_size=1024):
         for value in batch.column(0).to_pylist():
-            yield _checked_text(value, f"{path} row {row}, column {column!r}")
+            yield _checked_text(value, f"{path} row {row}, column {column!r}", errors)
             row += 1
 
 
-def local_documents(paths: list[Path], *, field: str = "text", column: str = "text") -> Iterator[str]:
-    """Documents of the user's files: a whole .txt file, a .jsonl line's `field`, a parquet `column`."""
+def local_documents(
+    paths: list[Path], *, field: str = "text", column: str = "text", errors: str = "strict"
+) -> Iterator[str]:
+    """Documents of the user's files: a whole .txt file, a .jsonl line's `field`, a parquet `column`;
+    `errors` (UTF8_ERRORS) says what becomes of bytes that are not UTF-8."""
+    if errors not in UTF8_ERRORS:
+        raise UserError(f"unknown way {errors!r} of reading bytes that are not UTF-8; use one of {', '.join(UTF8_ERRORS)}")
     for path in paths:
         if path.suffix == ".txt":
-            yield read_text_file(path)
+            yield read_text_file(path, errors)
         elif path.suffix == ".jsonl":
-            yield from _jsonl_documents(path, field)
+            yield from _jsonl_documents(path, field, errors)
         else:
-            yield from _parquet_documents(path, column)
+            yield from _parquet_documents(path, column, errors)
 
 
 def open_hub_dataset(
@@ -246,6 +268,7 @@ def hub_documents(
     split: str = "train",
     column: str = "text",
     streaming: bool = True,
+    errors: str = "strict",
 ) -> Iterator[str]:
     """Documents of a `datasets` dataset: a hub name, or a builder such as "parquet" with local files.
 
@@ -270,7 +293,7 @@ def hub_documents(
                 "name the text column with --column"
             )
         for value in batch[column]:
-            yield _checked_text(value, f"{where} row {row}, column {column!r}")
+            yield _checked_text(value, f"{where} row {row}, column {column!r}", errors)
             row += 1
 
 
@@ -306,24 +329,38 @@ def text_units(documents: Iterable[str]) -> Iterator[tuple[str, bool]]:
                 yield piece, index == 0
 
 
-def encode_units(units: list[tuple[str, bool]]) -> tuple[np.ndarray, np.ndarray]:
-    """The tokens of the units (end-of-text before each document) and the token count of each unit.
+# The tokenizer of this process's encoding tasks: the pool's workers get it when they start.
+_worker_tokenizer: Tokenizer | None = None
 
-    Text that spells `<|endoftext|>` is ordinary text here, as in `encode_ordinary`; tokens come
-    as numpy arrays, which spares a Python int per token.
+
+def _encode_texts(tokenizer: Tokenizer, texts: list[str]) -> list[np.ndarray]:
+    """Each text's ids as a numpy array (no Python int per token): through tiktoken wherever the
+    tokenizer has it (GPT-2's BPE, a trained BPE verified to match), else `tokenizers`' batch."""
+    if getattr(tokenizer, "encoder", "tiktoken") == "tiktoken":
+        encoding = tokenizer.encoding
+        return [encoding.encode_to_numpy(text, disallowed_special=()) for text in texts]
+    return [np.asarray(ids, dtype=np.uint32) for ids in tokenizer.encode_batch(texts)]
+
+
+def encode_units(units: list[tuple[str, bool]], tokenizer: Tokenizer | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The tokens of the units (end-of-text before each document) and the token count of each unit,
+    in the shards' type for the vocabulary (`shards.token_dtype`). `tokenizer`: this process's
+    (a pool worker's), else GPT-2's BPE.
+
+    Text that spells `<|endoftext|>` is ordinary text here, as in `encode_ordinary`.
     """
-    encoding = gpt2_encoding()
-    end_of_text = np.array([GPT2_EOT_TOKEN], dtype=np.uint32)
+    tokenizer = tokenizer or _worker_tokenizer or GPT2Tokenizer()
+    dtype = token_dtype(tokenizer.vocab_size)
+    end_of_text = np.array([tokenizer.eot_token], dtype=np.uint32)
     parts = []
     lengths = np.empty(len(units), dtype=np.int64)
-    for index, (text, starts_document) in enumerate(units):
-        tokens = encoding.encode_to_numpy(text, disallowed_special=())
+    for index, tokens in enumerate(_encode_texts(tokenizer, [text for text, _ in units])):
+        starts_document = units[index][1]
         if starts_document:
             parts.append(end_of_text)
         parts.append(tokens)
         lengths[index] = len(tokens) + starts_document
-    # GPT-2's ids all fit in uint16, the shards' type.
-    return np.concatenate(parts).astype(np.uint16) if parts else np.zeros(0, dtype=np.uint16), lengths
+    return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype), lengths
 
 
 def _tasks(units: Iterable[tuple[str, bool]]) -> Iterator[list[tuple[str, bool]]]:
@@ -343,7 +380,9 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _ignore_sigint() -> None:
+def _start_worker(tokenizer: Tokenizer) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
@@ -352,16 +391,21 @@ class ParallelEncoder:
 
     Make it before opening a dataset: forking is cheap and safe only while no other thread runs.
     At most two tasks per process are in flight, so memory stays bounded however fast the
-    documents arrive.
+    documents arrive. A tokenizer that encodes through `tokenizers` needs no processes: its batch
+    encoder runs on every core itself (and stops using threads in a forked process).
     """
 
-    def __init__(self, workers: int):
-        self.workers = max(1, workers)
+    def __init__(self, workers: int, tokenizer: Tokenizer | None = None):
+        self.tokenizer = tokenizer or GPT2Tokenizer()
+        in_process = getattr(self.tokenizer, "encoder", "tiktoken") != "tiktoken"
+        self.workers = 1 if in_process else max(1, workers)
         self._pool = None
         if self.workers > 1:
             method = "fork" if sys.platform.startswith("linux") else "spawn"
             # Ctrl-C is the parent's to handle: it stops the pool, the workers need not report it.
-            self._pool = multiprocessing.get_context(method).Pool(self.workers, initializer=_ignore_sigint)
+            self._pool = multiprocessing.get_context(method).Pool(
+                self.workers, initializer=_start_worker, initargs=(self.tokenizer,)
+            )
 
     def __enter__(self) -> ParallelEncoder:
         return self
@@ -373,7 +417,8 @@ class ParallelEncoder:
 
     def encode(self, units: Iterable[tuple[str, bool]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         if self._pool is None:
-            yield from map(encode_units, _tasks(units))
+            for task in _tasks(units):
+                yield encode_units(task, self.tokenizer)
             return
         pending: collections.deque = collections.deque()
         for task in _tasks(units):
