@@ -19,7 +19,7 @@ STAGES = [
               "inference.prompts",
               "chat", "chat.template"]),
     ("data", ["data", "data.dataset", "data.loader", "data.prepare", "data.shards", "data.sources", "chat.records",
-               "data.chat_prepare", "data.chat_loader"]),
+               "data.chat_prepare", "data.chat_loader", "data.tokenizer_train"]),
     ("model", ["model", "layers", "loss", "formats", "formats.hub_files", "formats.native", "formats.transformers_gpt2",
                "formats.transformers_llama", "quantize", "lora", "kernels", "kernels.build", "kernels.cpu", "kernels.torch_compat",
                "kernels.fused", "kernels.matvec", "kernels.quantized", "kernels.linear", "kernels.attention", "kernels.loss",

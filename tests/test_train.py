@@ -92,8 +92,8 @@ def test_a_budget_override_replaces_the_presets_budget(tmp_path):
 def test_a_model_from_scratch_takes_its_vocabulary_from_the_data(char_data, bpe_data):
     notes = []
     config = resolve_config("shakespeare-char-cpu", overrides=[f"data.path={bpe_data}"], notes=notes)
-    assert (config.model.vocab_size, config.model.padded_vocab_size) == (50257, None)
-    assert notes == [f"model.vocab_size=50257, the vocabulary of the data in {bpe_data} (not 65)"]
+    assert (config.model.vocab_size, config.model.padded_vocab_size) == (50257, 50304)
+    assert notes == [f"model.vocab_size=50257, the vocabulary of the data in {bpe_data} (not 65), padded to 50304 rows"]
     notes = []
     config = resolve_config("gpt2-124m", overrides=[f"data.path={char_data}"], notes=notes)
     assert (config.model.vocab_size, config.model.padded_vocab_size) == (65, None)

@@ -224,7 +224,7 @@ def _check_tokenizer_fits(config: GPTConfig, spec: Any, path: Path) -> None:
     if config.vocab_size < tokenizer.vocab_size:
         raise UserError(
             f"{path}: vocab_size {config.vocab_size} is less than the {tokenizer.vocab_size} ids of its tokenizer "
-            f"({_tokenizer_name(spec)}): the record does not describe this model; write the folder again with "
+            f"({tokenizer.describe()}): the record does not describe this model; write the folder again with "
             "the model's own tokenizer"
         )
 
@@ -241,18 +241,12 @@ def _check_tokenizer_record(record: dict[str, Any], path: Path) -> None:
         return
     spec = record.get("tokenizer")
     if spec is None or tokenizer_digest(spec) != expected:
-        named = "no tokenizer" if spec is None else _tokenizer_name(spec)
+        named = "no tokenizer" if spec is None else tokenizer_from_spec(spec).describe()
         raise UserError(
             f"{path}: its tokenizer record ({named}) is not the one the weights were written with "
             f"({TOKENIZER_DIGEST} differs): the record was changed after it was written; restore it, or write "
             "the folder again with the model's own tokenizer"
         )
-
-
-def _tokenizer_name(spec: Any) -> str:
-    if is_gpt2_spec(spec):
-        return "GPT-2's BPE" + (f" with chat format {spec['chat']}" if isinstance(spec, dict) and spec.get("chat") else "")
-    return "a character vocabulary"
 
 
 def read_config(folder: Path) -> GPTConfig:
@@ -539,7 +533,8 @@ def export_for_transformers(
         plain_state_dict(model), model.config, directory, tokenizer_spec=tokenizer_spec, layout=layout
     )
     gpt2 = tokenizer_spec is None or is_gpt2_spec(tokenizer_spec)
-    facts = {"tokenizer": "GPT-2 BPE" if gpt2 else "characters", **(card_facts or {})}
+    tokenizer = "GPT-2 BPE" if gpt2 else tokenizer_from_spec(tokenizer_spec).describe()
+    facts = {"tokenizer": tokenizer, **(card_facts or {})}
     hub_files.write_model_card(directory, model.config, architecture_name(layout), facts)
     return directory
 

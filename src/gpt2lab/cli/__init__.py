@@ -25,6 +25,7 @@ VERBS = {
     "sample": "generate text from a model, streaming it to the terminal",
     "chat": "talk to a chat model in the terminal, or answer one --prompt",
     "convert": "export a model or checkpoint for transformers (GPT-2, Llama or Qwen3)",
+    "tokenizer": "train a byte-level BPE on your corpus, or compare tokenizers' bytes per token",
     "prepare": "turn a corpus into token shards for training",
     "train": "train a model from a preset, a TOML file and overrides",
     "bench": "run the GPT-2 reproduction's speed ladder on this device",

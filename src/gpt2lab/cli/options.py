@@ -31,6 +31,20 @@ def add_device_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def whole_count(text: str, unit: str) -> int:
+    """A positive whole number of `unit` (tokens, characters); accepts 100M, 10k, 1e8 and 100_000_000."""
+    cleaned = text.strip().replace("_", "").replace(",", "")
+    scale = {"k": 10**3, "m": 10**6, "b": 10**9}.get(cleaned[-1:].lower(), 1)
+    number = cleaned[:-1] if scale > 1 else cleaned
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count of {unit} (e.g. 100M, 250000)") from None
+    if not value >= 1 or value != int(value) or value > 2**62:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number of {unit}, 1 or more")
+    return int(value)
+
+
 def non_negative_int(text: str) -> int:
     try:
         value = int(text)

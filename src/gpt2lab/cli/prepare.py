@@ -11,6 +11,7 @@ from ..errors import UserError
 from ..data import sources
 from ..data.chat_prepare import DEFAULT_CONTEXT, DEFAULT_VAL_EVERY, prepare_chat
 from ..data.prepare import DEFAULT_SHARD_TOKENS, SOURCES, prepare
+from .options import whole_count
 
 CHAT_SOURCE = "chat"
 VERB_SOURCES = (*SOURCES, CHAT_SOURCE)
@@ -59,7 +60,8 @@ your own copy instead; --download fetches it once from karpathy/char-rnn on GitH
 gpt2lab cache ($GPT2LAB_CACHE, else the user cache folder), checked against the same sha256.
 
 For fineweb-edu and text, every document becomes an end-of-text token followed by its GPT-2
-tokens, tokenized on all cores; empty documents are skipped. The first --val-tokens tokens
+tokens (or those of --tokenizer DIR, a BPE of `gpt2lab tokenizer train`), tokenized on all
+cores; empty documents are skipped. The first --val-tokens tokens
 of this stream are the validation split, the rest the training split, each cut into shards
 of --shard-tokens. dataset.json records progress after each shard, so running the same
 command again after an interruption continues after the last complete shard, and on a
@@ -79,6 +81,7 @@ PREPARE_EPILOG = """examples:
   gpt2lab prepare chat conversations.jsonl more/*.jsonl --out data/chat
   gpt2lab prepare chat HuggingFaceTB/smol-smoltalk --out data/smoltalk --context 2048
   gpt2lab prepare chat tatsu-lab/alpaca --out data/alpaca --val-every 50
+  gpt2lab prepare text 'books/*.txt' --tokenizer tok/books-32k --out data/books-32k
 
 Token counts accept suffixes: 100M, 10k, 1B. The folder works as the data of training and as
 a tokenizer name (its dataset.json records the tokenizer)."""
@@ -86,16 +89,7 @@ a tokenizer name (its dataset.json records the tokenizer)."""
 
 def _token_count(text: str) -> int:
     """A positive token count; accepts 100M, 10k, 1e8 and 100_000_000."""
-    cleaned = text.strip().replace("_", "").replace(",", "")
-    scale = {"k": 10**3, "m": 10**6, "b": 10**9}.get(cleaned[-1:].lower(), 1)
-    number = cleaned[:-1] if scale > 1 else cleaned
-    try:
-        value = float(number) * scale
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a token count (e.g. 100M, 250000)") from None
-    if not value >= 1 or value != int(value) or value > 2**62:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number of tokens, 1 or more")
-    return int(value)
+    return whole_count(text, "tokens")
 
 
 def _conversation_count(text: str) -> int:
@@ -127,6 +121,8 @@ _OPTIONS = (
     ("--column", "column"),
     ("--download", "download"),
     ("--char", "char"),
+    ("--tokenizer", "tokenizer"),
+    ("--replace-invalid-utf8", "replace_invalid_utf8"),
     ("--shard-tokens", "shard_tokens"),
     ("--val-tokens", "val_tokens"),
     ("--max-tokens", "max_tokens"),
@@ -180,6 +176,17 @@ def add_prepare_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser
     parser.add_argument(
         "--char", action="store_true",
         help="text source: one token per character instead of GPT-2's BPE (a character-level model of your own text)",
+    )
+    parser.add_argument(
+        "--tokenizer", metavar="DIR",
+        help="shakespeare, fineweb-edu, text and chat: the BPE to tokenize with instead of GPT-2's: a folder of "
+        "`gpt2lab tokenizer train` (or a dataset or model folder made with one); shards hold uint16 ids while its "
+        "vocabulary fits, else uint32 (llm.c's Llama 3 layout: magic 20240801, version 7)",
+    )
+    parser.add_argument(
+        sources.REPLACE_FLAG, dest="replace_invalid_utf8", action="store_true",
+        help="text source: read bytes that are not UTF-8 as U+FFFD instead of stopping at the first (which names "
+        "the file and byte offset)",
     )
     _add_size_and_chat_options(parser)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
@@ -288,6 +295,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         workers=args.workers,
         char=args.char,
+        tokenizer=args.tokenizer,
+        invalid_utf8="replace" if args.replace_invalid_utf8 else "strict",
         command=_command_line(args, args.option_defaults),
         progress=not args.quiet,
         log=(lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr)),
@@ -297,7 +306,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 _CHAT_ONLY = (("--context", "context"), ("--val-every", "val_every"), ("--max-conversations", "max_conversations"))
 _NOT_FOR_CHAT = (("--input", "input_file"), ("--data-files", "data_files"), ("--column", "column"),
-                 ("--val-tokens", "val_tokens"), ("--max-tokens", "max_tokens"), ("--char", "char"))
+                 ("--val-tokens", "val_tokens"), ("--max-tokens", "max_tokens"), ("--char", "char"),
+                 ("--replace-invalid-utf8", "replace_invalid_utf8"))
 
 
 def _misplaced(args: argparse.Namespace, options) -> list[str]:
@@ -315,7 +325,7 @@ def cmd_prepare_chat(args: argparse.Namespace) -> int:
     if misplaced:
         raise UserError(
             f"{misplaced[0]} does not apply to the chat source; chat takes .jsonl files or a hub dataset "
-            "(--split, --config, --field), --context, --val-every, --max-conversations and --shard-tokens"
+            "(--split, --config, --field), --context, --val-every, --max-conversations, --shard-tokens and --tokenizer"
         )
     prepare_chat(
         args.inputs,
@@ -328,6 +338,7 @@ def cmd_prepare_chat(args: argparse.Namespace) -> int:
         val_every=args.val_every,
         max_conversations=args.max_conversations,
         streaming=not args.download,
+        tokenizer=args.tokenizer,
         command=_command_line(args, args.option_defaults),
         progress=not args.quiet,
         log=(lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr)),

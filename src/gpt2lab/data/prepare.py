@@ -424,15 +424,9 @@ def prepare(
     """
     _check_options(
         source, inputs=inputs, input_file=input_file, data_files=data_files,
-        shard_tokens=shard_tokens, val_tokens=val_tokens, max_tokens=max_tokens,
+        shard_tokens=shard_tokens, val_tokens=val_tokens, max_tokens=max_tokens, replace=invalid_utf8 != "strict",
     )
-    if char and source != "text":
-        raise UserError(
-            f"--char tokenizes your own text by characters: use it with the text source "
-            f"(Tiny Shakespeare by characters is the shakespeare-char source), not with {source}"
-        )
-    if tokenizer is not None and (char or source == "shakespeare-char"):
-        raise UserError("--tokenizer names a BPE; a dataset of characters (--char, shakespeare-char) has none: drop one")
+    _check_tokenizer_options(source, char, tokenizer is not None)
     text_tokenizer = document_tokenizer(tokenizer)
     folder = Path(out)
     command = command or f"gpt2lab prepare {source} --out {shlex.quote(str(folder))}"
@@ -460,23 +454,23 @@ def prepare(
         "shard_tokens": shard_tokens, "val_tokens": val_tokens, "max_tokens": max_tokens,
     }
     meta = _prepare_documents(
-        folder,
-        source,
-        recipe,
-        documents.read,
-        documents.description,
-        shard_tokens=shard_tokens,
-        val_tokens=val_tokens,
-        max_tokens=max_tokens,
-        expected_tokens=documents.expected_tokens,
-        workers=workers or sources.default_workers(),
-        tokenizer=text_tokenizer,
-        command=command,
-        progress=progress,
-        log=log,
+        folder, source, recipe, documents.read, documents.description,
+        shard_tokens=shard_tokens, val_tokens=val_tokens, max_tokens=max_tokens,
+        expected_tokens=documents.expected_tokens, workers=workers or sources.default_workers(),
+        tokenizer=text_tokenizer, command=command, progress=progress, log=log,
     )
     log(_summary(folder, meta))
     return meta
+
+
+def _check_tokenizer_options(source: str, char: bool, tokenizer_given: bool) -> None:
+    if char and source != "text":
+        raise UserError(
+            f"--char tokenizes your own text by characters: use it with the text source "
+            f"(Tiny Shakespeare by characters is the shakespeare-char source), not with {source}"
+        )
+    if tokenizer_given and (char or source == "shakespeare-char"):
+        raise UserError("--tokenizer names a BPE; a dataset of characters (--char, shakespeare-char) has none: drop one")
 
 
 def _check_options(
@@ -488,6 +482,7 @@ def _check_options(
     shard_tokens: int,
     val_tokens: int | None,
     max_tokens: int | None,
+    replace: bool = False,
 ) -> None:
     """Refuse an unknown source, a count that is not a positive integer, and an option that
     the source does not take."""
@@ -504,6 +499,7 @@ def _check_options(
             ("--data-files", data_files, ("fineweb-edu",)),
             ("--val-tokens", val_tokens, ("fineweb-edu", "text")),
             ("--max-tokens", max_tokens, ("fineweb-edu", "text")),
+            ("--replace-invalid-utf8", replace, ("text",)),
         )
         if value and source not in sources_taking_it
     ]
@@ -511,7 +507,8 @@ def _check_options(
         raise UserError(
             f"{misplaced[0]} does not apply to the {source} source: input files go with text, "
             "--input with shakespeare and shakespeare-char, --data-files with fineweb-edu, and "
-            "--val-tokens and --max-tokens with fineweb-edu and text (Tiny Shakespeare is split 90/10)"
+            "--val-tokens and --max-tokens with fineweb-edu and text (Tiny Shakespeare is split 90/10), "
+            "--replace-invalid-utf8 with text"
         )
 
 

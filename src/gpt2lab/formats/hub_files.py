@@ -1,6 +1,6 @@
 """The files transformers' own `save_pretrained` writes beside the weights, so that AutoTokenizer,
 `pipeline`, lm-eval and the hub see a complete folder: the tokenizer (`tokenizer.json` built by the
-`tokenizers` library, for GPT-2's BPE and for a character vocabulary), `special_tokens_map.json`,
+`tokenizers` library, for GPT-2's BPE, a trained BPE and a character vocabulary), `special_tokens_map.json`,
 `generation_config.json`, and a `README.md` model card."""
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 
 from ..chat.template import jinja_chat_template
 from ..config import GPTConfig
+from ..data.tokenizer_train import write_transformers_tokenizer
 from ..files import write_atomic
-from ..tokenizer import CHAT_FORMATS, GPT2_EOT_TOKEN, is_gpt2_spec, packaged_vocabulary
+from ..tokenizer import CHAT_FORMATS, GPT2_EOT_TOKEN, BPETokenizer, is_gpt2_spec, packaged_vocabulary, tokenizer_from_spec
 
 GPT2_EOT_TEXT = "<|endoftext|>"
 # Written as `transformers_version` where transformers is not installed: the oldest release the
@@ -37,15 +38,23 @@ def _chat_tokens(tokenizer_spec: Any) -> dict[str, int]:
     return CHAT_FORMATS[chat] if chat else {}
 
 
+def _is_trained_bpe(tokenizer_spec: Any) -> bool:
+    return isinstance(tokenizer_spec, dict) and tokenizer_spec.get("type") == "bpe"
+
+
 def special_token_ids(tokenizer_spec: Any) -> dict[str, Any]:
-    """bos/eos ids for config.json and generation_config.json: GPT-2's end-of-text, and for a chat
+    """bos/eos ids for config.json and generation_config.json: the BPE's end-of-text, and for a chat
     model its end of turn first (an answer ends there); a character vocabulary has no such token,
     so none (transformers' GPT-2 default of 50256 would be wrong)."""
-    if not is_gpt2_spec(tokenizer_spec):
+    if _is_trained_bpe(tokenizer_spec):
+        tokenizer = tokenizer_from_spec(tokenizer_spec)
+        end_of_text, chat = tokenizer.eot_token, tokenizer.chat_tokens()
+    elif is_gpt2_spec(tokenizer_spec):
+        end_of_text, chat = GPT2_EOT_TOKEN, _chat_tokens(tokenizer_spec)
+    else:
         return {"bos_token_id": None, "eos_token_id": None}
-    chat = _chat_tokens(tokenizer_spec)
-    eos = [chat["<|end|>"], GPT2_EOT_TOKEN] if chat else GPT2_EOT_TOKEN
-    return {"bos_token_id": GPT2_EOT_TOKEN, "eos_token_id": eos}
+    eos = [chat["<|end|>"], end_of_text] if chat else end_of_text
+    return {"bos_token_id": end_of_text, "eos_token_id": eos}
 
 
 def _gpt2_tokenizer(chat_tokens: dict[str, int]) -> Tokenizer:
@@ -82,6 +91,11 @@ def dtype_entries(dtype: Any) -> dict[str, str]:
 def write_tokenizer_files(directory: Path, tokenizer_spec: Any, block_size: int) -> None:
     """tokenizer.json, tokenizer_config.json and special_tokens_map.json (and GPT-2's
     vocab.json / merges.txt, which the slow tokenizer reads) for the model's own tokenizer."""
+    if _is_trained_bpe(tokenizer_spec):
+        tokenizer = tokenizer_from_spec(tokenizer_spec)
+        assert isinstance(tokenizer, BPETokenizer)
+        write_transformers_tokenizer(directory, tokenizer, model_max_length=block_size)
+        return
     if is_gpt2_spec(tokenizer_spec):
         tokenizer = _gpt2_tokenizer(_chat_tokens(tokenizer_spec))
         encoder_json, vocab_bpe = packaged_vocabulary()

@@ -29,7 +29,7 @@ from ..model import Transformer
 from ..inference.prompts import checked_prompt, empty_prompt_start
 from ..runtime import autocast, check_fits
 from ..inference.sampling import generator_seed
-from ..tokenizer import Tokenizer, tokenizer_from_spec
+from ..tokenizer import Tokenizer, load_tokenizer, same_ids, tokenizer_from_spec
 from .checkpoint import (
     find_resume_checkpoint,
     load_checkpoint,
@@ -167,11 +167,14 @@ def _load_hellaswag(settings: EvalSettings, tokenizer: Tokenizer) -> HellaSwag |
     return HellaSwag(examples, tokenizer)
 
 
-def build_model(config: TrainConfig, group: DistInfo, data_vocab_size: int) -> tuple[Transformer, TrainConfig]:
+def build_model(
+    config: TrainConfig, group: DistInfo, data_vocab_size: int, data_tokenizer: Any = None
+) -> tuple[Transformer, TrainConfig]:
     """The model to train, still on the CPU and whole (no adapters, shards or compilation yet):
     drawn from system.seed, or loaded from init_from. Returned with the settings, whose model.*
     is then the loaded model's shape. A model from scratch whose training cannot fit in memory
-    is refused before it is built."""
+    is refused before it is built, and so is a loaded model whose tokenizer gives other ids
+    than the data's (`data_tokenizer`, its record: None skips the check)."""
     if config.init_from == "scratch":
         fsdp = group.enabled and config.system.parallel == "fsdp"
         _check_model_fits(config, group.device, group.world_size if fsdp else 1)
@@ -179,7 +182,7 @@ def build_model(config: TrainConfig, group: DistInfo, data_vocab_size: int) -> t
     if config.init_from == "scratch":
         model = Transformer(config.model)
     else:
-        model, config = _load_initial_model(config, data_vocab_size)
+        model, config = _load_initial_model(config, data_vocab_size, data_tokenizer)
     if group.device.type == "cpu":  # elsewhere the kernels package is not even imported
         from ..kernels import accelerate
 
@@ -218,9 +221,11 @@ def _configure_torch(system: SystemSettings, device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def _load_initial_model(config: TrainConfig, data_vocab_size: int) -> tuple[Transformer, TrainConfig]:
+def _load_initial_model(
+    config: TrainConfig, data_vocab_size: int, data_tokenizer: Any
+) -> tuple[Transformer, TrainConfig]:
     """The model init_from names, on the CPU, and the settings with its shape in model.*."""
-    from ..pretrained import load_model
+    from ..pretrained import load_model, resolve_model_path
 
     model = load_model(
         config.init_from,
@@ -228,6 +233,14 @@ def _load_initial_model(config: TrainConfig, data_vocab_size: int) -> tuple[Tran
         attention=config.model.attention,
         padded_vocab_size=config.model.padded_vocab_size,
     )
+    if data_tokenizer is not None:
+        model_tokenizer = load_tokenizer(resolve_model_path(config.init_from))
+        if not same_ids(model_tokenizer.spec(), data_tokenizer):
+            raise UserError(
+                f"the data in {config.data.path} was tokenized with {tokenizer_from_spec(data_tokenizer).describe()}, "
+                f"but {config.init_from} was trained with {model_tokenizer.describe()}: the same ids mean other "
+                f"text to it; prepare the data again with --tokenizer {config.init_from}"
+            )
     if config.batch.seq_len > model.config.block_size:
         raise UserError(
             f"batch.seq_len ({config.batch.seq_len}) is longer than the context of {config.init_from} "
@@ -405,7 +418,7 @@ class Trainer:
         steps = count_steps(config, self.world_size, self.train_loader)
         self.grad_accum, self.tokens_per_step, self.total_steps = steps
         self.tokenizer, self.hellaswag, self.core = build_evaluators(config.eval, self.dataset)
-        self.raw_model, config = build_model(config, self.dist, self.dataset.vocab_size)
+        self.raw_model, config = build_model(config, self.dist, self.dataset.vocab_size, self.dataset.tokenizer_spec)
         self.config = config
         self.token_bytes = token_byte_lengths(self.tokenizer, config.model.embedding_rows)
         add_adapters(self.raw_model, config.finetune, self.echo)
