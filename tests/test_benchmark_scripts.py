@@ -156,3 +156,16 @@ def test_bench_core_metric_agrees_with_its_one_example_per_forward_reference(tmp
     synthetic = load_bundle(bench.write_bundle(tmp_path / "bundle", items=12))
     assert {t.task_type for t in synthetic.tasks} == {"multiple_choice", "schema", "language_modeling"}
     assert all(len(synthetic.items(t)) == 12 for t in synthetic.tasks)
+
+
+def test_bench_tokenizer_runs_on_a_tiny_corpus_and_its_encoders_agree(tmp_path):
+    out = tmp_path / "tokenizer.json"
+    proc = run_script(["benchmarks/bench_tokenizer.py", "--corpus-mb", "0.2", "--vocab-sizes", "300", "--repeats", "1",
+                       "--workers", "2", "--json", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(out.read_text())
+    assert results["train"]["300"]["mb_per_s"] > 0 and results["train"]["300"]["encoder"] == "tiktoken"
+    tokens = {name: row["tokens"] for name, row in results["encode"].items()}
+    assert tokens["prepare, GPT-2"] == tokens["tiktoken GPT-2 encode_ordinary_batch"]
+    assert tokens["prepare, trained BPE via tiktoken"] == tokens["prepare, trained BPE via tokenizers"] == \
+        tokens["tokenizers encode_batch, trained BPE"]

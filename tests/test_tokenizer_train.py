@@ -366,7 +366,7 @@ def test_a_model_of_a_trained_bpe_trains_samples_serves_chats_and_exports(capsys
     assert code == 0 and out.startswith("ROMEO:")
     _serve_one_completion(run, bpe)
     export = tmp_path / "export"
-    assert run_cli(capsys, "convert", "--model", run, "--out", export)[0] == 0
+    assert run_cli(capsys, "convert", run, "--out", export)[0] == 0
     held_out = shakespeare[1][:3000]
     ids = bpe.encode(held_out)
     assert transformers.AutoTokenizer.from_pretrained(export)(held_out)["input_ids"] == ids
@@ -407,15 +407,15 @@ def _sft_and_chat(capsys, tmp_path: Path, run: Path, bpe_folder: Path, bpe: BPET
     conversations, _ = split_tasks(60, 2, seed=3)
     chat_file = write_jsonl(tmp_path / "chat.jsonl", conversations)
     chat_data, sft = tmp_path / "chat-data", tmp_path / "sft"
-    code, _, err = run_cli(capsys, "prepare", "chat", chat_file, "--tokenizer", bpe_folder, "--out", chat_data,
-                           "--context", "32", "-q")
+    code, _, err = run_cli(capsys, "prepare", "chat", chat_file, "--tokenizer", bpe_folder, "--out", chat_data, "-q")
     assert code == 0, err
     template = ChatTemplate(bpe)
     dataset = open_dataset(chat_data)
     assert dataset.tokenizer_spec == {**bpe.spec(), "chat": "gpt2lab-chat-v1"}
-    first = dataset.tokens(dataset.shards("train")[0])
-    rendered = [template.render(c)[0] for c in conversations]
-    assert first[: len(rendered[0])].tolist() == rendered[0] and {2, 3, 4} <= set(first.tolist())
+    # Every 20th conversation validates; the rest are the training split, role tokens at ids 1-4.
+    expected = [t for i, c in enumerate(conversations) if i % 20 != 19 for t in template.render(c)[0]]
+    assert np.concatenate([dataset.tokens(shard) for shard in dataset.shards("train")]).tolist() == expected
+    assert {1, 2, 3, 4} <= set(expected)
     settings = [f"data.path={chat_data}", f"init_from={run}", *TINY[:-1], "max_steps=2", "batch.total_tokens=0",
                 "eval.interval=0"]
     code, _, err = run_cli(capsys, "train", "--preset", "sft", *[f for s in settings for f in ("--set", s)], "--out", sft)
@@ -424,7 +424,7 @@ def _sft_and_chat(capsys, tmp_path: Path, run: Path, bpe_folder: Path, bpe: BPET
                              "--max-new-tokens", "4", "--device", "cpu")
     assert code == 0, err
     export = tmp_path / "sft-export"
-    assert run_cli(capsys, "convert", "--model", sft, "--out", export)[0] == 0
+    assert run_cli(capsys, "convert", sft, "--out", export)[0] == 0
     messages = [{"role": "user", "content": "Repeat after me: red blue"}]
     auto = transformers.AutoTokenizer.from_pretrained(export)
     hf_ids = auto.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
