@@ -88,7 +88,7 @@ def main() -> None:
         rows.append({"tokenizer": name, "vocab_size": meta["vocab_size"], "train_bytes_per_token": bytes_per_token,
                      "steps": steps, "train_bytes": round(steps * STEP_TOKENS * bytes_per_token),
                      "val_loss": final["val_loss"], "val_bpb": final["val_bpb"], "wall_s": seconds})
-    print(f"\n| tokenizer | vocabulary | train bytes/token | steps | bytes trained on | val loss | val bpb | wall time |")
+    print("\n| tokenizer | vocabulary | train bytes/token | steps | bytes trained on | val loss | val bpb | wall time |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['tokenizer']} | {r['vocab_size']:,} | {r['train_bytes_per_token']:.3f} | {r['steps']:,} | "

@@ -133,6 +133,14 @@ def test_the_chat_template_writes_the_reserved_ids(bpe):
     assert template.spec() == {**bpe.spec(), "chat": "gpt2lab-chat-v1"} and template.vocab_needed == 4096
 
 
+def test_bits_per_byte_counts_each_tokens_bytes_and_no_special_token(bpe):
+    from gpt2lab.eval.loss import token_byte_lengths
+
+    lengths = token_byte_lengths(bpe, 4160).tolist()  # padded rows past the vocabulary count nothing
+    assert lengths[:5] == [0] * 5 and lengths[4096:] == [0] * 64
+    assert lengths[5:4096] == [len(bpe.token_bytes(token)) for token in range(5, 4096)]
+
+
 def merges_joining_two_ways() -> list[tuple[str, str]]:
     """b+c, then a+b, then ab+c: tiktoken joins a+bc into abc, which no merge of `tokenizers` does."""
     return [("b", "c"), ("a", "b"), ("ab", "c")]

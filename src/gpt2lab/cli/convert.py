@@ -27,7 +27,8 @@ the architecture that computes exactly what the model computes:
   Qwen3ForCausalLM  the same with qk_norm=true
 Other options (relu2, logit_softcap, learned positions with rmsnorm, ...) are refused, naming
 them; such a model folder stays a gpt2lab model. A padded vocabulary is cut back to its real
-size, and GPT-2 tokenizer files are written beside a model of GPT-2's vocabulary. A LoRA
+size, and the model's tokenizer is written beside it (GPT-2's BPE, a BPE of `gpt2lab tokenizer
+train`, or characters), so AutoTokenizer gives gpt2lab's ids. A LoRA
 checkpoint's adapters are merged into its weights: the export is a plain model.""",
         epilog="""examples:
   gpt2lab convert runs/gpt2-124m --out exported/gpt2-124m

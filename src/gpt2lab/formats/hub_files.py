@@ -15,7 +15,6 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 
 from ..chat.template import jinja_chat_template
 from ..config import GPTConfig
-from ..data.tokenizer_train import write_transformers_tokenizer
 from ..files import write_atomic
 from ..tokenizer import CHAT_FORMATS, GPT2_EOT_TOKEN, BPETokenizer, is_gpt2_spec, packaged_vocabulary, tokenizer_from_spec
 
@@ -92,6 +91,8 @@ def write_tokenizer_files(directory: Path, tokenizer_spec: Any, block_size: int)
     """tokenizer.json, tokenizer_config.json and special_tokens_map.json (and GPT-2's
     vocab.json / merges.txt, which the slow tokenizer reads) for the model's own tokenizer."""
     if _is_trained_bpe(tokenizer_spec):
+        from ..data.tokenizer_train import write_transformers_tokenizer
+
         tokenizer = tokenizer_from_spec(tokenizer_spec)
         assert isinstance(tokenizer, BPETokenizer)
         write_transformers_tokenizer(directory, tokenizer, model_max_length=block_size)
