@@ -262,7 +262,7 @@ class CharTokenizer:
         return {"type": "char", "chars": "".join(self.chars)}
 
     def describe(self) -> str:
-        return f"a vocabulary of {self.vocab_size} characters"
+        return "a character vocabulary"
 
 
 @functools.lru_cache(maxsize=None)
