@@ -123,6 +123,20 @@ def test_the_folder_records_the_tokenizer_and_its_ids(bpe_folder, bpe):
     assert min(bpe.encode("<|endoftext|><|user|>hi<|end|>")) >= 5
 
 
+def test_training_reads_files_as_prepare_text_does(tmp_path, shakespeare):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    lines = shakespeare[1].split("\n\n")
+    pq.write_table(pa.table({"body": lines}), tmp_path / "docs.parquet")
+    from_parquet = train_tokenizer([str(tmp_path / "docs.parquet")], tmp_path / "p", vocab_size=280, column="body",
+                                   max_chars=20_000, pattern="gpt2", **QUIET)
+    record = json.loads((tmp_path / "p" / TOKENIZER_RECORD).read_text())["trained_on"]
+    assert record["column"] == "body" and record["chars"] == 20_000 and record["max_chars"] == 20_000
+    assert record["documents"] == next(i for i, n in enumerate(np.cumsum([len(x) for x in lines])) if n >= 20_000) + 1
+    assert from_parquet.decode(from_parquet.encode(shakespeare[1])) == shakespeare[1]
+
+
 def test_the_chat_template_writes_the_reserved_ids(bpe):
     template = ChatTemplate(bpe)
     ids, mask = template.render([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
@@ -269,7 +283,7 @@ def test_text_that_is_not_utf8_is_named_or_replaced(capsys, tmp_path):
 def test_an_out_folder_gpt2lab_did_not_write_is_left_alone(capsys, tmp_path, shakespeare, small_folder):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    args = ["tokenizer", "train", shakespeare[0], "--vocab-size", "270", "-q"]
+    args = ["tokenizer", "train", shakespeare[0], "--vocab-size", "270", "-q", "--max-chars", "100k"]
     code, _, err = run_cli(capsys, *args, "--out", tmp_path / "mine", "--force")
     assert code == 2 and "gpt2lab did not write it" in err and (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
@@ -278,7 +292,7 @@ def test_an_out_folder_gpt2lab_did_not_write_is_left_alone(capsys, tmp_path, sha
     assert code == 2 and "add --force" in err and (small_folder / "tokenizer.json").read_bytes() == before
     replaced = tmp_path / "replaced"
     assert run_cli(capsys, *args, "--out", replaced)[0] == 0
-    assert run_cli(capsys, *args[:4], "300", "-q", "--out", replaced, "--force")[0] == 0
+    assert run_cli(capsys, *args[:4], "300", *args[5:], "--out", replaced, "--force")[0] == 0
     assert load_tokenizer(replaced).vocab_size == 300
 
 
@@ -292,7 +306,8 @@ def test_bad_special_tokens_are_refused(capsys, tmp_path, shakespeare, special, 
 
 
 def test_extra_special_tokens_follow_the_reserved_ones(tmp_path, shakespeare):
-    tokenizer = train_tokenizer([str(shakespeare[0])], tmp_path / "t", vocab_size=300, special=["<|fim|>"], **QUIET)
+    tokenizer = train_tokenizer([str(shakespeare[0])], tmp_path / "t", vocab_size=300, special=["<|fim|>"],
+                                max_chars=100_000, **QUIET)
     assert tokenizer.special == (*RESERVED_TOKENS, "<|fim|>") and tokenizer.token_bytes(6) == b"\x00"
     assert tokenizer.encode("<|fim|>") != [5] and tokenizer.decode([5]) == "<|fim|>"
 
