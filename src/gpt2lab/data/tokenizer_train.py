@@ -45,7 +45,6 @@ MAX_VOCAB_SIZE = 2**32
 CHECK_CHARS = 4 << 20
 # About this much text goes to `tokenizers` at a time: a batch it spreads over its threads.
 BATCH_CHARS = 1 << 20
-TRANSFORMERS_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def check_special_tokens(special: Iterable[str], pattern: str) -> tuple[str, ...]:
@@ -249,7 +248,7 @@ def transformers_tokenizer_files(
 
 
 def write_transformers_tokenizer(directory: Path, tokenizer: BPETokenizer, model_max_length: int | None = None) -> None:
-    """TRANSFORMERS_FILES of `tokenizer` in `directory`."""
+    """tokenizer.json, tokenizer_config.json and special_tokens_map.json of `tokenizer` in `directory`."""
     files, config, special = transformers_tokenizer_files(tokenizer, model_max_length)
     write_atomic(directory / "tokenizer.json", lambda path: files.save(str(path)))
     for name, value in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
