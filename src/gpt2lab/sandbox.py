@@ -185,7 +185,8 @@ def _group_members(group: int, leader: int) -> list[int]:
                 after = Path(entry.path, "stat").read_text().rpartition(")")[2].split()
             except OSError:
                 continue
-            if len(after) > 2 and int(after[2]) == group:
+            # A zombie has ended already; its parent's reaping is not ours to wait for.
+            if len(after) > 2 and int(after[2]) == group and after[0] != "Z":
                 members.append(int(entry.name))
     return members
 
