@@ -17,7 +17,7 @@ from chatcore_data import (ARC_SCHEMA, GSM8K_ROWS, HUMANEVAL_ROWS, LETTERS, anim
 from conftest import CHAT_TOKENIZER, chat_gpt
 from gpt2lab.chat.session import Chat
 from gpt2lab.cli import main
-from gpt2lab.eval.chat_tasks import (code_of, gsm8k_right, last_number, load_task, multiple_choice_prompt,
+from gpt2lab.chat.tasks import (code_of, gsm8k_right, last_number, load_task, multiple_choice_prompt,
                                      shuffled_order)
 from gpt2lab.eval.chatcore import categorical_answers, read_run_records, record_in_run, score_completions
 from gpt2lab.pretrained import save_pretrained

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from gpt2lab import sandbox
-from gpt2lab.eval.chat_tasks import Example
+from gpt2lab.chat.tasks import Example
 from gpt2lab.eval.chatcore import judge
 
 LIMITS = sandbox.Limits(wall_seconds=5, cpu_seconds=4)

@@ -561,7 +561,7 @@ def _chat_loss(args: argparse.Namespace) -> int:
 
 
 def cmd_chatcore(args: argparse.Namespace) -> int:
-    from ..eval.chat_tasks import load_task, parse_task_names
+    from ..chat.tasks import load_task, parse_task_names
     from ..eval.chatcore import score_completions
     from ..train.distributed import init_distributed, shutdown_distributed
 

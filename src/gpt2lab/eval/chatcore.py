@@ -1,5 +1,5 @@
 """ChatCORE, as nanochat's `scripts/chat_eval.py` computes it: a chat model's accuracy on ARC-Easy,
-ARC-Challenge, MMLU, GSM8K and HumanEval (`eval.chat_tasks`), each centered against its random
+ARC-Challenge, MMLU, GSM8K and HumanEval (`chat.tasks`), each centered against its random
 baseline, (acc - b) / (1 - b) with b = 0.25 for the multiple-choice tasks and 0 for the generative
 ones; ChatCORE is their mean, given only when all five are scored.
 
@@ -9,7 +9,7 @@ ones; ChatCORE is their mean, given only when all five are scored.
   similar length go through the model `batch_size` at a time, right-padded (a causal model never
   sees what follows a position), the head computed at the last position of each alone.
 - GSM8K and HumanEval: the greedy answer (`Chat.greedy_replies`, batched), judged as
-  `eval.chat_tasks` says; HumanEval's programs run in `gpt2lab.sandbox`.
+  `chat.tasks` says; HumanEval's programs run in `gpt2lab.sandbox`.
 
 Under torchrun every rank scores examples rank, rank + world size, ... of each task and the
 counts are summed. `score_completions` judges saved answers without a model.
@@ -32,7 +32,7 @@ from ..jsontext import parse_json
 from ..runtime import autocast
 from .. import sandbox
 from . import ranks
-from .chat_tasks import (SOURCES, TASK_NAMES, Example, gsm8k_right, humaneval_program, letter_right, load_task)
+from ..chat.tasks import (SOURCES, TASK_NAMES, Example, gsm8k_right, humaneval_program, letter_right, load_task)
 
 DEFAULT_MAX_NEW_TOKENS = 512  # nanochat's chat_eval default
 RUN_RECORD = "chatcore.jsonl"

@@ -1,4 +1,5 @@
-"""The five chat benchmarks of nanochat's ChatCORE: their data and how an answer is judged.
+"""The five chat benchmarks of nanochat's ChatCORE: their data, how an answer is judged, and their
+training splits as conversations (for `prepare chat` mixtures, as nanochat's SFT mixes them).
 
 ARC-Easy and ARC-Challenge (allenai/ai2_arc), MMLU (cais/mmlu, config "all"), GSM8K
 (openai/gsm8k, config "main") and HumanEval (openai/openai_humaneval), each its test split, read
@@ -18,10 +19,16 @@ the row's number in its split (from 0). What the model is asked, and how its ans
 - HumanEval: the prompt (a signature and docstring); the answer's code (its first fenced
   block, or all of it) is appended to the prompt, then the task's tests and `check(ENTRY)`,
   and run in `gpt2lab.sandbox`: right when it runs to the end.
+
+Training conversations (`training_conversations`): ARC's and MMLU's questions answered with the
+letter (MMLU's `auxiliary_train` split, ARC's `train`), GSM8K's `train` questions answered with
+the reference solution, its `<<expression=result>>` calculator notes left out (nanochat turns
+them into tool calls; gpt2lab's chat format has none). HumanEval has no training split.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -40,6 +47,8 @@ MMLU_LETTERS = ("A", "B", "C", "D")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 _REFERENCE = re.compile(r"####\s*(-?[\d.,]+)")
 _FENCED = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
+_CALCULATOR = re.compile(r"<<[^>]*>>")
+TRAINING_SPLITS = {"arc-easy": "train", "arc-challenge": "train", "mmlu": "auxiliary_train", "gsm8k": "train"}
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,7 @@ class Example:
     answer: str  # the right letter, GSM8K's reference number, "" for HumanEval
     letters: tuple[str, ...] = ()  # the choices' letters, for ARC and MMLU
     tests: str = ""  # HumanEval: the tests and the check of the entry point, appended to the program
+    solution: str = ""  # the reference answer as the assistant would write it (training conversations)
 
 
 def parse_task_names(text: str | None) -> list[str]:
@@ -145,7 +155,7 @@ def _arc(row: dict, where: str) -> Example:
         raise UserError(f"{where}: answerKey {answer!r} is not one of the choices' labels {labels}")
     question = _field(row, "question", str, where)
     return Example("", _field(row, "id", str, where), where, multiple_choice_prompt(question, tuple(labels), texts),
-                   answer, tuple(labels))
+                   answer, tuple(labels), solution=answer)
 
 
 def _mmlu(row: dict, where: str, number: int) -> Example:
@@ -154,7 +164,7 @@ def _mmlu(row: dict, where: str, number: int) -> Example:
     if len(choices) != len(MMLU_LETTERS) or not 0 <= answer < len(MMLU_LETTERS):
         raise UserError(f"{where}: an MMLU row has 4 choices and an answer from 0 to 3, got {len(choices)} and {answer}")
     prompt = multiple_choice_prompt(_field(row, "question", str, where), MMLU_LETTERS, choices)
-    return Example("", str(number), where, prompt, MMLU_LETTERS[answer], MMLU_LETTERS)
+    return Example("", str(number), where, prompt, MMLU_LETTERS[answer], MMLU_LETTERS, solution=MMLU_LETTERS[answer])
 
 
 def _gsm8k(row: dict, where: str, number: int) -> Example:
@@ -162,13 +172,16 @@ def _gsm8k(row: dict, where: str, number: int) -> Example:
     reference = reference_number(solution)
     if reference is None:
         raise UserError(f"{where}: the answer has no '#### NUMBER' line, which GSM8K's reference solutions end with")
-    return Example("", str(number), where, _field(row, "question", str, where), reference)
+    return Example("", str(number), where, _field(row, "question", str, where), reference,
+                   solution=_CALCULATOR.sub("", solution))
 
 
 def _humaneval(row: dict, where: str) -> Example:
     entry = _field(row, "entry_point", str, where)
     tests = f"\n\n{_field(row, 'test', str, where)}\n\ncheck({entry})\n"
-    return Example("", _field(row, "task_id", str, where), where, _field(row, "prompt", str, where), "", tests=tests)
+    prompt = _field(row, "prompt", str, where)
+    return Example("", _field(row, "task_id", str, where), where, prompt, "", tests=tests,
+                   solution=prompt + _field(row, "canonical_solution", str, where))
 
 
 def _example(name: str, row: dict, where: str, number: int) -> Example:
@@ -180,7 +193,7 @@ def _example(name: str, row: dict, where: str, number: int) -> Example:
         example = _gsm8k(row, where, number)
     else:
         example = _humaneval(row, where)
-    return Example(name, *[getattr(example, f) for f in ("id", "where", "prompt", "answer", "letters", "tests")])
+    return dataclasses.replace(example, task=name)
 
 
 def shuffled_order(count: int) -> np.ndarray:
@@ -189,10 +202,10 @@ def shuffled_order(count: int) -> np.ndarray:
 
 
 def load_task(name: str, data_dir: str | Path | None = None, max_per_task: int | None = None,
-              shuffle: bool = True) -> list[Example]:
-    """The examples of a task in nanochat's order (the file's with `shuffle=False`), the first
-    `max_per_task` of them; every row used is checked."""
-    source = SOURCES[name]
+              shuffle: bool = True, split: str | None = None) -> list[Example]:
+    """The examples of a task's test split (or `split`) in nanochat's order (the file's with
+    `shuffle=False`), the first `max_per_task` of them; every row used is checked."""
+    source = SOURCES[name] if split is None else dataclasses.replace(SOURCES[name], split=split)
     dataset, where = _open_rows(source, Path(data_dir) if data_dir is not None else None)
     missing = [f for f in source.fields if f not in (dataset.column_names or [])]
     if missing:
@@ -246,3 +259,13 @@ def humaneval_program(example: Example, answer: str) -> str:
 
 def letter_right(answer: str, example: Example) -> bool:
     return answer.strip() == example.answer
+
+
+def training_conversations(name: str, data_dir: str | Path | None = None) -> list[list[dict[str, str]]]:
+    """A task's training split as conversations, in the file's order: the user turn the
+    evaluation asks and the reference answer."""
+    if name not in TRAINING_SPLITS:
+        trainable = ", ".join(TRAINING_SPLITS)
+        raise UserError(f"task {name!r} has no training split to prepare; the tasks with one are {trainable}")
+    examples = load_task(name, data_dir, shuffle=False, split=TRAINING_SPLITS[name])
+    return [[{"role": "user", "content": e.prompt}, {"role": "assistant", "content": e.solution}] for e in examples]
