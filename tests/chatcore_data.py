@@ -37,20 +37,21 @@ def write_parquet(folder: Path, rows: list[dict], schema: pa.Schema, split: str 
     return path
 
 
-def animal_question(rng: random.Random) -> tuple[str, list[str], int]:
+def animal_question(rng: random.Random, answer: int | None = None) -> tuple[str, list[str], int]:
     """(question, four choices, index of the right one): one animal among three colours."""
     animal, colors = rng.choice(ANIMALS), rng.sample(COLORS, 3)
-    answer = rng.randrange(4)
+    answer = rng.randrange(4) if answer is None else answer
     choices = colors[:answer] + [animal] + colors[answer:]
     return "Which one is an animal?", choices, answer
 
 
 def animal_split(train: int, held_out: int, seed: int = 0) -> tuple[list[tuple], list[tuple]]:
-    """Training and held-out questions; no held-out (choices) in training."""
+    """Training and held-out questions; no held-out (choices) in training. The held-out answers
+    are A, B, C, D in turn, so that answering one letter always scores exactly a quarter."""
     rng = random.Random(seed)
     seen, tests = set(), []
     while len(tests) < held_out:
-        item = animal_question(rng)
+        item = animal_question(rng, len(tests) % 4)
         if tuple(item[1]) not in seen:
             seen.add(tuple(item[1]))
             tests.append(item)
@@ -106,3 +107,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+def write_mmlu_training(folder: Path, items: list[tuple]) -> Path:
+    """MMLU's auxiliary_train split in the hub's layout (`task:mmlu` of `prepare chat`)."""
+    return write_parquet(folder / "cais/mmlu/all", mmlu_rows(items), MMLU_SCHEMA, split="auxiliary_train")

@@ -18,7 +18,7 @@ STAGES = [
               "kv_cache", "prompts", "console", "jsontext",
               "chat", "chat.template", "sandbox", "sandbox_child"]),
     ("data", ["data", "data.dataset", "data.loader", "data.prepare", "data.shards", "data.sources", "chat.records",
-               "data.chat_prepare", "data.chat_loader", "chat.tasks"]),
+               "data.chat_prepare", "data.chat_loader", "chat.tasks", "data.chat_mixture"]),
     ("model", ["model", "layers", "loss", "formats", "formats.hub_files", "formats.native", "formats.transformers_gpt2",
                "formats.transformers_llama", "quantize", "lora", "kernels", "kernels.build", "kernels.cpu", "kernels.torch_compat",
                "kernels.fused", "kernels.matvec", "kernels.quantized", "kernels.linear", "kernels.attention", "kernels.loss",
