@@ -156,3 +156,12 @@ def test_bench_core_metric_agrees_with_its_one_example_per_forward_reference(tmp
     synthetic = load_bundle(bench.write_bundle(tmp_path / "bundle", items=12))
     assert {t.task_type for t in synthetic.tasks} == {"multiple_choice", "schema", "language_modeling"}
     assert all(len(synthetic.items(t)) == 12 for t in synthetic.tasks)
+
+
+def test_bench_chatcore_smoke_runs_and_its_two_ways_agree(tmp_path):
+    out = tmp_path / "chatcore.json"
+    proc = run_script(["benchmarks/bench_chatcore.py", "--smoke", "--batch-size", "3", "--json", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads(out.read_text())
+    assert results["smoke"] is True and results["examples"] == 8
+    assert set(results["examples_per_s"]) == {"one example per forward", "gpt2lab batched (3)"}
