@@ -19,7 +19,8 @@ from gpt2lab.chat.session import Chat
 from gpt2lab.cli import main
 from gpt2lab.chat.tasks import (code_of, gsm8k_right, last_number, load_task, multiple_choice_prompt,
                                      shuffled_order)
-from gpt2lab.eval.chatcore import categorical_answers, read_run_records, record_in_run, score_completions
+from gpt2lab.eval.chatcore import categorical_answers, record_in_run, score_completions
+from gpt2lab.eval.report import read_chat_scores as read_run_records
 from gpt2lab.pretrained import save_pretrained
 from gpt2lab.tokenizer import GPT2Tokenizer
 

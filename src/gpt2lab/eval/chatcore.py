@@ -32,10 +32,10 @@ from ..jsontext import parse_json
 from ..runtime import autocast
 from .. import sandbox
 from . import ranks
+from .report import CHAT_SCORES_FILE
 from ..chat.tasks import (SOURCES, TASK_NAMES, Example, gsm8k_right, humaneval_program, letter_right, load_task)
 
 DEFAULT_MAX_NEW_TOKENS = 512  # nanochat's chat_eval default
-RUN_RECORD = "chatcore.jsonl"
 COMPLETION_FORM = '{"task": "humaneval", "id": "HumanEval/0", "completion": "..."}'
 
 
@@ -265,26 +265,9 @@ def record_in_run(model_folder: str | Path, result: ChatCoreResult, settings: di
     if folder.parent.name != "checkpoints" or step is None or not (run / "metrics.jsonl").is_file():
         return None
     record = {"step": int(step.group(1)), "checkpoint": folder.name, **result.to_json(), **settings}
-    path = run / RUN_RECORD
+    path = run / CHAT_SCORES_FILE
     before = path.read_text(encoding="utf-8") if path.is_file() else ""
     if before and not before.endswith("\n"):
         before += "\n"
     write_atomic(path, lambda p: p.write_text(before + json.dumps(record) + "\n", encoding="utf-8"))
     return path
-
-
-def read_run_records(run: str | Path) -> list[dict]:
-    """The records of a run's `chatcore.jsonl` (none when it has not been scored); lines that are
-    not records are left out."""
-    path = Path(run) / RUN_RECORD
-    if not path.is_file():
-        return []
-    records = []
-    for text in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and isinstance(record.get("tasks"), dict):
-            records.append(record)
-    return records
