@@ -7,7 +7,6 @@ import collections
 import json
 
 import numpy as np
-import pytest
 
 from chatcore_data import GSM8K_ROWS, GSM8K_SCHEMA, animal_split, write_jsonl, write_mmlu_training, write_parquet
 from gpt2lab.chat.template import ChatTemplate

@@ -248,3 +248,22 @@ def test_a_tiny_model_fine_tuned_on_mmlu_style_questions_answers_held_out_ones(c
     # The run's record, for `gpt2lab report`.
     (record,) = read_run_records(run)
     assert record["step"] == 250 and record["tasks"]["mmlu"] == scores["trained"]["tasks"]["mmlu"]
+
+
+@pytest.mark.slow
+def test_two_ranks_under_torchrun_give_one_process_figures(capsys, tmp_path, data_dir, chat_model):
+    import os
+    import subprocess
+    import sys
+
+    common = ["eval", "chatcore", "--model", str(chat_model), "--data-dir", str(data_dir), "--device", "cpu",
+              "--max-new-tokens", "4", "--batch-size", "5", "--json"]
+    code, out, err = run_cli(capsys, *common)
+    assert code == 0, err
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                           "gpt2lab", *common], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1  # rank 0 alone prints
+    assert json.loads(lines[0]) == json.loads(out)
