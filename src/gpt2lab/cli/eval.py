@@ -618,5 +618,6 @@ def _print_chatcore(args: argparse.Namespace, result, what: str, seconds: float)
     for name, task in result.tasks.items():
         print(f"{name:<13}  {task.examples:>8}  {task.accuracy:>8.4f}  {task.centered:>8.4f}")
     chatcore = result.chatcore
-    print(f"{'ChatCORE':<13}  {'':>8}  {'':>8}  " + (f"{chatcore:>8.4f}" if chatcore is not None else
-          "       -   (all five tasks are needed)") + "   (nanochat d20 SFT: 0.0884)")
+    shown = f"{chatcore:>8.4f}" if chatcore is not None else f"{'-':>8}"
+    needs = "" if chatcore is not None else "needs all five tasks; "
+    print(f"{'ChatCORE':<13}  {'':>8}  {'':>8}  {shown}   ({needs}nanochat's d20 after SFT: 0.0884)")
