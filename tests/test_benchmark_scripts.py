@@ -169,3 +169,12 @@ def test_bench_tokenizer_runs_on_a_tiny_corpus_and_its_encoders_agree(tmp_path):
     assert tokens["prepare, GPT-2"] == tokens["tiktoken GPT-2 encode_ordinary_batch"]
     assert tokens["prepare, trained BPE via tiktoken"] == tokens["prepare, trained BPE via tokenizers"] == \
         tokens["tokenizers encode_batch, trained BPE"]
+
+
+def test_bench_chatcore_smoke_runs_and_its_two_ways_agree(tmp_path):
+    out = tmp_path / "chatcore.json"
+    proc = run_script(["benchmarks/bench_chatcore.py", "--smoke", "--batch-size", "3", "--json", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads(out.read_text())
+    assert results["smoke"] is True and results["examples"] == 8
+    assert set(results["examples_per_s"]) == {"one example per forward", "gpt2lab batched (3)"}

@@ -147,3 +147,28 @@ def test_metrics_lines_are_checked(tmp_path):
         write_report([tmp_path / "missing"])
     with pytest.raises(UserError, match="should name a .png file"):
         write_report([tmp_path], tmp_path / "report.jpg")
+
+
+def test_the_report_shows_the_chat_scores_of_the_runs_checkpoints_beside_nanochats_d20(tmp_path):
+    folder = tmp_path / "sft-run"
+    folder.mkdir()
+    (folder / "metrics.jsonl").write_text(json.dumps({"step": 300, "tokens": 1000, "elapsed_s": 5.0, "train_loss": 1.0}) + "\n")
+    tasks = {name: {"accuracy": value, "centered": value, "examples": 10} for name, value in
+             (("arc-easy", 0.5), ("arc-challenge", 0.25), ("mmlu", 0.375), ("gsm8k", 0.1), ("humaneval", 0.05))}
+    records = [
+        {"step": 100, "checkpoint": "step_00000100", "chatcore": 0.1, "tasks": {"mmlu": tasks["mmlu"]}, "max_per_task": 10},
+        {"step": 300, "checkpoint": "step_00000300", "chatcore": None, "tasks": {"mmlu": {**tasks["mmlu"], "accuracy": 0.3}}},
+        {"step": 300, "checkpoint": "step_00000300", "chatcore": 0.2345, "tasks": tasks, "max_per_task": None},
+    ]
+    (folder / "chatcore.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + "not a record\n")
+    _, summary = write_report([folder], tmp_path / "report.png")
+    text = summary.read_text()
+    assert "| | sft-run step 100 (10 per task) | sft-run step 300 | nanochat d20 MID | nanochat d20 SFT |" in text
+    assert "| MMLU | 0.3750 | 0.3750 | 0.3111 | 0.3151 |" in text  # step 300's latest record
+    assert "| ARC-Easy | - | 0.5000 | 0.3561 | 0.3876 |" in text
+    assert "| ChatCORE | 0.1000 | 0.2345 | 0.073 | 0.0884 |" in text
+    assert "commit 3a5e0bc" in text
+    # A run never scored has no such section.
+    (folder / "chatcore.jsonl").unlink()
+    _, summary = write_report([folder], tmp_path / "report.png")
+    assert "Chat scores" not in summary.read_text()

@@ -109,6 +109,12 @@ def hub_conversations(
             f"(its columns: {', '.join(columns)}); name the messages column with --field"
         )
     for row, record in enumerate(dataset):
-        if field in record:
-            record = {"messages": record[field]}
-        yield _problem_or_messages(record, f"{where} row {row}")
+        yield row_conversation(record, field, f"{where} row {row}")
+
+
+def row_conversation(record: dict[str, Any], field: str, where: str) -> tuple[list[dict[str, str]] | None, str | None]:
+    """(messages, None) of a hub dataset's row (messages in its column `field`, or an Alpaca
+    record), or (None, 'WHERE: problem')."""
+    if field in record:
+        record = {"messages": record[field]}
+    return _problem_or_messages(record, where)

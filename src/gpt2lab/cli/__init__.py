@@ -29,7 +29,7 @@ VERBS = {
     "prepare": "turn a corpus into token shards for training",
     "train": "train a model from a preset, a TOML file and overrides",
     "bench": "run the GPT-2 reproduction's speed ladder on this device",
-    "eval": "evaluate a model: HellaSwag, CORE, loss and perplexity or bits per byte on a dataset",
+    "eval": "evaluate a model: HellaSwag, CORE, loss and perplexity or bits per byte on a dataset, chat benchmarks",
     "report": "plot training runs (loss, HellaSwag, CORE, bits per byte) and summarize them in Markdown",
     "serve": "serve a model over an OpenAI-compatible HTTP API, with a web playground",
 }

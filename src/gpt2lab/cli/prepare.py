@@ -53,6 +53,12 @@ sources:
                     named with its line and skipped; the run fails if nothing is usable.
                     Shards end on conversation boundaries; re-running continues after the
                     last complete write.
+                    Mixtures, as nanochat's SFT mixes its data: several sources, each
+                    SOURCE@N read N times (a fraction: a seeded share of its rows), all
+                    shuffled together with seed 42. A source is a .jsonl file, a hub dataset,
+                    or a benchmark's training split: task:mmlu (MMLU's auxiliary_train),
+                    task:gsm8k, task:arc-easy, task:arc-challenge, asked as `eval chatcore`
+                    asks them and answered with the reference (from the hub, or --data-dir).
 
 Tiny Shakespeare (1.1 MB, public domain) ships with gpt2lab: by default the shakespeare
 sources read that copy, checked against its sha256, and need no network. --input FILE reads
@@ -82,6 +88,7 @@ PREPARE_EPILOG = """examples:
   gpt2lab prepare chat HuggingFaceTB/smol-smoltalk --out data/smoltalk --context 2048
   gpt2lab prepare chat tatsu-lab/alpaca --out data/alpaca --val-every 50
   gpt2lab prepare text 'books/*.txt' --tokenizer tok/books-32k --out data/books-32k
+  gpt2lab prepare chat HuggingFaceTB/smol-smoltalk task:mmlu@3 task:gsm8k@4 --out data/sft-mix  # nanochat's SFT
 
 Token counts accept suffixes: 100M, 10k, 1B. The folder works as the data of training and as
 a tokenizer name (its dataset.json records the tokenizer)."""
@@ -129,6 +136,7 @@ _OPTIONS = (
     ("--context", "context"),
     ("--val-every", "val_every"),
     ("--max-conversations", "max_conversations"),
+    ("--data-dir", "data_dir"),
 )
 
 
@@ -229,6 +237,11 @@ def _add_size_and_chat_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-conversations", type=_conversation_count, metavar="N", help="chat: stop after N usable conversations"
     )
+    parser.add_argument(
+        "--data-dir", metavar="DIR",
+        help="chat, task: sources: local copies of the benchmarks' datasets (DIR/REPO/CONFIG/SPLIT-*.parquet, as "
+        "`eval chatcore --data-dir`) instead of the hub",
+    )
 
 
 def _command_line(args: argparse.Namespace, defaults: dict[str, Any]) -> str:
@@ -304,7 +317,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-_CHAT_ONLY = (("--context", "context"), ("--val-every", "val_every"), ("--max-conversations", "max_conversations"))
+_CHAT_ONLY = (("--context", "context"), ("--val-every", "val_every"), ("--max-conversations", "max_conversations"),
+              ("--data-dir", "data_dir"))
 _NOT_FOR_CHAT = (("--input", "input_file"), ("--data-files", "data_files"), ("--column", "column"),
                  ("--val-tokens", "val_tokens"), ("--max-tokens", "max_tokens"), ("--char", "char"),
                  ("--replace-invalid-utf8", "replace_invalid_utf8"))
@@ -339,6 +353,7 @@ def cmd_prepare_chat(args: argparse.Namespace) -> int:
         max_conversations=args.max_conversations,
         streaming=not args.download,
         tokenizer=args.tokenizer,
+        data_dir=args.data_dir,
         command=_command_line(args, args.option_defaults),
         progress=not args.quiet,
         log=(lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr)),

@@ -31,7 +31,9 @@ a factor of 2 in non-embedding parameters; the val loss only for a run on FineWe
 A Markdown summary (steps, tokens seen, wall time, last train loss, best val loss, last
 HellaSwag) and a report card (each run's latest val loss, val bpb, HellaSwag and CORE beside
 GPT-2 124M's and 1.5B's, with where those come from) is printed and written next to the PNG
-with the same name and .md. Both files are written under a temporary name and renamed when
+with the same name and .md. A run whose checkpoints `gpt2lab eval chatcore` scored (its
+chatcore.jsonl) also gets their ARC, MMLU, GSM8K, HumanEval and ChatCORE beside those of
+nanochat's d20 model after midtraining and after SFT (its README's report card, first release). Both files are written under a temporary name and renamed when
 complete.""",
         epilog="""examples:
   gpt2lab report runs/gpt2-124m                          # writes runs/gpt2-124m/report.png and .md

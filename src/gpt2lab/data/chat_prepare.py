@@ -28,6 +28,7 @@ from ..files import write_atomic
 from ..tokenizer import Tokenizer
 from . import sources
 from ..chat.records import hub_conversations, jsonl_conversations
+from .chat_mixture import MIX_SEED, is_mixture, mixture_conversations, open_source
 from .prepare import _new_meta, _save_meta, _start, _summary, _tokenizer_recipe, document_tokenizer, shard_dtype, shard_name
 from .shards import write_shard
 
@@ -109,11 +110,19 @@ class _ChatShardWriter:
 
 
 def _input_conversations(
-    inputs: list[str], *, split: str, config: str | None, field: str, streaming: bool, log: Callable[[str], Any]
+    inputs: list[str], *, split: str, config: str | None, field: str, streaming: bool, log: Callable[[str], Any],
+    data_dir: str | Path | None = None,
 ) -> tuple[dict[str, Any], Callable[[], Conversations], str]:
     """(recipe, a reader of the (messages, problem) stream, a description for messages)."""
     if not inputs:
         raise UserError("prepare chat needs .jsonl files, globs of them, or one hub dataset name")
+    if is_mixture(inputs):
+        mix = [open_source(spec, split=split, config=config, field=field, data_dir=data_dir)
+               for spec in inputs]
+        recipe = {"mixture": [[source.spec, source.rows] for source in mix], "seed": MIX_SEED,
+                  "split": split, "config": config, "field": field}
+        log("mixture: " + ", ".join(f"{s.spec} ({s.rows:,} conversations x {s.epochs:g})" for s in mix))
+        return recipe, lambda: mixture_conversations(mix), "the mixture of " + ", ".join(inputs)
     if len(inputs) == 1 and sources.looks_like_hub_name(inputs[0]):
         name = inputs[0]
         recipe = {"dataset": name, "config": config, "split": split, "field": field}
@@ -150,18 +159,20 @@ def prepare_chat(
     max_conversations: int | None = None,
     streaming: bool = True,
     tokenizer: str | Path | Tokenizer | None = None,
+    data_dir: str | Path | None = None,
     command: str | None = None,
     progress: bool = True,
     log: Callable[[str], Any] = lambda message: print(message, file=sys.stderr),
 ) -> dict[str, Any]:
-    """Prepare the conversations of `inputs` (JSONL files or one hub dataset) into `out`; return
-    its `dataset.json` contents. Options as `gpt2lab prepare chat --help` describes them;
-    `tokenizer` as for `prepare` (GPT-2's BPE by default)."""
+    """Prepare the conversations of `inputs` (JSONL files, one hub dataset, or a mixture:
+    `data.chat_mixture`) into `out`; return its `dataset.json` contents. Options as `gpt2lab
+    prepare chat --help` describes them; `tokenizer` as for `prepare` (GPT-2's BPE by default);
+    `data_dir` holds the benchmarks' files for `task:` sources."""
     _check_chat_options(context, shard_tokens, val_every, max_conversations)
     template = ChatTemplate(document_tokenizer(tokenizer))
     folder = Path(out)
     source_recipe, read, description = _input_conversations(
-        inputs, split=split, config=config, field=field, streaming=streaming, log=log
+        inputs, split=split, config=config, field=field, streaming=streaming, log=log, data_dir=data_dir
     )
     recipe = {"source": "chat", **source_recipe, **_tokenizer_recipe(template.tokenizer), "context": context,
               "shard_tokens": shard_tokens, "val_every": val_every, "max_conversations": max_conversations}

@@ -244,14 +244,17 @@ def local_documents(
 
 def open_hub_dataset(
     path: str, *, name: str | None, data_files: list[str] | None, split: str, streaming: bool, instead: str,
+    cache_dir: str | None = None,
 ) -> tuple[Any, str]:
     """(`datasets.load_dataset(...)`, how messages name it), or a UserError naming the dataset,
-    the config and split, and `instead`, the way around the hub."""
+    the config and split, and `instead`, the way around the hub. `cache_dir`: where `datasets`
+    keeps what it downloads and converts (default its own cache)."""
     import datasets
 
     where = path if data_files is None else ", ".join(data_files)
     try:
-        return datasets.load_dataset(path, name=name, data_files=data_files, split=split, streaming=streaming), where
+        return datasets.load_dataset(path, name=name, data_files=data_files, split=split, streaming=streaming,
+                                     cache_dir=cache_dir), where
     except Exception as error:  # network, hub and builder errors have no common base class
         raise UserError(
             f"cannot open the dataset {where}{f' (config {name!r})' if name else ''}, split {split!r}: "

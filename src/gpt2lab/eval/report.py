@@ -4,7 +4,9 @@ Train loss (raw points faint, a smoothed line over them), validation loss, Hella
 CORE and validation bits per byte against optimizer steps and against tokens seen; several runs
 overlaid; the published baselines drawn as labelled horizontal lines (those of the model's size
 for loss and HellaSwag; GPT-2 124M's and 1.5B's CORE for every run: CORE does not depend on the
-tokenizer). The summary ends with a report card: each run's latest measures beside GPT-2's.
+tokenizer). The summary ends with a report card: each run's latest measures beside GPT-2's, and
+the chat scores of its checkpoints (`eval chatcore` records them in the run's chatcore.jsonl)
+beside nanochat's d20 model's.
 """
 
 from __future__ import annotations
@@ -51,6 +53,25 @@ CARD_SOURCES = (
     "GPT-2's tokenizer; val bpb: none published for GPT-2."
 )
 BASELINE_CHOICES = ("auto", *SIZES, "none")
+# Where `gpt2lab eval chatcore` records the chat scores of a run's checkpoints.
+CHAT_SCORES_FILE = "chatcore.jsonl"
+CHAT_TASKS = (("arc-easy", "ARC-Easy"), ("arc-challenge", "ARC-Challenge"), ("mmlu", "MMLU"), ("gsm8k", "GSM8K"),
+              ("humaneval", "HumanEval"))
+# nanochat's d20 report card: the summary table of its README at the first release (commit
+# 3a5e0bc, 13 October 2025), speedrun.sh's depth-20 model after midtraining (MID) and after
+# supervised fine-tuning (SFT), each scored by scripts/chat_eval.py on the full test sets.
+NANOCHAT_D20 = {
+    "MID": {"arc-easy": 0.3561, "arc-challenge": 0.2875, "mmlu": 0.3111, "gsm8k": 0.0250, "humaneval": 0.0671,
+            "chatcore": 0.0730},
+    "SFT": {"arc-easy": 0.3876, "arc-challenge": 0.2807, "mmlu": 0.3151, "gsm8k": 0.0455, "humaneval": 0.0854,
+            "chatcore": 0.0884},
+}
+CHAT_CARD_SOURCES = (
+    "nanochat d20: the report card of nanochat's README at its first release (commit 3a5e0bc, October 2025), "
+    "speedrun.sh's depth-20 model after midtraining (MID) and supervised fine-tuning (SFT), scored by its "
+    "scripts/chat_eval.py on the full test sets (its RL stage reached GSM8K 0.0758). Accuracies; ChatCORE is the "
+    "mean of the five centered accuracies. A checkpoint scored with --max-per-task N is over the first N items."
+)
 X_AXES = (("step", "step"), ("tokens", "tokens seen"))
 
 
@@ -116,6 +137,48 @@ def load_run(folder: str | Path, name: str | None = None) -> Run:
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
             raise UserError(f"{folder / 'config.toml'} is not valid TOML ({error}); it is damaged") from None
     return Run(folder, name or folder.resolve().name, records, config)
+
+
+def read_chat_scores(folder: str | Path) -> list[dict[str, Any]]:
+    """The records `eval chatcore` appended to a run's chatcore.jsonl (none when it has not been
+    scored); lines that are not records are left out."""
+    path = Path(folder) / CHAT_SCORES_FILE
+    if not path.is_file():
+        return []
+    records = []
+    for text in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and isinstance(record.get("tasks"), dict):
+            records.append(record)
+    return records
+
+
+def _chat_cell(record: dict[str, Any], key: str) -> str:
+    value = record.get("chatcore") if key == "chatcore" else record["tasks"].get(key, {}).get("accuracy")
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+
+
+def chat_card(runs: Sequence[Run]) -> list[str]:
+    """Markdown lines: the chat scores of each run's checkpoints (the latest record of each step)
+    beside nanochat's d20 card; none when no run was scored."""
+    columns = []
+    for run in runs:
+        latest = {record["step"]: record for record in read_chat_scores(run.folder)}
+        for step in sorted(latest):
+            items = latest[step].get("max_per_task")
+            columns.append((f"{run.name} step {step:,}" + (f" ({items} per task)" if items else ""), latest[step]))
+    if not columns:
+        return []
+    lines = ["", "## Chat scores", "",
+             "| | " + " | ".join(name for name, _ in columns) + " | nanochat d20 MID | nanochat d20 SFT |",
+             "|---|" + "---:|" * (len(columns) + 2)]
+    for key, label in (*CHAT_TASKS, ("chatcore", "ChatCORE")):
+        cells = [_chat_cell(record, key) for _, record in columns]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {NANOCHAT_D20['MID'][key]} | {NANOCHAT_D20['SFT'][key]} |")
+    return lines + ["", CHAT_CARD_SOURCES]
 
 
 def load_runs(folders: Sequence[str | Path]) -> list[Run]:
@@ -330,6 +393,7 @@ def summary_markdown(runs: Sequence[Run], baselines: str = "auto", image: str | 
         parts.append(f"HellaSwag acc_norm: {hellaswag}")
         lines.append(f"Baselines for {size.upper()}: " + "; ".join(parts) + ".")
     lines += report_card(runs)
+    lines += chat_card(runs)
     if image is not None:
         lines += ["", f"![training curves]({image})"]
     return "\n".join(lines) + "\n"
