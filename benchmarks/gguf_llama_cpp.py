@@ -1,7 +1,7 @@
 """`gpt2lab convert --format gguf` checked in llama.cpp itself (through llama-cpp-python), and with
 --speed the decoding speed of one model in llama.cpp and in gpt2lab. Not run in CI.
 
-    python3 -m venv ../venvs/llama && ../venvs/llama/bin/pip install llama-cpp-python numpy
+    python3 -m venv ../venvs/llama && ../venvs/llama/bin/pip install llama-cpp-python numpy jinja2
     python benchmarks/gguf_llama_cpp.py --llama-python ../venvs/llama/bin/python
     python benchmarks/gguf_llama_cpp.py --llama-python ../venvs/llama/bin/python --speed --json speed.json
 
@@ -10,8 +10,8 @@ project: it needs no PyTorch, and this script runs there as a worker (`--worker`
 one JSON request per line (token ids in, token ids, texts and logits files out) while the main
 process, with gpt2lab, makes the models and the reference answers.
 
-Checks (the default): random GPT-2-, Llama- and Qwen3-shaped models, each converted at f32, f16
-and q8_0, and llama.cpp must
+Checks (the default): random GPT-2- (with and without biases), Llama- and Qwen3-shaped models,
+each converted at f32, f16 and q8_0, and llama.cpp must
 - tokenize a text as gpt2lab does;
 - give gpt2lab's logits on it: within 2e-3 at f32 (relative to the largest logit for the gpt2
   architecture: ggml's CPU GELU reads a float16 table, ggml-cpu/vec.h GGML_GELU_FP16, about 1e-3
@@ -22,6 +22,12 @@ and q8_0, and llama.cpp must
   one, must give through llama.cpp's chat completion (which renders the GGUF's template) the
   answer `gpt2lab chat --temperature 0` gives, with and without a system message.
 The correctness runs use a float32 KV cache in llama.cpp, so that only the file's precision differs.
+
+On a CPU with AMX, llama-cpp-python's default build (GGML_NATIVE) uses ggml's AMX kernels for
+q8_0, which crash (SIGSEGV in ggml_backend_amx_mul_mat) where the machine reports AMX but a VM
+does not give it, whoever quantized the file; build it without them there:
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+    -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON" pip install llama-cpp-python
 
 --speed: a random 124M GPT-2, batch 1, an 8-token prompt and 128 greedy tokens, 2 threads, in
 llama.cpp (its default KV cache) at f32, f16 and q8_0 and in gpt2lab at float32, bfloat16 and
@@ -45,6 +51,7 @@ TEXT = (
 )
 SHAPES = {
     "gpt2": dict(),
+    "gpt2-untied-without-biases": dict(bias=False, tie_embeddings=False),
     "llama": dict(position="rope", norm="rmsnorm", activation="swiglu", bias=False, n_kv_head=2, tie_embeddings=False),
     "qwen3": dict(position="rope", norm="rmsnorm", activation="swiglu", bias=False, qk_norm=True, n_kv_head=2),
 }
@@ -192,11 +199,12 @@ def logits_checks(model, llama: LlamaCpp, files: dict[str, Path], ids: list[int]
         found[file_type] = {"max_abs_difference": round(difference, 6), "largest_logit": round(scale, 3),
                             "argmax_agreeing": f"{int(agree.sum())}/{len(ids)}",
                             "clear_argmax_agreeing": f"{int(agree[clear].sum())}/{int(clear.sum())}"}
-        relative = difference / max(1.0, scale)
         if file_type == "f32":
-            found[file_type]["pass"] = relative <= F32_TOLERANCE
+            # ggml's float16 GELU table errs in proportion to the activations
+            bound = F32_TOLERANCE * (max(1.0, scale) if model.config.is_gpt2 else 1.0)
+            found[file_type]["pass"] = difference <= bound
         elif file_type == "f16":
-            found[file_type]["pass"] = relative <= F16_TOLERANCE
+            found[file_type]["pass"] = difference <= F16_TOLERANCE * max(1.0, scale)
         else:
             found[file_type]["pass"] = bool(agree[clear].all()) and int(clear.sum()) > 0
     return found
@@ -237,12 +245,12 @@ def architecture_checks(llama: LlamaCpp, work: Path, file_types: list[str]) -> d
 
     expected = GPT2Tokenizer().encode(TEXT)
     results = {}
-    for seed, (arch, options) in enumerate(SHAPES.items()):
+    for seed, (shape, options) in enumerate(SHAPES.items()):
         model = random_model(seed, **options)
-        folder = save_pretrained(model, work / arch, tokenizer_spec="gpt2")
-        files = {t: convert(folder, work / f"{arch}-{t}.gguf", t) for t in file_types}
+        folder = save_pretrained(model, work / shape, tokenizer_spec="gpt2")
+        files = {t: convert(folder, work / f"{shape}-{t}.gguf", t) for t in file_types}
         tokens = {t: llama.ask(op="tokenize", gguf=str(p), text=TEXT)["ids"] for t, p in files.items()}
-        results[arch] = {
+        results[shape] = {
             "tokenization": {"tokens": len(expected), "pass": all(ids == expected for ids in tokens.values())},
             "logits": logits_checks(model, llama, files, expected[:CONTEXT], work),
             "greedy": greedy_checks(model, llama, files, expected[:8], 64),

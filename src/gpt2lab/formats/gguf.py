@@ -80,8 +80,9 @@ def architecture(config: GPTConfig) -> str:
     each option it has no equivalent for."""
     layout = transformers_layout(config)
     if layout is None:
+        options = "; ".join(options_without_transformers_equivalent(config))
         raise UserError(
-            f"this model's options have no llama.cpp equivalent: {'; '.join(options_without_transformers_equivalent(config))}. "
+            f"this model's options have no llama.cpp equivalent: {options}. "
             f"gpt2lab convert --format gguf writes {ARCHITECTURES}. Keep the model folder for gpt2lab (sample, "
             "chat, serve read it), or train with one of those sets of options to run it in llama.cpp"
         )
