@@ -325,6 +325,8 @@ def test_no_file_is_replaced_without_force_nor_a_model_file_ever(tmp_path, capsy
     assert "a file of the model being converted" in capsys.readouterr().err and weights.read_bytes() == before
     assert to_gguf(tmp_path / "model", tmp_path / "model") == 2
     assert "is a folder" in capsys.readouterr().err
+    assert to_gguf(tmp_path / "model", out / "x.gguf") == 2
+    assert "lies under a file" in capsys.readouterr().err
     assert to_gguf(tmp_path / "model", out, "--dtype", "float16") == 2
     assert "--type" in capsys.readouterr().err and out.read_bytes() == b"someone else's file"
     assert main(["convert", str(tmp_path / "model"), "--out", str(tmp_path / "folder"), "--type", "f16"]) == 2

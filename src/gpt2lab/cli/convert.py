@@ -124,6 +124,8 @@ def _check_output_file(out: Path, source: Path, force: bool) -> None:
     an existing file without --force."""
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; name the .gguf file to write, e.g. {out / 'model.gguf'}")
+    if any(parent.exists() and not parent.is_dir() for parent in out.parents):
+        raise UserError(f"--out {out} lies under a file, not a folder; name a file in a folder")
     resolved, source = out.resolve(), source.resolve()
     if source in resolved.parents and out.exists() and resolved.suffix != ".gguf":
         raise UserError(f"--out {out} is a file of the model being converted; write the GGUF file elsewhere")
