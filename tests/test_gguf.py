@@ -20,7 +20,9 @@ from gpt2lab.cli import main
 from gpt2lab.formats.gguf import tensor_type
 from gpt2lab.lora import apply_lora, lora_config, split_adapters
 from gpt2lab.pretrained import plain_state_dict, save_pretrained, write_adapters, write_model_folder
-from gpt2lab.tokenizer import GPT2Tokenizer
+from gpt2lab.data.sources import packaged_shakespeare
+from gpt2lab.data.tokenizer_train import learn_merges
+from gpt2lab.tokenizer import BPETokenizer, GPT2Tokenizer
 
 CHAT = {"type": "gpt2", "chat": "gpt2lab-chat-v1"}
 CHAT_TOKENS = {"<|system|>": 50257, "<|user|>": 50258, "<|assistant|>": 50259, "<|end|>": 50260}
@@ -224,11 +226,11 @@ CONVERSATIONS = [
 ]
 
 
-def template_ids(text: str) -> list[int]:
+def template_ids(text: str, tokenizer=None) -> list[int]:
     """A rendered template's ids as llama.cpp takes them: the special tokens parsed, the text
-    between them GPT-2's BPE."""
-    gpt2, ids, rest = GPT2Tokenizer(), [], text
-    specials = {"<|endoftext|>": 50256, **CHAT_TOKENS}
+    between them the BPE's (GPT-2's with the chat tokens unless given)."""
+    gpt2, ids, rest = tokenizer or GPT2Tokenizer(chat="gpt2lab-chat-v1"), [], text
+    specials = {gpt2.token_bytes(token).decode(): token for token in gpt2.control_tokens}
     while rest:
         at = min(((rest.find(s), s) for s in specials if s in rest), default=(len(rest), None))
         ids += gpt2.encode(rest[: at[0]])
@@ -282,6 +284,30 @@ def test_a_lora_chat_checkpoint_is_written_merged_with_its_template(tmp_path):
             assert template_ids(text) == ours.render(messages, add_generation_prompt=prompt)[0]
     with pytest.raises(jinja2.TemplateError, match="only the first message"):
         jinja.render(messages=[CONVERSATIONS[0][0], {"role": "system", "content": "x"}], raise_exception=raise_exception)
+
+
+@pytest.mark.parametrize("pattern, pre", [("gpt4", "dbrx"), ("gpt2", "gpt-2")])
+def test_a_trained_bpe_goes_in_with_its_merges_special_tokens_and_pattern(tmp_path, pattern, pre):
+    merges, _ = learn_merges([packaged_shakespeare()[:100_000]], 400, pattern, progress=False)
+    bpe = BPETokenizer(merges, pattern=pattern, chat="gpt2lab-chat-v1")
+    model = random_model(**LLAMA, vocab_size=768)
+    save_pretrained(model, tmp_path / "bpe", tokenizer_spec=bpe.spec())
+    assert to_gguf(tmp_path / "bpe", tmp_path / "bpe.gguf", "--type", "f32") == 0
+    fields, tensors = read(tmp_path / "bpe.gguf")
+    vocab = {token: i for i, token in enumerate(fields.pop("tokenizer.ggml.tokens"))}
+    assert vocab == bpe.to_tokenizers().get_vocab()  # tokenizer.json's tokens, as transformers reads them
+    assert fields.pop("tokenizer.ggml.merges") == [f"{a} {b}" for a, b in merges]
+    assert fields.pop("tokenizer.ggml.token_type") == [3] * 5 + [1] * (bpe.vocab_size - 5)
+    template = fields.pop("tokenizer.chat_template")
+    meta = {**expected_metadata(model.config, "llama", "bpe", 0, chat=True), "llama.vocab_size": bpe.vocab_size,
+            "tokenizer.ggml.pre": pre, "tokenizer.ggml.bos_token_id": 0, "tokenizer.ggml.eos_token_id": 4,
+            "tokenizer.ggml.eot_token_id": 4}
+    assert fields == meta
+    assert np.array_equal(decoded(tensors["token_embd.weight"]), model.transformer.wte.weight[: bpe.vocab_size].detach().numpy())
+    jinja = jinja2.Environment().from_string(template)
+    for messages in CONVERSATIONS:
+        text = jinja.render(messages=messages, add_generation_prompt=True, raise_exception=raise_exception)
+        assert template_ids(text, bpe) == ChatTemplate(bpe).render(messages, add_generation_prompt=True)[0]
 
 
 # ---- refusals: exit 2, one message, nothing written or lost -----------------------------------

@@ -100,7 +100,7 @@ def _check_format_options(args: argparse.Namespace) -> None:
 
 
 def _convert_to_gguf(folder: Path, out: Path, file_type: str, force: bool) -> int:
-    from ..formats.gguf import architecture, check_tokenizer, write_gguf
+    from ..formats.gguf import architecture, gguf_tokenizer, write_gguf
     from ..pretrained import check_finite_weights, load_model, read_config
     from ..tokenizer import load_tokenizer
 
@@ -108,7 +108,7 @@ def _convert_to_gguf(folder: Path, out: Path, file_type: str, force: bool) -> in
     # The refusals come before the weights are read.
     architecture(read_config(folder))
     spec = load_tokenizer(folder).spec()
-    check_tokenizer(spec)
+    gguf_tokenizer(spec)
     model = load_model(folder)
     check_finite_weights(model, folder)
     out.parent.mkdir(parents=True, exist_ok=True)

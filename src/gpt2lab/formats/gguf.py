@@ -12,15 +12,14 @@ as the transformers export (`formats.transformers_layout`): GPT-2's options as `
   (transformers' rotate_half), so q and k rows are reordered into pairs; its Qwen3 rotates halves
   (rope "neox") and takes them as they are.
 
-The vocabulary is the tokenizer's (padded rows cut: gpt2lab never samples them), with GPT-2's BPE
-inside (byte-level tokens, merges, llama.cpp's `gpt-2` pre-tokenizer) and a chat model's template
-in Jinja form, its end of turn as eos.
+The vocabulary is the tokenizer's (padded rows cut: gpt2lab never samples them), with the BPE
+inside, GPT-2's or a trained one (byte-level tokens, merges, the llama.cpp pre-tokenizer of its
+pattern), and a chat model's template in Jinja form, its end of turn as eos.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,7 +31,7 @@ from ..chat.template import jinja_chat_template
 from ..config import GPTConfig
 from ..errors import UserError
 from ..files import write_atomic
-from ..tokenizer import CHAT_FORMATS, GPT2_EOT_TOKEN, gpt2_encoding, is_gpt2_spec, packaged_vocabulary
+from ..tokenizer import BPETokenizer, GPT2Tokenizer, Tokenizer, byte_symbols, packaged_vocabulary, tokenizer_from_spec
 from . import native, options_without_transformers_equivalent, transformers_gpt2, transformers_layout
 from .transformers_llama import LLAMA_LAYOUT, QWEN3_LAYOUT
 
@@ -89,24 +88,17 @@ def architecture(config: GPTConfig) -> str:
     return ARCHITECTURE_OF_LAYOUT[layout]
 
 
-def check_tokenizer(tokenizer_spec: Any) -> None:
-    """GGUF's GPT-2 tokenizer is byte-level BPE; a character vocabulary has no such form."""
-    if not is_gpt2_spec(tokenizer_spec):
+def gguf_tokenizer(tokenizer_spec: Any) -> GPT2Tokenizer | BPETokenizer:
+    """The model's tokenizer, where GGUF can hold it: GPT-2's BPE or one trained by `gpt2lab
+    tokenizer train` (both byte-level BPE); a character vocabulary has no such form."""
+    tokenizer = tokenizer_from_spec(tokenizer_spec)
+    if not isinstance(tokenizer, (GPT2Tokenizer, BPETokenizer)):
         raise UserError(
             "this model has a character vocabulary, which llama.cpp's tokenizers cannot reproduce (GGUF holds "
-            "byte-level BPE); convert a GPT-2-tokenized model, or keep this one for gpt2lab (sample, serve)"
+            "byte-level BPE); convert a BPE model (GPT-2's or one of `gpt2lab tokenizer train`), or keep this "
+            "one for gpt2lab (sample, serve)"
         )
-
-
-def token_count(tokenizer_spec: Any) -> int:
-    """The tokenizer's ids: GPT-2's 50257, plus a chat format's tokens."""
-    chat = _chat_tokens(tokenizer_spec)
-    return max([GPT2_EOT_TOKEN, *chat.values()]) + 1
-
-
-def _chat_tokens(tokenizer_spec: Any) -> dict[str, int]:
-    chat = tokenizer_spec.get("chat") if isinstance(tokenizer_spec, dict) else None
-    return CHAT_FORMATS[chat] if chat else {}
+    return tokenizer
 
 
 def _name(tensor: gguf.MODEL_TENSOR, suffix: str, block: int | None = None) -> str:
@@ -205,43 +197,50 @@ def add_hyperparameters(writer: gguf.GGUFWriter, config: GPTConfig, arch: str, r
     writer.add_vocab_size(rows)
 
 
-def gpt2_vocabulary() -> tuple[list[str], list[str]]:
-    """GPT-2's tokens (byte-level strings, by id) and merges ("a b", by rank), from OpenAI's files."""
-    gpt2_encoding()  # checks both files' sha256 before they are read here
-    encoder_json, vocab_bpe = packaged_vocabulary()
-    encoder = json.loads(encoder_json.read_text(encoding="utf-8"))
-    tokens = sorted(encoder, key=encoder.__getitem__)
-    assert [encoder[t] for t in tokens] == list(range(len(tokens))), "encoder.json's ids run 0..n-1"
-    merges = [line for line in vocab_bpe.read_text(encoding="utf-8").split("\n")[1:] if line]
-    return tokens, merges
+# llama.cpp's names of the pre-tokenizers whose splits are gpt2lab's patterns: GPT-2's, and
+# cl100k's (llama.cpp's "dbrx": the same pattern as "llama-bpe", without its whole-word lookup).
+PRE_TOKENIZERS = {"gpt2": "gpt-2", "gpt4": "dbrx"}
 
 
-def add_tokenizer(writer: gguf.GGUFWriter, tokenizer_spec: Any) -> None:
-    """GPT-2's BPE as llama.cpp reads it; a chat format's tokens and end-of-text are control tokens
-    (parsed in a rendered template, never shown in text), the end of turn ends an answer."""
-    tokens, merges = gpt2_vocabulary()
-    types = [gguf.TokenType.NORMAL] * len(tokens)
-    types[GPT2_EOT_TOKEN] = gguf.TokenType.CONTROL
-    for text, token_id in sorted(_chat_tokens(tokenizer_spec).items(), key=lambda item: item[1]):
-        assert token_id == len(tokens), (text, token_id)
-        tokens.append(text)
-        types.append(gguf.TokenType.CONTROL)
+def vocabulary(tokenizer: Tokenizer) -> tuple[list[str], list[int], list[str]]:
+    """(tokens by id, their llama.cpp types, merges "a b" by rank): ordinary tokens in GPT-2's
+    byte symbols, as the byte-level BPE of llama.cpp (and tokenizer.json) writes them; the special
+    tokens by name, as control tokens (parsed in a rendered template, never from plain text, as
+    gpt2lab's `encode` never writes one, and never shown)."""
+    symbol = byte_symbols()[1]
+    control = set(tokenizer.control_tokens)
+    tokens, types = [], []
+    for token in range(tokenizer.vocab_size):
+        piece = tokenizer.token_bytes(token)
+        tokens.append(piece.decode("utf-8") if token in control else "".join(symbol[b] for b in piece))
+        types.append(gguf.TokenType.CONTROL if token in control else gguf.TokenType.NORMAL)
+    if isinstance(tokenizer, BPETokenizer):
+        merges = [f"{left} {right}" for left, right in tokenizer.merges]
+    else:  # OpenAI's file, whose sha256 GPT2Tokenizer checked
+        merges = [line for line in packaged_vocabulary()[1].read_text(encoding="utf-8").split("\n")[1:] if line]
+    return tokens, types, merges
+
+
+def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: GPT2Tokenizer | BPETokenizer) -> None:
+    """The BPE as llama.cpp reads it, end-of-text as bos, a chat model's template and its end of
+    turn as eos."""
+    tokens, types, merges = vocabulary(tokenizer)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
+    writer.add_tokenizer_pre(PRE_TOKENIZERS[getattr(tokenizer, "pattern", "gpt2")])
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
-    writer.add_bos_token_id(GPT2_EOT_TOKEN)
+    writer.add_bos_token_id(tokenizer.eot_token)
     # gpt2lab starts a text with nothing before it (a conversation with end-of-text, which the
     # template writes itself).
     writer.add_add_bos_token(False)
-    chat = _chat_tokens(tokenizer_spec)
+    chat = tokenizer.chat_tokens()
     if chat:
         writer.add_eos_token_id(chat["<|end|>"])
         writer.add_eot_token_id(chat["<|end|>"])
-        writer.add_chat_template(jinja_chat_template(tokenizer_spec["chat"]))
+        writer.add_chat_template(jinja_chat_template(tokenizer.chat))
     else:
-        writer.add_eos_token_id(GPT2_EOT_TOKEN)
+        writer.add_eos_token_id(tokenizer.eot_token)
 
 
 @dataclasses.dataclass
@@ -260,8 +259,8 @@ def write_gguf(
     """Write the model (its state dict, a LoRA model's adapters already merged) as one GGUF file,
     atomically: a reader never sees half of it."""
     arch = architecture(config)
-    check_tokenizer(tokenizer_spec)
-    rows = token_count(tokenizer_spec)
+    tokenizer = gguf_tokenizer(tokenizer_spec)
+    rows = tokenizer.vocab_size
     if config.vocab_size < rows:
         raise UserError(f"the model has {config.vocab_size} ids, fewer than its tokenizer's {rows}; it cannot be written")
     tensor_types: dict[str, str] = {}
@@ -273,7 +272,7 @@ def write_gguf(
         writer.add_file_type(FILE_TYPES[file_type][0])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_hyperparameters(writer, config, arch, rows)
-        add_tokenizer(writer, tokenizer_spec)
+        add_tokenizer(writer, tokenizer)
         for tensor_name, tensor in gguf_tensors(model_state, config, arch, rows):
             data, qtype = encoded(tensor, tensor_type(tensor_name, tensor, file_type))
             writer.add_tensor(tensor_name, data, raw_dtype=qtype)
@@ -282,7 +281,7 @@ def write_gguf(
 
     write_atomic(path, write)
     return GGUFSummary(
-        architecture=arch, file_type=file_type, tokens=rows, chat_template=bool(_chat_tokens(tokenizer_spec)),
+        architecture=arch, file_type=file_type, tokens=rows, chat_template=bool(tokenizer.chat_tokens()),
         tensor_types=tensor_types,
     )
 
