@@ -10,9 +10,11 @@ project: it needs no PyTorch, and this script runs there as a worker (`--worker`
 one JSON request per line (token ids in, token ids, texts and logits files out) while the main
 process, with gpt2lab, makes the models and the reference answers.
 
-Checks (the default): random GPT-2- (with and without biases), Llama- and Qwen3-shaped models,
-each converted at f32, f16 and q8_0, and llama.cpp must
-- tokenize a text as gpt2lab does;
+Checks (the default): random GPT-2- (with and without biases), Llama- and Qwen3-shaped models
+with GPT-2's BPE, and a Llama- and a GPT-2-shaped one with a BPE trained here (GPT-4's and GPT-2's
+pattern), each converted at f32, f16 and q8_0, and llama.cpp must
+- tokenize two texts as gpt2lab does (one with accents, CJK, an emoji, code; the end of Tiny
+  Shakespeare, which the trained BPEs did not see);
 - give gpt2lab's logits on it: within 2e-3 at f32 (relative to the largest logit for the gpt2
   architecture: ggml's CPU GELU reads a float16 table, ggml-cpu/vec.h GGML_GELU_FP16, about 1e-3
   of each activation), within 5e-2 of it at f16; at q8_0, the same argmax wherever gpt2lab's top
@@ -51,18 +53,21 @@ TEXT = (
     "Hello world! It's 2026: naïve café owners in 東京 say “hi” 🙂.\n\n    def f(x):\n\treturn x**2  # 3.14159\n"
     "The quick brown fox jumps over the lazy dog, again and again."
 )
+LLAMA = dict(position="rope", norm="rmsnorm", activation="swiglu", bias=False)
+# name -> (model options, tokenizer: GPT-2's, or a BPE trained here with GPT-4's or GPT-2's pattern)
 SHAPES = {
-    "gpt2": dict(),
-    "gpt2-untied-without-biases": dict(bias=False, tie_embeddings=False),
-    "llama": dict(position="rope", norm="rmsnorm", activation="swiglu", bias=False, n_kv_head=2, tie_embeddings=False),
-    "qwen3": dict(position="rope", norm="rmsnorm", activation="swiglu", bias=False, qk_norm=True, n_kv_head=2),
+    "gpt2": (dict(), "gpt2"),
+    "gpt2-untied-without-biases": (dict(bias=False, tie_embeddings=False), "gpt2"),
+    "llama": (dict(LLAMA, n_kv_head=2, tie_embeddings=False), "gpt2"),
+    "qwen3": (dict(LLAMA, qk_norm=True, n_kv_head=2), "gpt2"),
+    "llama-trained-bpe-gpt4-pattern": (dict(LLAMA), "gpt4"),
+    "gpt2-trained-bpe-gpt2-pattern": (dict(), "gpt2-pattern"),
 }
 FILE_TYPES = ("f32", "f16", "q8_0")
 F32_TOLERANCE, F16_TOLERANCE = 2e-3, 5e-2
 # Of the largest logit: a lead that q8_0's rounding (of the weights, and in llama.cpp of the
 # activations too) should not overturn.
 CLEAR_MARGIN = 0.1
-GPT2_EOT = 50256
 
 
 # ---- the worker: runs in the llama-cpp-python venv (no torch, no gpt2lab) -----------------------
@@ -166,7 +171,7 @@ def random_model(seed: int, **options):
     from gpt2lab import GPT, GPTConfig
 
     torch.manual_seed(seed)
-    shape = dict(n_layer=4, n_head=4, n_embd=128, block_size=CONTEXT, vocab_size=50304)
+    shape = dict(n_layer=4, n_head=4, n_embd=128, block_size=CONTEXT)
     model = GPT(GPTConfig(**{**shape, **options})).eval().requires_grad_(False)
     for name, param in model.named_parameters():
         if param.dim() == 2:
@@ -184,13 +189,13 @@ def convert(folder: Path, out: Path, file_type: str) -> Path:
     return out
 
 
-def logits_checks(model, llama: LlamaCpp, files: dict[str, Path], ids: list[int], work: Path) -> dict:
+def logits_checks(model, llama: LlamaCpp, files: dict[str, Path], ids: list[int], work: Path, rows: int) -> dict:
     """llama.cpp's logits at every position against gpt2lab's, per file type."""
     import numpy as np
     import torch
 
     with torch.no_grad():
-        ours = model(torch.tensor([ids]))[0][0, :, :GPT2_EOT + 1].float().numpy()
+        ours = model(torch.tensor([ids]))[0][0, :, :rows].float().numpy()
     scale = float(np.abs(ours).max())
     top2 = np.sort(ours, axis=-1)[:, -2:]
     clear = (top2[:, 1] - top2[:, 0]) > CLEAR_MARGIN * scale
@@ -229,7 +234,7 @@ def rounded_to_f16(model):
 
 
 def greedy_checks(model, llama: LlamaCpp, files: dict[str, Path], prompt: list[int], new_tokens: int,
-                  differences: dict[str, float]) -> dict:
+                  differences: dict[str, float], tokenizer) -> dict:
     """Greedy continuations: f32 against gpt2lab's model, f16 against it with the file's float16
     matrices, each identical, or parting only where gpt2lab's top two logits lie closer than twice
     the largest logit difference the file showed (a near tie, which either may take); q8_0's
@@ -239,8 +244,9 @@ def greedy_checks(model, llama: LlamaCpp, files: dict[str, Path], prompt: list[i
     found = {}
     for file_type, path in files.items():
         reference = rounded_to_f16(model) if file_type == "f16" else model
-        ours = reference.generate([prompt], new_tokens, temperature=0, vocab_size=GPT2_EOT + 1)[0][len(prompt):]
-        theirs = llama.ask(op="greedy", gguf=str(path), ids=prompt, new_tokens=new_tokens, stop=[GPT2_EOT])["ids"]
+        ours = reference.generate([prompt], new_tokens, temperature=0, vocab_size=tokenizer.vocab_size)[0][len(prompt):]
+        theirs = llama.ask(op="greedy", gguf=str(path), ids=prompt, new_tokens=new_tokens,
+                           stop=list(tokenizer.control_tokens))["ids"]
         same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
         found[file_type] = {"tokens": len(ours), "same_leading_tokens": same, "distinct_tokens": len(set(ours)),
                             "identical": theirs == ours}
@@ -249,7 +255,7 @@ def greedy_checks(model, llama: LlamaCpp, files: dict[str, Path], prompt: list[i
         near_tie = False
         if theirs != ours:
             with torch.no_grad():
-                logits = reference(torch.tensor([prompt + ours[:same]]))[0][0, -1, :GPT2_EOT + 1]
+                logits = reference(torch.tensor([prompt + ours[:same]]))[0][0, -1, :tokenizer.vocab_size]
             top2 = logits.topk(2).values
             found[file_type]["margin_where_they_part"] = round(float(top2[0] - top2[1]), 6)
             near_tie = float(top2[0] - top2[1]) <= 2 * differences[file_type]
@@ -257,23 +263,42 @@ def greedy_checks(model, llama: LlamaCpp, files: dict[str, Path], prompt: list[i
     return found
 
 
-def architecture_checks(llama: LlamaCpp, work: Path, file_types: list[str]) -> dict:
-    from gpt2lab.pretrained import save_pretrained
-    from gpt2lab.tokenizer import GPT2Tokenizer
+def shape_tokenizer(kind: str):
+    """GPT-2's BPE, or a BPE of 2,000 tokens trained here on Tiny Shakespeare with GPT-4's or
+    GPT-2's pattern."""
+    from gpt2lab.data.sources import packaged_shakespeare
+    from gpt2lab.data.tokenizer_train import learn_merges
+    from gpt2lab.tokenizer import RESERVED_TOKENS, BPETokenizer, GPT2Tokenizer
 
-    expected = GPT2Tokenizer().encode(TEXT)
+    if kind == "gpt2":
+        return GPT2Tokenizer()
+    pattern = "gpt4" if kind == "gpt4" else "gpt2"
+    merges, _ = learn_merges([packaged_shakespeare()[:-5000]], 2000 - 256 - len(RESERVED_TOKENS), pattern,
+                             progress=False)
+    return BPETokenizer(merges, pattern=pattern)
+
+
+def architecture_checks(llama: LlamaCpp, work: Path, file_types: list[str]) -> dict:
+    from gpt2lab.data.sources import packaged_shakespeare
+    from gpt2lab.pretrained import save_pretrained
+
     results = {}
-    for seed, (shape, options) in enumerate(SHAPES.items()):
-        model = random_model(seed, **options)
-        folder = save_pretrained(model, work / shape, tokenizer_spec="gpt2")
+    for seed, (shape, (options, kind)) in enumerate(SHAPES.items()):
+        tokenizer = shape_tokenizer(kind)
+        model = random_model(seed, **options, vocab_size=-(-tokenizer.vocab_size // 64) * 64)
+        folder = save_pretrained(model, work / shape, tokenizer_spec=tokenizer.spec())
         files = {t: convert(folder, work / f"{shape}-{t}.gguf", t) for t in file_types}
-        tokens = {t: llama.ask(op="tokenize", gguf=str(p), text=TEXT)["ids"] for t, p in files.items()}
+        texts = (TEXT, packaged_shakespeare()[-5000:])  # the end of Tiny Shakespeare: none trained on it
+        same = [llama.ask(op="tokenize", gguf=str(p), text=text)["ids"] == tokenizer.encode(text)
+                for p in files.values() for text in texts]
+        expected = tokenizer.encode(TEXT)
         results[shape] = {
-            "tokenization": {"tokens": len(expected), "pass": all(ids == expected for ids in tokens.values())},
-            "logits": logits_checks(model, llama, files, expected[:CONTEXT], work),
+            "tokenization": {"texts": len(texts), "tokens": sum(len(tokenizer.encode(t)) for t in texts),
+                             "pass": all(same)},
+            "logits": logits_checks(model, llama, files, expected[:CONTEXT], work, tokenizer.vocab_size),
         }
         differences = {t: found["max_abs_difference"] for t, found in results[shape]["logits"].items()}
-        results[shape]["greedy"] = greedy_checks(model, llama, files, expected[:8], 64, differences)
+        results[shape]["greedy"] = greedy_checks(model, llama, files, expected[:8], 64, differences, tokenizer)
     return results
 
 
