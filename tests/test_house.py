@@ -22,7 +22,7 @@ STAGES = [
                "data.chat_prepare", "data.chat_loader", "data.tokenizer_train", "chat.tasks",
                "data.chat_mixture"]),
     ("model", ["model", "layers", "loss", "formats", "formats.hub_files", "formats.native", "formats.transformers_gpt2",
-               "formats.transformers_llama", "quantize", "lora", "kernels", "kernels.build", "kernels.cpu", "kernels.torch_compat",
+               "formats.transformers_llama", "formats.gguf", "quantize", "lora", "kernels", "kernels.build", "kernels.cpu", "kernels.torch_compat",
                "kernels.fused", "kernels.matvec", "kernels.quantized", "kernels.linear", "kernels.attention", "kernels.loss",
                "kernels.memory", "kernels.compile", "kernels.overrides", "pretrained"]),
     ("model libraries", ["inference.generate", "chat.session", "eval", "eval.loss", "eval.hellaswag", "eval.chat", "eval.report",

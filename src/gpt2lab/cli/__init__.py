@@ -24,7 +24,7 @@ from ..version import __version__
 VERBS = {
     "sample": "generate text from a model, streaming it to the terminal",
     "chat": "talk to a chat model in the terminal, or answer one --prompt",
-    "convert": "export a model or checkpoint for transformers (GPT-2, Llama or Qwen3)",
+    "convert": "export a model or checkpoint for transformers (GPT-2, Llama or Qwen3) or llama.cpp (GGUF)",
     "tokenizer": "train a byte-level BPE on your corpus, or compare tokenizers' bytes per token",
     "prepare": "turn a corpus into token shards for training",
     "train": "train a model from a preset, a TOML file and overrides",
