@@ -298,8 +298,10 @@ def test_fineweb_edu_hub_call(tmp_path, parquet_file, monkeypatch):
     prepare_dataset("fineweb-edu", tmp_path / "a", sample="100BT", max_tokens=30_000, workers=1, progress=False)
     assert main(["prepare", "fineweb-edu", "--out", str(tmp_path / "b"), "--max-tokens", "30k", "--download", "-q"]) == 0
     assert calls == [
-        ("HuggingFaceFW/fineweb-edu", {"name": "sample-100BT", "data_files": None, "split": "train", "streaming": True}),
-        ("HuggingFaceFW/fineweb-edu", {"name": "sample-10BT", "data_files": None, "split": "train", "streaming": False}),
+        ("HuggingFaceFW/fineweb-edu", {"name": "sample-100BT", "data_files": None, "split": "train", "streaming": True,
+                                       "cache_dir": None}),
+        ("HuggingFaceFW/fineweb-edu", {"name": "sample-10BT", "data_files": None, "split": "train", "streaming": False,
+                                       "cache_dir": None}),
     ]
     meta = json.loads((tmp_path / "b" / "dataset.json").read_text())
     assert meta["command"] == f"gpt2lab prepare fineweb-edu --out {tmp_path / 'b'} --download --max-tokens 30000"

@@ -225,7 +225,7 @@ def _load_initial_model(
     config: TrainConfig, data_vocab_size: int, data_tokenizer: Any
 ) -> tuple[Transformer, TrainConfig]:
     """The model init_from names, on the CPU, and the settings with its shape in model.*."""
-    from ..pretrained import load_model, resolve_model_path
+    from ..pretrained import load_model, read_record, resolve_model_path
 
     model = load_model(
         config.init_from,
@@ -233,8 +233,12 @@ def _load_initial_model(
         attention=config.model.attention,
         padded_vocab_size=config.model.padded_vocab_size,
     )
-    if data_tokenizer is not None:
-        model_tokenizer = load_tokenizer(resolve_model_path(config.init_from))
+    folder = resolve_model_path(config.init_from)
+    record = read_record(folder)
+    # A folder saved without a tokenizer (a record with no "tokenizer") says nothing to compare;
+    # one without gpt2lab's record is transformers' GPT-2, whose BPE it then uses.
+    if data_tokenizer is not None and (record is None or "tokenizer" in record):
+        model_tokenizer = load_tokenizer(folder)
         if not same_ids(model_tokenizer.spec(), data_tokenizer):
             raise UserError(
                 f"the data in {config.data.path} was tokenized with {tokenizer_from_spec(data_tokenizer).describe()}, "
