@@ -267,3 +267,19 @@ def test_two_ranks_under_torchrun_give_one_process_figures(capsys, tmp_path, dat
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1  # rank 0 alone prints
     assert json.loads(lines[0]) == json.loads(out)
+
+
+def test_a_completions_file_with_a_byte_order_mark_is_read_and_one_not_utf8_is_named(tmp_path):
+    from gpt2lab.errors import UserError
+    from gpt2lab.eval.chatcore import read_completions
+
+    line = json.dumps({"task": "gsm8k", "id": "0", "completion": "#### 4"})
+    marked = tmp_path / "marked.jsonl"
+    marked.write_bytes(b"\xef\xbb\xbf" + line.encode() + b"\n\n" + line.encode() + b"\n")
+    assert [entry[:3] for entry in read_completions(marked)] == [(1, "gsm8k", "0"), (3, "gsm8k", "0")]
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(line.encode() + b"\n" + b'{"task": "gsm8k", "id": "1", "completion": "caf\xe9"}\n')
+    with pytest.raises(UserError, match=r"completions file .*latin.jsonl is not UTF-8 text"):
+        read_completions(latin)
+    with pytest.raises(UserError, match=r"missing.jsonl does not exist; check the path given to --completions"):
+        read_completions(tmp_path / "missing.jsonl")

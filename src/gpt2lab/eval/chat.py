@@ -8,7 +8,6 @@ ends. The loss over a prepared chat dataset folder is `chat_loss_report`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from ..chat.session import Chat
 from ..chat.template import validate_messages
 from ..data.dataset import open_dataset
 from ..errors import UserError
-from ..jsontext import parse_json
+from ..jsontext import jsonl_lines
 from .loss import LossResult, evaluate_loss
 
 LINE_FORM = '{"messages": [{"role": "user", "content": "..."}], "answer": "..."}'
@@ -73,27 +72,10 @@ def load_chat_examples(path: str | Path, limit: int | None = None) -> list[ChatE
     that is wrong and the fix."""
     path = Path(path)
     examples: list[ChatExample] = []
-    try:
-        handle = path.open(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"prompts file {path} does not exist; check the path given to --data") from None
-    except OSError as error:
-        raise UserError(f"cannot read prompts file {path} ({error.strerror}); check its permissions") from None
-    with handle:
-        try:
-            for number, text in enumerate(handle, start=1):
-                if limit is not None and len(examples) >= limit:
-                    break
-                if not text.strip():
-                    continue
-                where = f"{path} line {number}"
-                try:
-                    record = parse_json(text)
-                except json.JSONDecodeError as error:
-                    raise UserError(f"{where} is not valid JSON ({error.msg}); write each line as {LINE_FORM}") from None
-                examples.append(_example(record, where, number))
-        except UnicodeDecodeError:
-            raise UserError(f"prompts file {path} is not UTF-8 text; save it as UTF-8") from None
+    for number, record, where in jsonl_lines(path, what="prompts file", option="--data", form=LINE_FORM):
+        if limit is not None and len(examples) >= limit:
+            break
+        examples.append(_example(record, where, number))
     if not examples:
         raise UserError(f"prompts file {path} holds no examples; write one per line as {LINE_FORM}")
     return examples

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from ..files import write_atomic
-from ..jsontext import parse_json
+from ..jsontext import jsonl_lines
 from ..runtime import autocast
 from .. import sandbox
 from . import ranks
@@ -184,22 +184,9 @@ def evaluate_chatcore(chat, tasks: dict[str, list[Example]], *, batch_size: int 
 
 def read_completions(path: str | Path) -> list[tuple[int, str, str, str]]:
     """(line, task, id, completion) of each line of a completions file, checked."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise UserError(f"completions file {path} does not exist; check --completions") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"cannot read completions file {path} ({error}); give a UTF-8 JSONL file") from None
     entries = []
-    for number, text in enumerate(lines, start=1):
-        if not text.strip():
-            continue
-        where = f"{path} line {number}"
-        try:
-            record = parse_json(text)
-        except json.JSONDecodeError as error:
-            raise UserError(f"{where} is not valid JSON ({error.msg}); write each line as {COMPLETION_FORM}") from None
+    lines = jsonl_lines(Path(path), what="completions file", option="--completions", form=COMPLETION_FORM)
+    for number, record, where in lines:
         if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("task", "id", "completion")):
             raise UserError(f"{where} needs the strings 'task', 'id' and 'completion'; write it as {COMPLETION_FORM}")
         if record["task"] not in SOURCES:
