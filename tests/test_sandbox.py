@@ -155,3 +155,15 @@ def test_the_guards_this_machine_allows_take_effect():
     early = sandbox.run_python("import os\nos._exit(0)\n", LIMITS, "process")
     assert (early.passed, early.status, early.returncode) == (False, "failed", 0)
     assert not sandbox.run_python("import sys\nsys.exit(0)\n", LIMITS, "process").passed
+
+
+@pytest.mark.skipif(not sandbox.bwrap_works(), reason="bubblewrap is not installed or cannot make namespaces here")
+def test_bubblewrap_sees_read_paths_beneath_tmp(tmp_path, monkeypatch):
+    """A virtual environment in /tmp must stay visible under bubblewrap's fresh /tmp."""
+    shelf = tmp_path / "shelf"
+    shelf.mkdir()
+    (shelf / "note.txt").write_text("seen")
+    real_paths = sandbox._read_paths()
+    monkeypatch.setattr(sandbox, "_read_paths", lambda: real_paths + [str(shelf)])
+    result = sandbox.run_python(f"assert open({str(shelf / 'note.txt')!r}).read() == 'seen'", LIMITS, "bwrap")
+    assert result.passed, result

@@ -118,12 +118,13 @@ def _settings(work: Path, limits: Limits, marker: str, status_fd: int) -> dict:
 def _bwrap_prefix(work: Path) -> list[str]:
     """bubblewrap's command up to the program: every namespace of its own (no network), the
     system's and Python's folders read-only, a fresh /proc, /dev and /tmp, the working folder."""
-    command = ["bwrap", "--unshare-all", "--die-with-parent"]
+    # bubblewrap mounts in the order given: the fresh /tmp first, so that folders beneath it
+    # (a virtual environment in /tmp, the working folder) are bound over it, not hidden by it.
+    command = ["bwrap", "--unshare-all", "--die-with-parent", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
     for path in _read_paths() + [str(LAUNCHER)]:
         if not path.startswith("/dev/"):
             command += ["--ro-bind", path, path]
-    command += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--bind", str(work), str(work),
-                "--chdir", str(work), "--"]
+    command += ["--bind", str(work), str(work), "--chdir", str(work), "--"]
     return command
 
 
