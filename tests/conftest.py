@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import queue
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -110,3 +112,27 @@ def make_chat_model_folder(tmp_path_factory) -> Callable[..., Path]:
         return save_pretrained(chat_gpt(end_at, **config), folder, tokenizer_spec=CHAT_TOKENIZER)
 
     return make
+
+
+class Collector:
+    """Gathers the engine's updates per sequence, as the HTTP layer does."""
+
+    def __init__(self):
+        self.updates = queue.Queue()
+
+    def __call__(self, updates):
+        for update in updates:
+            self.updates.put(update)
+
+    def results(self, sequences, timeout=60):
+        texts = {s: "" for s in sequences}
+        reasons = {}
+        deadline = time.monotonic() + timeout
+        while len(reasons) < len(sequences):
+            update = self.updates.get(timeout=max(0.01, deadline - time.monotonic()))
+            if update.sequence not in texts:
+                continue
+            texts[update.sequence] += update.text
+            if update.finish_reason:
+                reasons[update.sequence] = update.finish_reason
+        return [(texts[s], reasons[s]) for s in sequences]

@@ -3,12 +3,10 @@ a `gpt2lab.json` that lies, and a damaged kernel cache. Each test failed before 
 
 from __future__ import annotations
 
-import queue
-import time
-
 import pytest
 import torch
 
+from conftest import Collector
 from gpt2lab.cli import main
 from gpt2lab.inference.generate import generate
 from gpt2lab.pretrained import save_pretrained
@@ -61,25 +59,6 @@ def test_sampling_never_draws_an_id_beyond_the_tokenizers_vocabulary(make_model)
     assert min(free) >= 50257  # the model left alone prefers ids no GPT-2 token decodes to
     for options in (dict(temperature=0), dict(temperature=1.0, seed=3), dict(temperature=1.0)):
         assert max(generate(model, [[1, 2]], 8, vocab_size=50257, **options)[0]) < 50257
-
-
-class Collector:
-    def __init__(self):
-        self.updates = queue.Queue()
-
-    def __call__(self, updates):
-        for update in updates:
-            self.updates.put(update)
-
-    def results(self, sequences, timeout=60):
-        texts, reasons, deadline = {s: "" for s in sequences}, {}, time.monotonic() + timeout
-        while len(reasons) < len(sequences):
-            update = self.updates.get(timeout=max(0.01, deadline - time.monotonic()))
-            if update.sequence in texts:
-                texts[update.sequence] += update.text
-                if update.finish_reason:
-                    reasons[update.sequence] = update.finish_reason
-        return [(texts[s], reasons[s]) for s in sequences]
 
 
 @pytest.fixture

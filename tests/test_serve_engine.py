@@ -1,11 +1,11 @@
 """The slot KV cache (rows at their own positions) and the batching decode engine, without HTTP."""
 
-import queue
 import time
 
 import pytest
 import torch
 
+from conftest import Collector
 from gpt2lab import UserError
 from gpt2lab.inference.kv_cache import KVCache
 from gpt2lab.serve.engine import Engine, SamplingParams
@@ -89,30 +89,6 @@ def test_slot_rows_refuse_to_pass_the_block_size(model):
 
 
 # ---- the engine ------------------------------------------------------------------------------
-
-
-class Collector:
-    """Gathers the engine's updates per sequence, as the HTTP layer does."""
-
-    def __init__(self):
-        self.updates = queue.Queue()
-
-    def __call__(self, updates):
-        for update in updates:
-            self.updates.put(update)
-
-    def results(self, sequences, timeout=60):
-        texts = {s: "" for s in sequences}
-        reasons = {}
-        deadline = time.monotonic() + timeout
-        while len(reasons) < len(sequences):
-            update = self.updates.get(timeout=max(0.01, deadline - time.monotonic()))
-            if update.sequence not in texts:
-                continue
-            texts[update.sequence] += update.text
-            if update.finish_reason:
-                reasons[update.sequence] = update.finish_reason
-        return [(texts[s], reasons[s]) for s in sequences]
 
 
 @pytest.fixture
